@@ -1,0 +1,1 @@
+"""Checkpoint I/O: safetensors reading/writing and weight conversion."""

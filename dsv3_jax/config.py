@@ -1,0 +1,426 @@
+"""One config object: frozen dataclasses loaded from YAML + ``key=value`` overrides.
+
+Values are cast to the field types (YAML reads ``1e-3`` as a string), and validated once, with
+messages that name the field, the bad value and the fix (DESIGN.md, "One config object").
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import yaml
+
+__all__ = [
+    "ConfigError", "RopeScaling", "ModelConfig", "load_config", "config_dir", "list_configs",
+]
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message says which field, what value, and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """YaRN context extension (SPEC §3). ``type='none'`` disables it."""
+
+    type: str = "none"  # "yarn" or "none"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.type == "yarn"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a DeepSeek-V3-family model (SPEC §1). Defaults are the 671B release."""
+
+    name: str = "deepseek_v3_671b"
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432  # dense FFN
+    num_layers: int = 61
+    first_k_dense: int = 3
+    num_heads: int = 128
+    q_lora_rank: Optional[int] = 1536  # None: no q-LoRA (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 163840
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling(
+        type="yarn", factor=40.0, original_max_position_embeddings=4096,
+        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
+    # DeepSeekMoE (SPEC §4)
+    n_routed_experts: int = 256
+    num_experts_per_tok: int = 8
+    n_shared_experts: int = 1
+    moe_intermediate_size: int = 2048
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    scoring_func: str = "sigmoid"  # "sigmoid" (V3) | "softmax" (V2)
+    topk_method: str = "noaux_tc"  # "noaux_tc" (V3, biased group top-k) | "group_limited_greedy" (V2) | "greedy"
+    norm_topk_prob: bool = True
+    # MTP (SPEC §5)
+    num_mtp_layers: int = 1
+    # Numerics and execution (DESIGN.md dtype policy)
+    init_std: float = 0.006
+    param_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
+    moe_impl: str = "auto"  # "auto" | "ragged" (jax.lax.ragged_dot) | "blocked" (block-padded GEMM)
+    moe_block_size: int = 128
+    remat: str = "save_dots_except_mla_up"  # "none" | "full" | "save_dots" | "save_dots_except_mla_up"
+    scan_layers: bool = True
+
+    # ---- derived ---------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.first_k_dense
+
+    @property
+    def softmax_scale(self) -> float:
+        """``qk_head_dim^-0.5 * mscale²`` with the YaRN attention temperature (SPEC §2–§3)."""
+        scale = self.qk_head_dim ** -0.5
+        rs = self.rope_scaling
+        if rs.enabled and rs.mscale_all_dim:
+            m = yarn_mscale(rs.factor, rs.mscale_all_dim)
+            scale = scale * m * m
+        return scale
+
+    def replace(self, **kw) -> "ModelConfig":
+        return validate(dataclasses.replace(self, **kw))
+
+    # ---- Hugging Face interop ----------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], name: str = "hf") -> "ModelConfig":
+        """Build from a Hugging Face ``config.json`` dict (release spelling ``rope_scaling`` +
+        ``rope_theta`` or transformers-5 ``rope_parameters``)."""
+        required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"]
+        missing = [k for k in required if k not in hf]
+        if missing:
+            raise ConfigError(f"config.json is missing required field(s) {missing}; it does not look "
+                              "like a DeepSeek-V2/V3 config (fix: point at the model's own config.json).")
+        rope_theta = hf.get("rope_theta")
+        rs_src = hf.get("rope_scaling")
+        params = hf.get("rope_parameters")
+        if isinstance(params, Mapping):
+            rope_theta = params.get("rope_theta", rope_theta)
+            if rs_src is None and params.get("rope_type", params.get("type", "default")) != "default":
+                rs_src = params
+        rs = RopeScaling(type="none")
+        if isinstance(rs_src, Mapping):
+            kind = rs_src.get("type", rs_src.get("rope_type", "none"))
+            if kind == "yarn":
+                rs = RopeScaling(
+                    type="yarn", factor=float(rs_src["factor"]),
+                    original_max_position_embeddings=int(rs_src.get("original_max_position_embeddings", 4096)),
+                    beta_fast=float(rs_src.get("beta_fast", 32)), beta_slow=float(rs_src.get("beta_slow", 1)),
+                    mscale=float(rs_src.get("mscale", 1) or 1), mscale_all_dim=float(rs_src.get("mscale_all_dim", 0) or 0))
+            elif kind not in ("default", "none", None):
+                raise ConfigError(f"rope scaling type {kind!r} is not supported (fix: use 'yarn' or none).")
+        n_routed = hf.get("n_routed_experts") or 0
+        n_layers = int(hf["num_hidden_layers"])
+        kw = dict(
+            name=name, vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf.get("intermediate_size", 0)), num_layers=n_layers,
+            first_k_dense=int(hf.get("first_k_dense_replace", 0)) if n_routed else n_layers,
+            num_heads=int(hf["num_attention_heads"]), q_lora_rank=hf.get("q_lora_rank"),
+            kv_lora_rank=int(hf["kv_lora_rank"]), qk_nope_head_dim=int(hf["qk_nope_head_dim"]),
+            qk_rope_head_dim=int(hf["qk_rope_head_dim"]), v_head_dim=int(hf["v_head_dim"]),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0), rope_scaling=rs,
+            n_routed_experts=int(n_routed) or 1, num_experts_per_tok=int(hf.get("num_experts_per_tok") or 1),
+            n_shared_experts=int(hf.get("n_shared_experts") or 0),
+            moe_intermediate_size=int(hf.get("moe_intermediate_size", 0)),
+            n_group=int(hf.get("n_group") or 1), topk_group=int(hf.get("topk_group") or 1),
+            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+            scoring_func=str(hf.get("scoring_func", "sigmoid")),
+            topk_method=str(hf.get("topk_method", "noaux_tc")),
+            norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+            num_mtp_layers=int(hf.get("num_nextn_predict_layers", 0)),
+            init_std=float(hf.get("initializer_range", 0.006)),
+        )
+        return validate(cls(**kw))
+
+    def to_hf(self) -> dict:
+        """The Hugging Face ``DeepseekV3Config`` fields (release spelling, plus ``rope_parameters``)."""
+        rs = self.rope_scaling
+        out = {
+            "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "moe_intermediate_size": self.moe_intermediate_size,
+            "num_hidden_layers": self.num_layers, "num_nextn_predict_layers": self.num_mtp_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_heads,
+            "n_shared_experts": self.n_shared_experts, "n_routed_experts": self.n_routed_experts,
+            "routed_scaling_factor": self.routed_scaling_factor, "kv_lora_rank": self.kv_lora_rank,
+            "q_lora_rank": self.q_lora_rank, "qk_rope_head_dim": self.qk_rope_head_dim,
+            "v_head_dim": self.v_head_dim, "qk_nope_head_dim": self.qk_nope_head_dim,
+            "topk_method": self.topk_method, "n_group": self.n_group, "topk_group": self.topk_group,
+            "num_experts_per_tok": self.num_experts_per_tok, "first_k_dense_replace": self.first_k_dense,
+            "norm_topk_prob": self.norm_topk_prob, "scoring_func": self.scoring_func,
+            "hidden_act": "silu", "max_position_embeddings": self.max_position_embeddings,
+            "initializer_range": self.init_std, "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta, "attention_bias": False, "attention_dropout": 0.0,
+            "tie_word_embeddings": False, "rope_interleave": True, "use_cache": True,
+            "bos_token_id": 0, "eos_token_id": 1,
+        }
+        if rs.enabled:
+            scaling = {"type": "yarn", "factor": rs.factor,
+                       "original_max_position_embeddings": rs.original_max_position_embeddings,
+                       "beta_fast": rs.beta_fast, "beta_slow": rs.beta_slow,
+                       "mscale": rs.mscale, "mscale_all_dim": rs.mscale_all_dim}
+            out["rope_scaling"] = scaling
+            out["rope_parameters"] = {**scaling, "rope_type": "yarn", "rope_theta": self.rope_theta}
+        else:
+            out["rope_scaling"] = None
+            out["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        return out
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN attention temperature ``0.1·mscale·ln(s) + 1`` (SPEC §3)."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+_CHOICES = {
+    "scoring_func": ("sigmoid", "softmax"),
+    "topk_method": ("noaux_tc", "group_limited_greedy", "greedy"),
+    "param_dtype": ("float32", "bfloat16", "float16"),
+    "compute_dtype": ("float32", "bfloat16", "float16"),
+    "moe_impl": ("auto", "ragged", "blocked"),
+    "remat": ("none", "full", "save_dots", "save_dots_except_mla_up"),
+}
+
+
+def _fail(field: str, value: Any, why: str, fix: str) -> None:
+    raise ConfigError(f"{field}={value!r}: {why} (fix: {fix}).")
+
+
+def validate(cfg: ModelConfig) -> ModelConfig:
+    positive = ["vocab_size", "hidden_size", "num_layers", "num_heads", "kv_lora_rank",
+                "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+                "num_experts_per_tok", "n_group", "topk_group", "moe_block_size"]
+    for f in positive:
+        v = getattr(cfg, f)
+        if v <= 0:
+            _fail(f, v, "must be a positive integer", f"set {f} to a value > 0")
+    for f, choices in _CHOICES.items():
+        v = getattr(cfg, f)
+        if v not in choices:
+            close = difflib.get_close_matches(str(v), choices, n=1)
+            _fail(f, v, f"must be one of {list(choices)}", f"use {close[0]!r}" if close else f"pick one of {list(choices)}")
+    if cfg.q_lora_rank is not None and cfg.q_lora_rank <= 0:
+        _fail("q_lora_rank", cfg.q_lora_rank, "must be positive or null", "use null to disable q-LoRA")
+    if cfg.qk_rope_head_dim % 2:
+        _fail("qk_rope_head_dim", cfg.qk_rope_head_dim, "RoPE rotates pairs of channels, so it must be even",
+              f"use {cfg.qk_rope_head_dim + 1}")
+    if not 0 <= cfg.first_k_dense <= cfg.num_layers:
+        _fail("first_k_dense", cfg.first_k_dense, f"must be between 0 and num_layers={cfg.num_layers}",
+              "set it to the number of leading dense FFN layers")
+    if cfg.first_k_dense > 0 and cfg.intermediate_size <= 0:
+        _fail("intermediate_size", cfg.intermediate_size, "dense layers need a positive FFN width",
+              "set intermediate_size > 0 or first_k_dense=0")
+    if cfg.num_moe_layers > 0:
+        if cfg.moe_intermediate_size <= 0:
+            _fail("moe_intermediate_size", cfg.moe_intermediate_size, "MoE layers need a positive expert FFN width",
+                  "set moe_intermediate_size > 0")
+        if cfg.num_experts_per_tok > cfg.n_routed_experts:
+            _fail("num_experts_per_tok", cfg.num_experts_per_tok,
+                  f"top-k cannot exceed n_routed_experts={cfg.n_routed_experts}",
+                  f"use num_experts_per_tok <= {cfg.n_routed_experts}")
+        if cfg.n_routed_experts % cfg.n_group:
+            _fail("n_group", cfg.n_group, f"must divide n_routed_experts={cfg.n_routed_experts}",
+                  "pick a divisor of n_routed_experts (e.g. 8 for 256 experts)")
+        if cfg.topk_group > cfg.n_group:
+            _fail("topk_group", cfg.topk_group, f"cannot exceed n_group={cfg.n_group}",
+                  f"use topk_group <= {cfg.n_group}")
+        per_group = cfg.n_routed_experts // cfg.n_group
+        if cfg.topk_method == "noaux_tc" and cfg.n_group > 1 and per_group < 2:
+            _fail("n_group", cfg.n_group, "group scores sum each group's top-2 experts, so groups need >= 2 experts",
+                  "use fewer groups")
+        if cfg.n_group > 1 and cfg.topk_group * per_group < cfg.num_experts_per_tok:
+            _fail("topk_group", cfg.topk_group,
+                  f"the kept groups hold {cfg.topk_group * per_group} experts, fewer than top-k={cfg.num_experts_per_tok}",
+                  "raise topk_group or lower num_experts_per_tok")
+    if cfg.num_mtp_layers < 0:
+        _fail("num_mtp_layers", cfg.num_mtp_layers, "cannot be negative", "use 0 (no MTP) or 1 (V3)")
+    rs = cfg.rope_scaling
+    if rs.type not in ("yarn", "none"):
+        _fail("rope_scaling.type", rs.type, "must be 'yarn' or 'none'", "use 'yarn' for the V3 context extension")
+    if rs.enabled and rs.factor < 1:
+        _fail("rope_scaling.factor", rs.factor, "YaRN stretches the context, so the factor must be >= 1", "use e.g. 40")
+    if cfg.rope_theta <= 1:
+        _fail("rope_theta", cfg.rope_theta, "must be > 1", "use 10000")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# loading: YAML file + key=value overrides, cast to field types
+# ---------------------------------------------------------------------------------------------
+def config_dir() -> Path:
+    """Directory of the shipped YAML configs (``configs/`` at the repository root)."""
+    env = os.environ.get("DSV3_CONFIG_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def list_configs() -> list[str]:
+    return sorted(p.stem for p in config_dir().glob("*.yaml"))
+
+
+def _resolve_path(name_or_path: str | os.PathLike) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"config file {str(p)!r} does not exist (fix: check the path).")
+        return p
+    cand = config_dir() / f"{name_or_path}.yaml"
+    if not cand.exists():
+        names = list_configs()
+        close = difflib.get_close_matches(str(name_or_path), names, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known configs: {names}"
+        raise ConfigError(f"no config named {str(name_or_path)!r} in {config_dir()} ({hint}); "
+                          "pass a NAME from configs/ or a path to a .yaml file.")
+    return cand
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _cast(value: Any, typ: Any, field: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _cast(value, args[0], field)
+    if dataclasses.is_dataclass(typ):
+        if isinstance(value, typ):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{field}: expected a mapping of {typ.__name__} fields, got {value!r}.")
+        return _build(typ, value, prefix=f"{field}.")
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("true", "1", "yes", "on"):
+                    return True
+                if low in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if isinstance(value, (int, float)) and value in (0, 1):
+                return bool(value)
+            if isinstance(value, bool):
+                return value
+            raise ValueError(value)
+        if typ is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            f = float(value)
+            if f != int(f):
+                raise ValueError(value)
+            return int(f)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if typ is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{field}={value!r}: expected {getattr(typ, '__name__', typ)} "
+                          f"(fix: give a {getattr(typ, '__name__', typ)} value).") from None
+    return value
+
+
+def _build(cls, data: Mapping[str, Any], prefix: str = ""):
+    types_ = _field_types(cls)
+    kw = {}
+    for key, value in data.items():
+        if key not in types_:
+            close = difflib.get_close_matches(key, list(types_), n=1)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {sorted(types_)}"
+            raise ConfigError(f"unknown config key {prefix}{key!r} ({hint}).")
+        kw[key] = _cast(value, types_[key], prefix + key)
+    return cls(**kw)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (fix: write e.g. n_routed_experts=32).")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def load_config(name_or_path: str | os.PathLike | Mapping | ModelConfig = "tiny",
+                overrides: Sequence[str] | Mapping[str, Any] = ()) -> ModelConfig:
+    """Load a ``ModelConfig`` from a name in ``configs/``, a YAML path, a dict or a config,
+    apply ``key=value`` overrides (dotted keys reach nested fields: ``rope_scaling.factor=8``;
+    a leading ``model.`` is accepted), cast to field types, and validate."""
+    if isinstance(name_or_path, ModelConfig):
+        data: dict = _to_dict(name_or_path)
+    elif isinstance(name_or_path, Mapping):
+        data = dict(name_or_path)
+    else:
+        path = _resolve_path(name_or_path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path} must hold a mapping of config fields, got {type(loaded).__name__}.")
+        data = dict(loaded.get("model", loaded))
+        data.setdefault("name", path.stem)
+    items = overrides.items() if isinstance(overrides, Mapping) else (_parse_override(o) for o in overrides)
+    for key, value in items:
+        keys = key.split(".") if isinstance(key, str) else list(key)
+        if keys and keys[0] == "model":
+            keys = keys[1:]
+        node = data
+        for k in keys[:-1]:
+            sub = node.get(k)
+            if dataclasses.is_dataclass(sub):
+                sub = _to_dict(sub)
+            node[k] = dict(sub) if isinstance(sub, Mapping) else {}
+            node = node[k]
+        node[keys[-1]] = value
+    return validate(_build(ModelConfig, data))
+
+
+def _to_dict(cfg) -> dict:
+    return {f.name: (_to_dict(getattr(cfg, f.name)) if dataclasses.is_dataclass(getattr(cfg, f.name))
+                     else getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def to_dict(cfg: ModelConfig) -> dict:
+    """Plain nested dict (YAML/JSON-safe) — what checkpoints store."""
+    return _to_dict(cfg)

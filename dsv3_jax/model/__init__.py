@@ -1,0 +1,5 @@
+"""DeepSeek-V3 in Flax NNX: MLA, DeepSeekMoE, MTP, YaRN."""
+from .moe import RouterStats, Routing, route
+from .transformer import DeepSeekV3, ModelOutput, TokenRangeError, check_tokens
+
+__all__ = ["DeepSeekV3", "ModelOutput", "RouterStats", "Routing", "TokenRangeError", "check_tokens", "route"]

@@ -1,0 +1,80 @@
+"""Dropless expert compute on one device: token-slots sorted by expert, then a grouped GEMM.
+
+Two implementations of ``grouped_matmul(x_sorted, w, group_sizes)`` (rows of ``x_sorted`` are
+grouped by expert, ``w: [E, K, N]``):
+
+* ``ragged``  — ``jax.lax.ragged_dot``: the right primitive on GPU/TPU.
+* ``blocked`` — pad each expert's group to a multiple of ``block`` rows and run one batched einsum
+  over blocks with each block's expert weights. XLA:CPU's ragged_dot is ~100× slower than a dense
+  matmul of the same FLOPs; this runs near dense speed. Still dropless: the static block count
+  ``ceil(T·K/block) + E`` covers every possible routing.
+
+Memory is O(tokens · top_k · hidden) either way; no dense all-experts einsum.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def resolve_impl(impl: str) -> str:
+    if impl != "auto":
+        return impl
+    return "blocked" if jax.default_backend() == "cpu" else "ragged"
+
+
+def sort_by_expert(expert_idx: jax.Array, num_experts: int):
+    """``expert_idx: [T, K]`` → (order [T·K] slot permutation, group_sizes [E] int32)."""
+    flat = expert_idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return order, group_sizes
+
+
+class BlockLayout:
+    """Where each sorted row lands in the block-padded buffer, and which expert owns each block."""
+
+    def __init__(self, group_sizes: jax.Array, num_rows: int, block: int):
+        num_experts = group_sizes.shape[0]
+        self.block = block
+        self.num_blocks = -(-num_rows // block) + num_experts  # static, dropless bound
+        padded = (group_sizes + block - 1) // block * block
+        padded_end = jnp.cumsum(padded)
+        padded_start = padded_end - padded
+        start = jnp.cumsum(group_sizes) - group_sizes
+        expert_of_row = jnp.repeat(jnp.arange(num_experts), group_sizes, total_repeat_length=num_rows)
+        # destination of sorted row r: its group's padded start + its rank within the group
+        self.dest = padded_start[expert_of_row] + jnp.arange(num_rows) - start[expert_of_row]
+        block_first_row = jnp.arange(self.num_blocks) * block
+        self.block_expert = jnp.minimum(
+            jnp.searchsorted(padded_end, block_first_row, side="right"), num_experts - 1)
+
+    def scatter(self, x: jax.Array) -> jax.Array:
+        buf = jnp.zeros((self.num_blocks * self.block,) + x.shape[1:], x.dtype)
+        return buf.at[self.dest].set(x, unique_indices=True).reshape(self.num_blocks, self.block, *x.shape[1:])
+
+    def gather(self, y: jax.Array) -> jax.Array:
+        return y.reshape(self.num_blocks * self.block, *y.shape[2:])[self.dest]
+
+    def matmul(self, xb: jax.Array, w: jax.Array) -> jax.Array:
+        """``xb: [NB, block, K]`` times each block's expert weight ``w[e]: [K, N]`` → ``[NB, block, N]``."""
+        return jnp.einsum("nbk,nkj->nbj", xb, w[self.block_expert], preferred_element_type=jnp.float32
+                          ).astype(xb.dtype)
+
+
+def expert_ffn(x_sorted: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+               w_down: jax.Array, *, impl: str, block: int = 128) -> jax.Array:
+    """SwiGLU of each sorted row with its expert's weights. ``x_sorted: [N, D]``,
+    ``w_gate/w_up: [E, D, I]``, ``w_down: [E, I, D]`` → ``[N, D]``."""
+    impl = resolve_impl(impl)
+    if impl == "ragged":
+        def mm(a, w):
+            return jax.lax.ragged_dot(a, w, group_sizes, preferred_element_type=jnp.float32).astype(a.dtype)
+        h = jax.nn.silu(mm(x_sorted, w_gate)) * mm(x_sorted, w_up)
+        return mm(h, w_down)
+    if impl == "blocked":
+        layout = BlockLayout(group_sizes, x_sorted.shape[0], block)
+        xb = layout.scatter(x_sorted)
+        h = jax.nn.silu(layout.matmul(xb, w_gate)) * layout.matmul(xb, w_up)
+        return layout.gather(layout.matmul(h, w_down))
+    raise ValueError(f"unknown grouped GEMM implementation {impl!r}; use 'ragged', 'blocked' or 'auto'.")
