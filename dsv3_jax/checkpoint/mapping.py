@@ -111,7 +111,7 @@ def param_shapes(cfg: ModelConfig) -> dict[Path, tuple]:
     from ..model import DeepSeekV3
     abstract = nnx.eval_shape(lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(abstract))
-    return {tuple(k): tuple(v.value.shape if hasattr(v, "value") else v.shape) for k, v in flat}
+    return {tuple(k): tuple(v.shape) for k, v in flat}
 
 
 def to_ours(piece: Piece, hf_array: np.ndarray, piece_shape: tuple) -> np.ndarray:
@@ -145,16 +145,16 @@ def load_params(model, flat: Mapping[Path, np.ndarray]) -> None:
         raise MappingError(f"parameters {unknown[:3]} do not exist in the model (fix: build the model from the same config).")
     for path, value in flat.items():
         var = flat_state[path]
-        if tuple(var.value.shape) != tuple(value.shape):
-            raise MappingError(f"{'/'.join(map(str, path))}: model has shape {var.value.shape}, weights {value.shape}.")
-        var.value = jnp.asarray(value, var.value.dtype)
+        if tuple(var.shape) != tuple(value.shape):
+            raise MappingError(f"{'/'.join(map(str, path))}: model has shape {var.shape}, weights {value.shape}.")
+        var.set_value(jnp.asarray(value, var.dtype))
     nnx.update(model, nnx.from_flat_state(flat_state))
 
 
 def model_params(model) -> dict[Path, np.ndarray]:
     """Flat ``{path: numpy array}`` of every variable (params and router bias) of an NNX model."""
     from flax import nnx
-    return {tuple(k): np.asarray(v.value) for k, v in nnx.to_flat_state(nnx.state(model))}
+    return {tuple(k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model))}
 
 
 _FUSED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")

@@ -33,7 +33,7 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], *, s
     else:
         value = std * jax.random.normal(rngs.params(), shape, dtype_of(dtype))
     # eager_sharding=False: parameters are placed by sharding/rules.py at the jit boundary, not at creation.
-    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 class Linear(nnx.Module):

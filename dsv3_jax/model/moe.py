@@ -35,7 +35,7 @@ class RouterStats(NamedTuple):
     seq_tokens: jax.Array
 
 
-def route(logits: jax.Array, bias: jax.Array, cfg: ModelConfig) -> Routing:
+def route(logits: jax.Array, bias: Optional[jax.Array], cfg: ModelConfig) -> Routing:
     """Expert selection from fp32 router logits ``[T, E]`` (SPEC §4).
 
     The bias only chooses; gate values come from the unbiased scores. Group-limited routing keeps
@@ -45,7 +45,7 @@ def route(logits: jax.Array, bias: jax.Array, cfg: ModelConfig) -> Routing:
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     logits = logits.astype(jnp.float32)
     scores = jax.nn.sigmoid(logits) if cfg.scoring_func == "sigmoid" else jax.nn.softmax(logits, axis=-1)
-    choice = scores + bias.astype(jnp.float32) if cfg.topk_method == "noaux_tc" else scores
+    choice = scores if bias is None else scores + bias.astype(jnp.float32)
     if cfg.n_group > 1 and cfg.topk_method != "greedy":
         grouped = choice.reshape(-1, cfg.n_group, E // cfg.n_group)
         if cfg.topk_method == "noaux_tc":
@@ -68,13 +68,14 @@ class Router(nnx.Module):
         self.kernel = param(rngs, (cfg.hidden_size, cfg.n_routed_experts), ("embed", "expert_gate"),
                             std=cfg.init_std, dtype=cfg.param_dtype)
         # Only V3's noaux_tc routing has a correction bias; it lives outside nnx.Param on purpose.
-        self.bias = RouterBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32),
-                               sharding_names=("expert_gate",), eager_sharding=False)
+        self.bias = (RouterBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32),
+                                out_sharding=("expert_gate",), eager_sharding=False)
+                     if cfg.topk_method == "noaux_tc" else None)
 
     def __call__(self, x: jax.Array) -> Routing:
         # The MoE gate stays in fp32 (SPEC §6).
         logits = x.astype(jnp.float32) @ self.kernel[...].astype(jnp.float32)
-        return route(logits, self.bias[...], self.cfg)
+        return route(logits, None if self.bias is None else self.bias[...], self.cfg)
 
 
 class Experts(nnx.Module):

@@ -1,0 +1,76 @@
+"""Model size figures computed from the model's own abstract parameter tree (``jax.eval_shape``:
+nothing is allocated), as ``dsv3 info`` prints them (SPEC §1)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from flax import nnx
+
+from .config import ModelConfig, to_dict
+
+
+def abstract_state(cfg: ModelConfig):
+    from .model import DeepSeekV3
+    return nnx.state(nnx.eval_shape(lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(0))))
+
+
+def _count(flat) -> int:
+    return sum(math.prod(v.shape) for _, v in flat)
+
+
+def model_info(cfg: ModelConfig, seq_len: int = 4096) -> dict[str, Any]:
+    """Parameter counts, KV-cache bytes and training FLOPs per token.
+
+    * ``params_total``: main model (embedding and head included, MTP excluded), router bias included
+      as in the release's counts.
+    * ``params_active``: minus the routed experts a token does not use in each MoE layer.
+    * ``train_flops_per_token``: ``6 × (active params − embedding)`` for the matmuls of forward and
+      backward, plus causal attention ``3 × 2 × H × (Dqk + Dv) × seq_len / 2`` per layer
+      (scores and weighted sum; the mean causal context is seq_len/2). MTP excluded.
+    """
+    flat = list(nnx.to_flat_state(abstract_state(cfg)))
+    mtp = [(k, v) for k, v in flat if k[0] == "mtp"]
+    main = [(k, v) for k, v in flat if k[0] != "mtp"]
+    total, n_mtp = _count(main), _count(mtp)
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    unused = cfg.num_moe_layers * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
+    active = total - unused
+    embedding = cfg.vocab_size * cfg.hidden_size
+    attn_flops = 3 * 2 * cfg.num_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq_len / 2) * cfg.num_layers
+    kv_bytes = cfg.num_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
+    per_head_kv = cfg.num_layers * cfg.num_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 2
+    return {
+        "config": cfg.name,
+        "params_total": total,
+        "params_mtp": n_mtp,
+        "params_active": active,
+        "params_embedding": embedding,
+        "kv_cache_bytes_per_token": kv_bytes,
+        "kv_cache_bytes_per_token_per_head_cache": per_head_kv,
+        "train_flops_per_token": int(6 * (active - embedding) + attn_flops),
+        "train_flops_seq_len": seq_len,
+        "layers": {"dense": cfg.first_k_dense, "moe": cfg.num_moe_layers, "mtp": cfg.num_mtp_layers},
+        "model": to_dict(cfg),
+    }
+
+
+def _human(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def format_info(info: dict[str, Any]) -> str:
+    lines = [
+        f"config                 {info['config']}",
+        f"layers                 {info['layers']['dense']} dense + {info['layers']['moe']} MoE (+{info['layers']['mtp']} MTP)",
+        f"params (main model)    {info['params_total']:,}  ({_human(info['params_total'])})",
+        f"params (MTP module)    {info['params_mtp']:,}  ({_human(info['params_mtp'])})",
+        f"params active / token  {info['params_active']:,}  ({_human(info['params_active'])})",
+        f"latent KV cache        {info['kv_cache_bytes_per_token']:,} bytes/token (bf16; per-head cache would be "
+        f"{info['kv_cache_bytes_per_token_per_head_cache']:,})",
+        f"train FLOPs / token    {info['train_flops_per_token']:.4e}  (seq {info['train_flops_seq_len']})",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,10 @@
+"""Test setup: 8 fake CPU devices (before the first jax use) and exact fp32 matmuls."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+# Parity tests compare fp32 logits at 1e-4; keep XLA from using reduced-precision passes.
+jax.config.update("jax_default_matmul_precision", "highest")

@@ -1,0 +1,58 @@
+"""Build a random tiny Hugging Face DeepseekV3ForCausalLM and the same weights in our model."""
+from __future__ import annotations
+
+import numpy as np
+
+import dsv3_jax as dsv3
+from dsv3_jax.checkpoint import mapping
+
+
+def hf_config(cfg: dsv3.ModelConfig):
+    from transformers import DeepseekV3Config
+    kw = {k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type", "rope_scaling")}
+    c = DeepseekV3Config(**kw)
+    c._attn_implementation = "eager"
+    return c
+
+
+def randomize(model, seed: int, bias_scale: float = 0.05):
+    """Random weights with norm scales near 1 and a non-zero correction bias."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+        for mod in model.modules():
+            if hasattr(mod, "e_score_correction_bias"):
+                mod.e_score_correction_bias.copy_(bias_scale * (2 * torch.rand(mod.e_score_correction_bias.shape, generator=g) - 1))
+    return model
+
+
+def hf_model(cfg: dsv3.ModelConfig, seed: int = 0):
+    import torch
+    from transformers import DeepseekV3ForCausalLM
+    torch.manual_seed(seed)
+    return randomize(DeepseekV3ForCausalLM(hf_config(cfg)).eval(), seed)
+
+
+def hf_state(model) -> dict[str, np.ndarray]:
+    """The hub's names (per-expert), as save_pretrained writes them."""
+    sd = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    return mapping.unfuse_transformers_experts(sd)
+
+
+def our_model(cfg: dsv3.ModelConfig, state: dict[str, np.ndarray], include_mtp: bool = False):
+    from flax import nnx
+    model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0))
+    flat = mapping.hf_to_params(state, cfg, include_mtp=include_mtp, names=set(state))
+    mapping.load_params(model, flat)
+    return model
+
+
+def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    import torch
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
