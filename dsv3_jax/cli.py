@@ -28,6 +28,64 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .checkpoint import convert
+    if args.direction == "hf-to-orbax":
+        cfg = convert.hf_to_orbax(args.src, args.dst, dtype=args.dtype, include_mtp=not args.no_mtp,
+                                  keep_fp8=args.keep_fp8, overwrite=args.overwrite,
+                                  progress=False if args.quiet else None)
+        print(f"wrote {args.dst} ({cfg.name}: {cfg.num_layers} layers, {cfg.num_mtp_layers} MTP, {args.dtype})")
+    else:
+        convert.orbax_to_hf(args.src, args.dst, fp8_weights=args.fp8, include_mtp=not args.no_mtp,
+                            max_shard_bytes=int(args.max_shard_size * 2**30), overwrite=args.overwrite,
+                            progress=False if args.quiet else None)
+        print(f"wrote {args.dst} (Hugging Face layout{', FP8 weights' if args.fp8 else ''})")
+    return 0
+
+
+def cmd_score(args) -> int:
+    import numpy as np
+    from .checkpoint.orbax_io import load_checkpoint
+    from .scoring import score, tokenize
+    if args.token_ids:
+        try:
+            tokens = np.load(args.token_ids)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read --token-ids {args.token_ids}: {e}") from None
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise InputError(f"--token-ids {args.token_ids} holds {tokens.dtype}, expected integer ids "
+                             "(fix: save an int32 [batch, seq] array).")
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2:
+            raise InputError(f"--token-ids {args.token_ids} has shape {tokens.shape}, expected [batch, seq].")
+    else:
+        tokens = tokenize(args.checkpoint, args.text)
+    cfg, model = load_checkpoint(args.checkpoint, overrides=args.overrides)
+    want_mtp = args.save_mtp_logits is not None
+    if want_mtp and not cfg.num_mtp_layers:
+        raise InputError(f"{args.checkpoint} has no MTP module, so there are no MTP logits to save.")
+    res = score(model, tokens, mtp=want_mtp)
+    if args.save_logits:
+        np.save(args.save_logits, res.logits)
+    if want_mtp:
+        np.save(args.save_mtp_logits, res.mtp_logits)
+    summary = {"batch": int(tokens.shape[0]), "seq": int(tokens.shape[1]), "scored_tokens": int(res.nll.size),
+               "mean_nll": res.mean_nll, "perplexity": res.perplexity}
+    if args.json:
+        print(json.dumps({**summary, "nll": res.nll.tolist()}))
+    else:
+        print(f"{summary['scored_tokens']} tokens scored: mean NLL {summary['mean_nll']:.4f} nats, "
+              f"perplexity {summary['perplexity']:.3f}")
+        for b, row in enumerate(res.nll):
+            print(f"  [{b}] " + " ".join(f"{x:.3f}" for x in row))
+    return 0
+
+
+class InputError(ValueError):
+    """Bad command-line input (a file that cannot be read, a wrong shape...)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in JAX: inspect, train, convert, serve.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +94,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--seq-len", type=int, default=4096, help="sequence length for the attention FLOPs")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="convert weights: hf-to-orbax (released/HF → our Orbax checkpoint) "
+                                       "or orbax-to-hf")
+    csub = p.add_subparsers(dest="direction", required=True)
+    c = csub.add_parser("hf-to-orbax", help="HF model dir (safetensors, FP8 or not) or PyTorch .bin/.pt → Orbax")
+    c.add_argument("src", help="HF model directory (config.json + safetensors) or a .bin/.pt state dict")
+    c.add_argument("dst", help="output checkpoint directory (must not exist unless --overwrite)")
+    c.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="stored parameter dtype")
+    c.add_argument("--keep-fp8", action="store_true", help="store e4m3 weights + scales (not implemented yet)")
+    c.add_argument("--no-mtp", action="store_true", help="drop the MTP module (model.layers.{num_layers}.*)")
+    c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_convert)
+    c = csub.add_parser("orbax-to-hf", help="our Orbax checkpoint → HF layout (sharded safetensors + index + config)")
+    c.add_argument("src", help="checkpoint directory written by hf-to-orbax")
+    c.add_argument("dst", help="output HF model directory (must not exist unless --overwrite)")
+    c.add_argument("--fp8", action="store_true", help="FP8 e4m3 linear weights with 128x128 weight_scale_inv")
+    c.add_argument("--no-mtp", action="store_true", help="leave out the MTP layer")
+    c.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors shard")
+    c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("score", help="per-token NLL and perplexity of token ids or text under a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (dsv3 convert hf-to-orbax)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--token-ids", help="int32 .npy of shape [batch, seq]")
+    g.add_argument("--text", help="text, tokenized with the checkpoint's tokenizer.json")
+    p.add_argument("--save-logits", metavar="OUT.npy", help="save float32 logits [batch, seq, vocab]")
+    p.add_argument("--save-mtp-logits", metavar="OUT.npy",
+                   help="save float32 MTP logits [mtp_depth, batch, seq, vocab]")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="runtime config overrides, e.g. compute_dtype=float32 moe_impl=ragged")
+    p.set_defaults(func=cmd_score)
     return parser
 
 
@@ -46,6 +139,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dsv3 {args.command}: config error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"dsv3 {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """Errors with a sentence for the user (bad files, bad ids), as opposed to bugs."""
+    from .checkpoint.fp8 import FP8FormatError
+    from .checkpoint.hf_source import CheckpointError
+    from .checkpoint.mapping import MappingError
+    from .checkpoint.safetensors_io import SafetensorsError
+    from .model import TokenRangeError
+    from .scoring import TokenizerMissingError
+    return isinstance(e, (CheckpointError, MappingError, SafetensorsError, FP8FormatError, TokenRangeError,
+                          TokenizerMissingError, InputError))
 
 
 if __name__ == "__main__":

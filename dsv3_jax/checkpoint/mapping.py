@@ -184,6 +184,40 @@ class MappingError(ValueError):
     """HF tensors do not match the config: a tensor is missing, unexpected or has the wrong shape."""
 
 
+def hf_shape(piece: Piece, piece_shape: tuple) -> tuple:
+    """The HF tensor shape of ``piece`` whose slice of our parameter has ``piece_shape``."""
+    if piece.transform == LINEAR:
+        n_in = kernel_in_ndim(piece.path)
+        return (int(np.prod(piece_shape[n_in:])), int(np.prod(piece_shape[:n_in])))
+    return tuple(piece_shape)
+
+
+def check_shape(piece: Piece, shape: tuple, piece_shape: tuple) -> None:
+    """Raise ``MappingError`` naming the tensor when its HF ``shape`` disagrees with the config."""
+    expect = hf_shape(piece, piece_shape)
+    if tuple(shape) != tuple(expect):
+        raise MappingError(f"{piece.hf_name} has shape {tuple(shape)}, but the config implies {expect} "
+                           f"(for {'/'.join(map(str, piece.path))} {piece_shape}); fix: check that config.json "
+                           "belongs to these weights.")
+
+
+def check_names(cfg: ModelConfig, names: set, include_mtp: bool = True) -> None:
+    """Raise ``MappingError`` naming missing and unexpected HF tensors. The MTP layer's copies of
+    the embedding and head are allowed; with ``include_mtp=False`` the whole MTP layer is ignored."""
+    expected = {p.hf_name for p in pieces(cfg, include_mtp)}
+    missing = sorted(expected - names)
+    if missing:
+        raise MappingError(f"{len(missing)} tensor(s) the config needs are missing, e.g. {missing[:3]} "
+                           "(fix: check that config.json belongs to these weights).")
+    mtp_prefixes = tuple(f"model.layers.{cfg.num_layers + k}." for k in range(max(cfg.num_mtp_layers, 1) + 8))
+    extra = sorted(n for n in names - expected
+                   if not (n.startswith(mtp_prefixes) and (not include_mtp or n.split(".", 3)[3] in MTP_SHARED))
+                   and not n.endswith("rotary_emb.inv_freq"))
+    if extra:
+        raise MappingError(f"{len(extra)} unexpected tensor(s), e.g. {extra[:3]} "
+                           "(fix: the weights have layers or modules this config does not describe).")
+
+
 def hf_to_params(get: Callable[[str], np.ndarray] | Mapping[str, np.ndarray], cfg: ModelConfig, *,
                  include_mtp: bool = True, names: Optional[set] = None,
                  dtype=np.float32) -> dict[Path, np.ndarray]:
@@ -198,18 +232,7 @@ def hf_to_params(get: Callable[[str], np.ndarray] | Mapping[str, np.ndarray], cf
     shapes = param_shapes(cfg)
     plist = pieces(cfg, include_mtp)
     if names is not None:
-        expected = {p.hf_name for p in plist}
-        missing = sorted(expected - names)
-        if missing:
-            raise MappingError(f"{len(missing)} tensor(s) the config needs are missing, e.g. {missing[:3]} "
-                               "(fix: check that config.json belongs to these weights).")
-        mtp_prefixes = tuple(f"model.layers.{cfg.num_layers + k}." for k in range(max(cfg.num_mtp_layers, 1) + 8))
-        extra = sorted(n for n in names - expected
-                       if not (n.startswith(mtp_prefixes) and (not include_mtp or n.split(".", 3)[3] in MTP_SHARED))
-                       and not n.endswith("rotary_emb.inv_freq"))
-        if extra:
-            raise MappingError(f"{len(extra)} unexpected tensor(s), e.g. {extra[:3]} "
-                               "(fix: the weights have layers or modules this config does not describe).")
+        check_names(cfg, names, include_mtp)
     out: dict[Path, np.ndarray] = {}
     for p in plist:
         full = shapes[p.path]
@@ -217,15 +240,7 @@ def hf_to_params(get: Callable[[str], np.ndarray] | Mapping[str, np.ndarray], cf
             out[p.path] = np.zeros(full, dtype)
         piece_shape = full[len(p.index):]
         w = np.asarray(get(p.hf_name))
-        if p.transform == LINEAR:
-            n_in = kernel_in_ndim(p.path)
-            expect = (int(np.prod(piece_shape[n_in:])), int(np.prod(piece_shape[:n_in])))
-        else:
-            expect = piece_shape
-        if tuple(w.shape) != tuple(expect):
-            raise MappingError(f"{p.hf_name} has shape {tuple(w.shape)}, but the config implies {expect} "
-                               f"(for {'/'.join(map(str, p.path))} {piece_shape}); fix: check that config.json "
-                               "belongs to these weights.")
+        check_shape(p, tuple(w.shape), piece_shape)
         out[p.path][p.index] = to_ours(p, w.astype(dtype), piece_shape)
     return out
 

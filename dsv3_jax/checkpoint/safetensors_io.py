@@ -216,6 +216,25 @@ class SafetensorsFile:
             return arr
         return np.frombuffer(self._mm, dt, count, self._data_start + begin).reshape(shape)
 
+    def release(self, name: str) -> None:
+        """Drop this process's resident pages of tensor ``name`` (``madvise(MADV_DONTNEED)``).
+
+        Streaming readers call it after copying a tensor out, so resident memory stays bounded by
+        what is in flight rather than growing to the file size. Views stay valid: touching them
+        again faults the pages back in from the page cache. A no-op where unsupported.
+        """
+        _, _, begin, end = self._entry(name)
+        if self._mm is None or end <= begin or not hasattr(self._mm, "madvise") \
+                or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = (self._data_start + begin) // page * page
+        stop = min(len(self._mm), -(-(self._data_start + end) // page) * page)
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        except (OSError, ValueError):
+            pass
+
     def close(self) -> None:
         """Release the mapping (deferred until outstanding views are collected)."""
         mm, self._mm = self._mm, None

@@ -1,0 +1,243 @@
+"""Streaming conversion between Hugging Face weights and our Orbax checkpoints.
+
+``hf_to_orbax``: validate everything that can be checked without reading data (config, names,
+shapes, dtypes, FP8 scales), then read one layer's tensors (mmap, FP8 dequantised), assemble that
+layer in our layout (experts stacked) and append it to the Orbax checkpoint with
+``partial.save``. Peak memory is about one layer. ``orbax_to_hf`` reads one layer at a time and
+writes safetensors shards (optionally FP8 with 128×128 ``weight_scale_inv`` as released).
+
+Both write into a temporary directory next to DST and rename it at the end: an interrupted or
+failed conversion leaves nothing that loads as a checkpoint, and SRC is only ever read.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from ..config import ModelConfig
+from . import fp8, mapping, orbax_io
+from .hf_source import CheckpointError, HFSource
+from .safetensors_io import SUPPORTED_DTYPES, dtype_to_str, save_file
+
+DTYPES = {"bfloat16": SUPPORTED_DTYPES["BF16"], "float32": np.dtype(np.float32)}
+
+
+# ---- atomic output directory -------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to ``dst``; on success it replaces ``dst``, on any
+    failure (exceptions, Ctrl-C) it is removed and ``dst`` is untouched."""
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst} already exists (fix: choose another DST or pass --overwrite).")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dst.exists():
+            trash = dst.parent / f".{dst.name}.old-{secrets.token_hex(4)}"
+            os.rename(dst, trash)
+            os.rename(tmp, dst)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _progress(total: int, desc: str, enabled: Optional[bool]):
+    from tqdm import tqdm
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+# ---- HF → Orbax --------------------------------------------------------------------------------
+def _units(cfg: ModelConfig, include_mtp: bool) -> list[tuple[tuple, list[mapping.Piece]]]:
+    """HF pieces grouped into write units: each top-level tensor alone, one unit per layer (experts
+    included), one per MTP depth. In HF order."""
+    units: dict[tuple, list] = {}
+    for p in mapping.pieces(cfg, include_mtp):
+        n = orbax_io.stack_len(p.path)
+        if p.path[0] == "mtp":
+            key = ("mtp", p.path[1])
+        elif n:
+            key = (p.path[0], p.index[0])
+        else:
+            key = p.path
+        units.setdefault(key, []).append(p)
+    return list(units.items())
+
+
+def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfloat16",
+                include_mtp: bool = True, keep_fp8: bool = False, overwrite: bool = False,
+                progress: Optional[bool] = None) -> ModelConfig:
+    """Convert a Hugging Face DeepSeek checkpoint (directory or PyTorch state dict) to a
+    self-describing Orbax checkpoint at ``dst``. Returns the stored config."""
+    if keep_fp8:
+        raise CheckpointError("--keep-fp8 is not implemented yet (the model has no FP8 parameter storage); "
+                              "convert without it to get dequantised weights.")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"--dtype {dtype!r}: must be one of {list(DTYPES)}.")
+    src = Path(src)
+    with HFSource(src) as source:
+        cfg = source.cfg
+        if not include_mtp or not cfg.num_mtp_layers:
+            include_mtp = False
+        elif not any(n.startswith(f"model.layers.{cfg.num_layers}.") for n in source.names):
+            # transformers drops the MTP layer on save_pretrained; the config still says it exists
+            print(f"note: {src} has no MTP weights (model.layers.{cfg.num_layers}.*); converting without MTP.",
+                  file=sys.stderr)
+            include_mtp = False
+        stored_cfg = cfg.replace(param_dtype=dtype, num_mtp_layers=cfg.num_mtp_layers if include_mtp else 0)
+        # 1. Check names and shapes of everything before writing anything.
+        mapping.check_names(cfg, source.names, include_mtp)
+        shapes = mapping.param_shapes(stored_cfg)
+        _, _, flat = orbax_io.abstract_state(stored_cfg)
+        dtypes = {p: orbax_io.var_dtype(v) for p, v in flat}
+        units = _units(cfg, include_mtp)
+        for _, plist in units:
+            for pc in plist:
+                mapping.check_shape(pc, source.shape(pc.hf_name), shapes[pc.path][len(pc.index):])
+        total = sum(source.nbytes(pc.hf_name) for _, plist in units for pc in plist)
+        expected = {orbax_io.disk_path(p, (i,) if orbax_io.stack_len(p) else ())[0]
+                    for p, s in shapes.items() for i in (range(s[0]) if orbax_io.stack_len(p) else [0])}
+        written: set = set()
+        import orbax.checkpoint.experimental.v1 as ocp
+        t0 = time.time()
+        with atomic_dir(dst, overwrite) as tmp, _progress(total, f"convert {src.name}", progress) as bar:
+            params_dir = tmp / orbax_io.PARAMS_DIR
+            for _, plist in units:
+                arrays: dict[tuple, np.ndarray] = {}
+                for pc in plist:
+                    key, sub = orbax_io.disk_path(pc.path, pc.index)
+                    full = shapes[pc.path]
+                    piece_shape = full[len(pc.index):]
+                    if key not in arrays:
+                        arr_shape = full[1:] if (orbax_io.stack_len(pc.path) and pc.index) else full
+                        # the model's dtype: --dtype, but the router correction bias stays fp32 (SPEC §6)
+                        arrays[key] = np.empty(arr_shape, dtypes[pc.path])
+                    w = source.get(pc.hf_name, np.float32)
+                    arrays[key][sub] = mapping.to_ours(pc, w, piece_shape)
+                    bar.update(source.nbytes(pc.hf_name))
+                    del w
+                ocp.partial.save(params_dir, orbax_io.nest(arrays))
+                written.update(arrays)
+                del arrays
+            if written != expected:  # a bug, not bad input: never finalize an incomplete tree
+                raise CheckpointError(f"internal error: wrote {len(written)} arrays, expected {len(expected)}; "
+                                      f"e.g. missing {sorted(expected - written)[:3]}")
+            ocp.partial.finalize(params_dir)
+            for f in source.tokenizer_files():
+                shutil.copy2(f, tmp / f.name)
+            (tmp / "hf_config.json").write_text(json.dumps(source.hf_config, indent=1))
+            orbax_io.write_marker(tmp, stored_cfg, dtype=dtype, source=str(src.resolve()),
+                                  source_fp8=bool(source.scales), seconds=round(time.time() - t0, 3))
+    return stored_cfg
+
+
+# ---- Orbax → HF --------------------------------------------------------------------------------
+def _fp8_eligible(name: str) -> bool:
+    """Linear weights other than embedding, head, norms and the MoE gate (SPEC §6)."""
+    if not name.endswith(".weight") or "norm" in name or name.endswith("mlp.gate.weight"):
+        return False
+    return not any(s in name for s in ("embed_tokens", "lm_head", "shared_head.head"))
+
+
+def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, fp8_weights: bool = False,
+                include_mtp: bool = True, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
+                progress: Optional[bool] = None) -> None:
+    """Write our checkpoint as a Hugging Face model directory: sharded safetensors + index +
+    ``config.json``. With ``fp8_weights`` linear weights are e4m3 + 128×128 ``weight_scale_inv``."""
+    src = Path(src)
+    meta = orbax_io.read_marker(src)
+    cfg = orbax_io.checkpoint_config(src)
+    if not include_mtp:
+        cfg_out = cfg.replace(num_mtp_layers=0)
+    else:
+        cfg_out = cfg
+    shapes = mapping.param_shapes(cfg_out)
+    units = _units(cfg_out, include_mtp)
+    on_disk_layer = meta.get("layout", "per_layer") == "per_layer"
+    total = sum(int(np.prod(shapes[pc.path][len(pc.index):])) * 4 for _, pl in units for pc in pl)
+    with atomic_dir(dst, overwrite) as tmp, _progress(total, f"export {src.name}", progress) as bar:
+        shard: dict[str, np.ndarray] = {}
+        shard_bytes = 0
+        files: list[tuple[str, list[str]]] = []
+
+        def flush():
+            nonlocal shard, shard_bytes
+            if not shard:
+                return
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, tmp / name, metadata={"format": "pt"})
+            files.append((name, list(shard)))
+            shard, shard_bytes = {}, 0
+
+        def emit(name: str, w: np.ndarray):
+            nonlocal shard_bytes
+            if fp8_weights and _fp8_eligible(name) and w.ndim == 2:
+                q, s = fp8.quantize(np.asarray(w, np.float32))
+                tensors = {name: q, name + "_scale_inv": s}
+            else:
+                tensors = {name: np.ascontiguousarray(w)}
+            size = sum(t.nbytes for t in tensors.values())
+            if shard and shard_bytes + size > max_shard_bytes:
+                flush()
+            shard.update(tensors)
+            shard_bytes += size
+
+        for _, plist in units:
+            keys = {orbax_io.disk_path(pc.path, pc.index if on_disk_layer else ())[0] for pc in plist}
+            arrays = orbax_io.read_params(src, keys)
+            for pc in plist:
+                key, sub = orbax_io.disk_path(pc.path, pc.index if on_disk_layer else ())
+                piece = arrays[key][sub]
+                w = mapping.to_hf(pc, piece, mapping.kernel_in_ndim(pc.path))
+                emit(pc.hf_name, w)
+                bar.update(w.size * 4)
+            if plist[0].path[0] == "mtp":  # the release stores embedding and head again in the MTP layer
+                top = orbax_io.read_params(src, [("embed",), ("lm_head",)])
+                k = plist[0].path[1]
+                emit(f"model.layers.{cfg.num_layers + k}.embed_tokens.weight", top[("embed",)])
+                emit(f"model.layers.{cfg.num_layers + k}.shared_head.head.weight",
+                     np.ascontiguousarray(top[("lm_head",)].T))
+            del arrays
+            if shard_bytes > max_shard_bytes:
+                flush()
+        flush()
+        n = len(files)
+        weight_map, total_size = {}, 0
+        for i, (name, names) in enumerate(files, start=1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.rename(tmp / name, tmp / final)
+            for t in names:
+                weight_map[t] = final
+            total_size += (tmp / final).stat().st_size
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        hf = cfg_out.to_hf()
+        hf["torch_dtype"] = hf["dtype"] = "bfloat16" if meta.get("dtype") == "bfloat16" else "float32"
+        if fp8_weights:
+            hf["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                         "quant_method": "fp8", "weight_block_size": [fp8.BLOCK, fp8.BLOCK]}
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        for f in src.iterdir():
+            if f.name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                          "tokenizer.model", "generation_config.json"):
+                shutil.copy2(f, tmp / f.name)
+
+
+__all__ = ["hf_to_orbax", "orbax_to_hf", "atomic_dir", "DTYPES"]

@@ -1,0 +1,298 @@
+"""Read a Hugging Face DeepSeek checkpoint lazily: a model directory (``config.json`` +
+``model.safetensors.index.json`` shards, or one ``model.safetensors``) or a PyTorch state dict
+(``.bin`` / ``.pt``, ``torch.load(weights_only=True)``).
+
+Everything that can be checked without reading tensor data is checked when the source is opened
+(config fields, index ⇄ shard consistency, headers, dtypes, FP8 scale shapes), so a conversion fails
+before it writes anything. Tensors are read one at a time from mmaps; ``get`` returns an owned copy
+(dequantised from FP8 when the tensor has a ``weight_scale_inv``) and drops the mapped pages, so
+resident memory follows what is in flight, not the model size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..config import ConfigError, ModelConfig
+from . import fp8
+from .safetensors_io import SUPPORTED_DTYPES, SafetensorsError, SafetensorsFile
+
+SCALE_SUFFIX = "_scale_inv"  # "<name>.weight" + "_scale_inv"
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "generation_config.json")
+_FUSED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (source or destination) is unusable; the message names the file and the fix."""
+
+
+class _Entry:
+    """Where a logical (hub-named) tensor lives: a raw tensor, optionally one expert of a fused one."""
+    __slots__ = ("reader", "raw", "expert", "part")
+
+    def __init__(self, reader, raw: str, expert: Optional[int] = None, part: Optional[str] = None):
+        self.reader, self.raw, self.expert, self.part = reader, raw, expert, part
+
+
+class _TorchReader:
+    """A torch state dict behind the same small API as ``SafetensorsFile``."""
+
+    def __init__(self, path: str):
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - torch is optional
+            raise CheckpointError(f"{path}: reading PyTorch state dicts needs torch "
+                                  "(fix: pip install torch, or convert the weights to safetensors).") from None
+        self.path = path
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read PyTorch state dict ({e}); fix: re-export it.") from None
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{path}: expected a state dict (name → tensor), got {type(sd).__name__}.")
+        self._t = {k: v for k, v in sd.items() if hasattr(v, "dtype") and hasattr(v, "shape")}
+        self._names = {
+            torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+            getattr(torch, "float8_e4m3fn", None): "F8_E4M3",
+        }
+
+    def keys(self):
+        return sorted(self._t)
+
+    def info(self, name):
+        t = self._t[name]
+        return self._names.get(t.dtype, str(t.dtype)), tuple(t.shape)
+
+    def nbytes(self, name):
+        t = self._t[name]
+        return t.numel() * t.element_size()
+
+    def get(self, name):
+        import torch
+        t = self._t[name].contiguous()
+        kind = self._names.get(t.dtype)
+        if kind == "BF16":
+            return t.view(torch.int16).numpy().view(SUPPORTED_DTYPES["BF16"])
+        if kind == "F8_E4M3":
+            return t.view(torch.uint8).numpy().view(fp8.E4M3)
+        return t.numpy()
+
+    def release(self, name):
+        pass
+
+    def close(self):
+        self._t = {}
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {what} is missing (fix: point SRC at a complete model directory).") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: {what} is not valid JSON ({e}); fix: re-download it.") from None
+
+
+class HFSource:
+    """Lazy view of a Hugging Face / PyTorch DeepSeek checkpoint. ``names`` are hub names (per
+    expert, without ``weight_scale_inv``); ``get(name)`` returns a float array."""
+
+    def __init__(self, src: str | os.PathLike):
+        src = Path(src)
+        if not src.exists():
+            raise CheckpointError(f"{src}: no such file or directory (fix: check SRC).")
+        self.root = src if src.is_dir() else src.parent
+        self.hf_config = _read_json(self.root / "config.json", "config.json")
+        self.cfg: ModelConfig = ModelConfig.from_hf(self.hf_config, name=self.root.resolve().name or "hf")
+        self._readers: list = []
+        self._entries: dict[str, _Entry] = {}
+        try:
+            if src.is_dir():
+                self._open_dir(src)
+            elif src.suffix in TORCH_SUFFIXES:
+                self._add_reader(_TorchReader(str(src)))
+            elif src.suffix == ".safetensors":
+                self._add_reader(SafetensorsFile(src))
+            else:
+                raise CheckpointError(f"{src}: unknown weights file type (fix: pass a model directory, a "
+                                      ".safetensors file or a PyTorch .bin/.pt state dict).")
+            self._check_dtypes()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening -------------------------------------------------------------------------------
+    def _open_dir(self, d: Path) -> None:
+        index = d / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = _read_json(index, "model.safetensors.index.json").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: has no 'weight_map' (fix: re-download the index).")
+            by_file: dict[str, list[str]] = {}
+            for name, fname in weight_map.items():
+                by_file.setdefault(fname, []).append(name)
+            for fname, names in sorted(by_file.items()):
+                path = d / fname
+                if not path.exists():
+                    raise CheckpointError(f"{path}: shard listed in model.safetensors.index.json is missing "
+                                          f"({len(names)} tensors, e.g. {names[0]!r}); fix: download it.")
+                reader = SafetensorsFile(path)
+                self._readers.append(reader)
+                absent = [n for n in names if n not in reader]
+                if absent:
+                    raise CheckpointError(f"{path}: the index says it holds {absent[:3]}, but it does not "
+                                          "(fix: re-download the shard and the index together).")
+                for n in names:
+                    self._add(n, reader)
+            return
+        files = sorted(d.glob("*.safetensors"))
+        if files:
+            for f in files:
+                self._add_reader(SafetensorsFile(f))
+            return
+        torch_files = sorted(p for p in d.iterdir() if p.suffix in TORCH_SUFFIXES)
+        if torch_files:
+            for f in torch_files:
+                self._add_reader(_TorchReader(str(f)))
+            return
+        raise CheckpointError(f"{d}: no model.safetensors.index.json, *.safetensors or PyTorch .bin/.pt "
+                              "weights found (fix: point SRC at the model directory).")
+
+    def _add_reader(self, reader) -> None:
+        self._readers.append(reader)
+        for n in reader.keys():
+            self._add(n, reader)
+
+    def _add(self, raw: str, reader) -> None:
+        m = _FUSED.match(raw)
+        if m:  # transformers-5 in-memory layout: experts fused on a leading axis
+            base, kind = m.groups()
+            n_exp = reader.info(raw)[1][0]
+            for e in range(n_exp):
+                if kind == "down_proj":
+                    self._put(f"{base}.{e}.down_proj.weight", _Entry(reader, raw, e))
+                else:
+                    self._put(f"{base}.{e}.gate_proj.weight", _Entry(reader, raw, e, "gate"))
+                    self._put(f"{base}.{e}.up_proj.weight", _Entry(reader, raw, e, "up"))
+            return
+        self._put(raw, _Entry(reader, raw))
+
+    def _put(self, name: str, entry: _Entry) -> None:
+        if name in self._entries:
+            raise CheckpointError(f"tensor {name!r} appears twice (in {self._entries[name].reader.path} and "
+                                  f"{entry.reader.path}); fix: remove the duplicate shard.")
+        self._entries[name] = entry
+
+    def _check_dtypes(self) -> None:
+        self.scales: dict[str, str] = {}
+        for name in list(self._entries):
+            if name.endswith(SCALE_SUFFIX):
+                self.scales[name[: -len(SCALE_SUFFIX)]] = name
+        for name, scale in self.scales.items():
+            if name not in self._entries:
+                raise CheckpointError(f"{scale} has no matching {name} (fix: re-download the shard).")
+        for name in self.names:
+            dtype, shape = self.raw_info(name)
+            if dtype.startswith("F8"):
+                if name not in self.scales:
+                    raise CheckpointError(f"{name} is {dtype} but has no {name}{SCALE_SUFFIX} block scales "
+                                          "(fix: the shard holding the scales is missing or incomplete).")
+                if dtype != "F8_E4M3":
+                    raise CheckpointError(f"{name}: FP8 format {dtype} is not the release's F8_E4M3.")
+                s_dtype, s_shape = self.raw_info(self.scales[name])
+                if len(shape) != 2 or tuple(s_shape) != fp8.scale_shape(shape):
+                    raise CheckpointError(f"{name}: weight_scale_inv has shape {tuple(s_shape)}, but a {shape} "
+                                          f"weight in 128x128 blocks needs {fp8.scale_shape(shape) if len(shape) == 2 else '2-D'}.")
+            elif dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"{name} has dtype {dtype}; weights must be F32, BF16, F16 or F8_E4M3 "
+                                      "with weight_scale_inv (fix: re-export the checkpoint).")
+
+    # -- reading -------------------------------------------------------------------------------
+    @property
+    def names(self) -> set[str]:
+        """Hub tensor names, without the FP8 ``weight_scale_inv`` companions."""
+        return {n for n in self._entries if not n.endswith(SCALE_SUFFIX)}
+
+    def raw_info(self, name: str) -> tuple[str, tuple]:
+        e = self._entries[name]
+        dtype, shape = e.reader.info(e.raw)
+        shape = tuple(shape)
+        if e.expert is not None:
+            shape = shape[1:]
+            if e.part is not None:
+                shape = (shape[0] // 2,) + shape[1:]
+        return dtype, shape
+
+    def shape(self, name: str) -> tuple:
+        return self.raw_info(name)[1]
+
+    def is_fp8(self, name: str) -> bool:
+        return name in self.scales
+
+    def nbytes(self, name: str) -> int:
+        """Bytes read from disk for this tensor (its scales included)."""
+        dtype, shape = self.raw_info(name)
+        n = int(np.prod(shape)) * SUPPORTED_DTYPES[dtype].itemsize if dtype in SUPPORTED_DTYPES else 0
+        if name in self.scales:
+            n += int(np.prod(self.raw_info(self.scales[name])[1])) * 4
+        return n
+
+    def total_bytes(self) -> int:
+        return sum(self.nbytes(n) for n in self.names)
+
+    def _raw(self, name: str) -> np.ndarray:
+        e = self._entries[name]
+        a = e.reader.get(e.raw)
+        if e.expert is not None:
+            a = a[e.expert]
+            if e.part is not None:
+                half = a.shape[0] // 2
+                a = a[:half] if e.part == "gate" else a[half:]
+        return a
+
+    def get(self, name: str, dtype=np.float32) -> np.ndarray:
+        """An owned ``dtype`` copy of tensor ``name`` (FP8 dequantised with its block scales)."""
+        e = self._entries[name]
+        try:
+            if name in self.scales:
+                s_name = self.scales[name]
+                out = fp8.dequantize(self._raw(name), np.asarray(self._raw(s_name), np.float32),
+                                     dtype=dtype, name=name)
+                self._entries[s_name].reader.release(self._entries[s_name].raw)
+            else:
+                out = np.array(self._raw(name), dtype=dtype)
+        except (OSError, ValueError) as err:  # e.g. SIGBUS-free short reads surface as errors
+            if isinstance(err, (SafetensorsError, CheckpointError, fp8.FP8FormatError)):
+                raise
+            raise CheckpointError(f"{getattr(e.reader, 'path', '?')}: reading {name!r} failed ({err}).") from None
+        e.reader.release(e.raw)
+        return out
+
+    def close(self) -> None:
+        for r in self._readers:
+            r.close()
+        self._readers = []
+
+    def __enter__(self) -> "HFSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.root / f for f in TOKENIZER_FILES if (self.root / f).is_file()]
+
+
+__all__ = ["HFSource", "CheckpointError", "TOKENIZER_FILES", "ConfigError"]

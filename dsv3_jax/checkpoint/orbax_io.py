@@ -1,0 +1,251 @@
+"""Self-describing Orbax checkpoints of a DeepSeek-V3 model, and ``load_checkpoint``.
+
+A checkpoint directory holds::
+
+    dsv3_checkpoint.json   format marker + the ModelConfig (written last: no marker, no checkpoint)
+    params/                Orbax PyTree checkpoint of the model's variables
+    tokenizer.json ...     the source's tokenizer files, when it had them
+
+The Orbax tree mirrors the model's NNX state (string keys). In the ``per_layer`` layout the
+stacked collections (``dense_layers``, ``moe_layers``, ``mtp/<k>/block``) are stored one layer per
+key (``moe_layers/<i>/attn/...``): the streaming converter writes a layer at a time with
+``orbax ... partial.save`` and never holds more than one layer. ``stacked`` stores them as the
+model does. ``load_checkpoint`` restores either straight onto a mesh (each array read only as its
+shards) and stacks layers on device.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..config import ModelConfig, load_config, to_dict
+from .hf_source import CheckpointError
+
+MARKER = "dsv3_checkpoint.json"
+PARAMS_DIR = "params"
+FORMAT = "dsv3-jax-checkpoint"
+VERSION = 1
+
+# rules(path, shape, logical_axes) -> PartitionSpec; sharding/rules.py will provide the real one.
+Rules = Callable[[tuple, tuple, tuple], Any]
+
+
+# ---- layout ------------------------------------------------------------------------------------
+def stack_len(path: tuple) -> int:
+    """Length of the path prefix naming a stacked collection (0: not stacked)."""
+    if path and path[0] in ("dense_layers", "moe_layers"):
+        return 1
+    if len(path) > 2 and path[0] == "mtp" and path[2] == "block":
+        return 3
+    return 0
+
+
+def disk_path(path: tuple, index: tuple = ()) -> tuple[tuple[str, ...], tuple]:
+    """Our parameter ``path`` (+ leading ``index`` of a piece) → (on-disk key path, rest of index)."""
+    n = stack_len(path)
+    if n and index:
+        return tuple(map(str, path[:n])) + (str(index[0]),) + tuple(map(str, path[n:])), tuple(index[1:])
+    return tuple(map(str, path)), tuple(index)
+
+
+def abstract_state(cfg: ModelConfig):
+    """``(graphdef, abstract state, [(path, Variable)])`` of the model (nothing allocated)."""
+    from flax import nnx
+    from ..model import DeepSeekV3
+    abstract = nnx.eval_shape(lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = [(tuple(k), v) for k, v in nnx.to_flat_state(state)]
+    return graphdef, state, flat
+
+
+def var_dtype(var) -> np.dtype:
+    return np.dtype(var.get_value().dtype)
+
+
+def logical_axes(var) -> tuple:
+    axes = getattr(var, "out_sharding", None)
+    if axes is None:
+        axes = var.get_metadata().get("out_sharding") if hasattr(var, "get_metadata") else None
+    return tuple(axes) if axes is not None else (None,) * len(var.get_value().shape)
+
+
+def nest(flat: Mapping[tuple, Any]) -> dict:
+    out: dict = {}
+    for keys, v in flat.items():
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = v
+    return out
+
+
+def flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+# ---- metadata ----------------------------------------------------------------------------------
+def write_marker(directory: Path, cfg: ModelConfig, **extra) -> None:
+    meta = {"format": FORMAT, "version": VERSION, "layout": "per_layer", "params": PARAMS_DIR,
+            "config": to_dict(cfg), **extra}
+    tmp = directory / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1, default=str))
+    os.replace(tmp, directory / MARKER)
+
+
+def read_marker(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    marker = path / MARKER
+    if not marker.is_file():
+        why = "does not exist" if not path.exists() else f"has no {MARKER}"
+        raise CheckpointError(f"{path}: {why}, so it is not a dsv3 checkpoint (fix: create one with "
+                              "`dsv3 convert hf-to-orbax SRC DST`, or point at its directory).")
+    try:
+        meta = json.loads(marker.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{marker}: not valid JSON ({e}); the checkpoint is damaged.") from None
+    if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
+        raise CheckpointError(f"{marker}: format {meta.get('format')!r} v{meta.get('version')} is not one this "
+                              f"version reads ({FORMAT} v{VERSION}).")
+    if not (path / meta.get("params", PARAMS_DIR)).is_dir():
+        raise CheckpointError(f"{path}: {meta.get('params', PARAMS_DIR)}/ is missing; the checkpoint is incomplete.")
+    return meta
+
+
+def checkpoint_config(path: str | os.PathLike, overrides: Sequence[str] | Mapping = ()) -> ModelConfig:
+    return load_config(read_marker(path)["config"], overrides)
+
+
+# ---- sharding ----------------------------------------------------------------------------------
+def default_rules(mesh) -> Rules:
+    """Until ``sharding/rules.py``: shard each parameter along its largest dim divisible by the
+    mesh size (over all mesh axes), else replicate."""
+    from jax.sharding import PartitionSpec as P
+    n = int(np.prod(list(mesh.shape.values())))
+    axes = tuple(mesh.axis_names)
+
+    def rules(path, shape, logical):
+        dims = sorted(range(len(shape)), key=lambda d: (-shape[d], d))
+        for d in dims:
+            if shape[d] % n == 0 and shape[d] >= n:
+                spec = [None] * len(shape)
+                spec[d] = axes if len(axes) > 1 else axes[0]
+                return P(*spec)
+        return P()
+    return rules
+
+
+# ---- loading -----------------------------------------------------------------------------------
+def _ocp():
+    import orbax.checkpoint.experimental.v1 as ocp
+    return ocp
+
+
+def read_params(path: str | os.PathLike, keys: Optional[Iterable[tuple]] = None,
+                shapes: Optional[Mapping[tuple, tuple]] = None) -> dict[tuple, np.ndarray]:
+    """Read on-disk leaves (``{disk key path: numpy array}``) on the host; ``keys`` selects a subset."""
+    ocp = _ocp()
+    params = Path(path) / read_marker(path).get("params", PARAMS_DIR)
+    meta = flatten(_tree_metadata(params))
+    want = list(meta) if keys is None else [tuple(k) for k in keys]
+    abstract = {}
+    for k in want:
+        if k not in meta:
+            raise CheckpointError(f"{params}: has no array {'/'.join(k)} (fix: the checkpoint is incomplete "
+                                  "or was written for another config).")
+        m = meta[k]
+        abstract[k] = np.empty(tuple(m.shape), m.dtype) if not shapes else np.empty(shapes[k], m.dtype)
+    ctx = ocp.Context()
+    ctx.pytree.loading.partial_load = True
+    with ctx:
+        out = ocp.load(params, nest(abstract))
+    return {k: np.asarray(v) for k, v in flatten(out).items()}
+
+
+def _tree_metadata(params: Path) -> dict:
+    md = _ocp().metadata(params).metadata
+    return md if isinstance(md, Mapping) else dict(md)
+
+
+def load_checkpoint(path: str | os.PathLike, mesh=None, rules: Optional[Rules] = None,
+                    overrides: Sequence[str] | Mapping = ()):
+    """Load a checkpoint written by ``dsv3 convert hf-to-orbax`` (or ``save_checkpoint``).
+
+    Returns ``(config, model)``. With a ``mesh``, every parameter is restored straight into its
+    sharded layout (Orbax reads only each device's shard); ``rules(path, shape, logical_axes)``
+    gives the ``PartitionSpec`` (default: the largest dim divisible by the mesh size, else
+    replicated). ``overrides`` are ``key=value`` config overrides for runtime fields
+    (e.g. ``compute_dtype=float32``).
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+    path = Path(path)
+    meta = read_marker(path)
+    cfg = load_config(meta["config"], overrides)
+    params_dir = path / meta.get("params", PARAMS_DIR)
+    graphdef, state, flat = abstract_state(cfg)
+    stacked_layout = meta.get("layout", "per_layer") == "stacked"
+    if mesh is not None:
+        rules = rules or default_rules(mesh)
+        shard = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
+    else:
+        dev = SingleDeviceSharding(jax.devices()[0])
+        shard = lambda spec: dev  # noqa: E731
+
+    on_disk = flatten(_tree_metadata(params_dir))
+    abstract: dict[tuple, Any] = {}
+    plan = []  # (path, var, target sharding, [disk keys] or disk key)
+    for p, var in flat:
+        shape, dtype = tuple(var.get_value().shape), var_dtype(var)
+        spec = rules(p, shape, logical_axes(var)) if mesh is not None else P()
+        target = shard(spec)
+        if stack_len(p) and not stacked_layout:
+            sub_spec = P(*tuple(spec)[1:]) if len(tuple(spec)) and tuple(spec)[0] is None else P()
+            keys = [disk_path(p, (i,))[0] for i in range(shape[0])]
+            for k in keys:
+                abstract[k] = jax.ShapeDtypeStruct(shape[1:], dtype, sharding=shard(sub_spec))
+            plan.append((p, var, target, keys))
+        else:
+            k = disk_path(p)[0]
+            abstract[k] = jax.ShapeDtypeStruct(shape, dtype, sharding=target)
+            plan.append((p, var, target, k))
+    missing = [k for k in abstract if k not in on_disk]
+    if missing:
+        raise CheckpointError(f"{params_dir}: {len(missing)} parameter(s) the config needs are not stored, e.g. "
+                              f"{['/'.join(k) for k in missing[:3]]} (fix: the checkpoint is incomplete or "
+                              "its config was changed).")
+    for k, a in abstract.items():
+        if tuple(on_disk[k].shape) != tuple(a.shape):
+            raise CheckpointError(f"{params_dir}: {'/'.join(k)} is stored with shape {tuple(on_disk[k].shape)}, "
+                                  f"but the config implies {tuple(a.shape)} (fix: don't override shape fields).")
+    ocp = _ocp()
+    ctx = ocp.Context()
+    ctx.pytree.loading.partial_load = True
+    with ctx:
+        restored = flatten(ocp.load(params_dir, nest(abstract)))
+    for p, var, target, keys in plan:
+        if isinstance(keys, list):
+            parts = [restored.pop(k) for k in keys]
+            value = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=target)(*parts)
+            del parts
+        else:
+            value = restored.pop(keys)
+        var.set_value(value)
+    model = nnx.merge(graphdef, state)
+    return cfg, model
+
+
+__all__ = ["load_checkpoint", "read_params", "read_marker", "write_marker", "default_rules",
+           "disk_path", "stack_len", "checkpoint_config", "MARKER", "PARAMS_DIR"]
