@@ -1,0 +1,85 @@
+"""Config loading, casting, validation messages and Hugging Face interop."""
+import json
+
+import pytest
+
+import dsv3_jax as dsv3
+from dsv3_jax.config import ConfigError, list_configs
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3_671b", "deepseek_v2_lite_16b", "deepseek_v2_236b", "tiny"])
+def test_shipped_configs_load(name):
+    cfg = dsv3.load_config(name)
+    assert cfg.name == name
+    assert name in list_configs()
+
+
+def test_tiny_has_every_feature():
+    cfg = dsv3.load_config("tiny")
+    assert cfg.first_k_dense >= 1 and cfg.num_moe_layers >= 2
+    assert cfg.n_group > 1 and cfg.topk_group < cfg.n_group and cfg.num_mtp_layers == 1
+    assert cfg.rope_scaling.enabled and cfg.q_lora_rank
+
+
+def test_overrides_are_cast_to_field_types():
+    cfg = dsv3.load_config("tiny", ["n_routed_experts=32", "rms_norm_eps=1e-5", "norm_topk_prob=false",
+                                    "rope_scaling.factor=8", "model.q_lora_rank=null", "init_std=6e-3"])
+    assert cfg.n_routed_experts == 32 and isinstance(cfg.n_routed_experts, int)
+    assert cfg.rms_norm_eps == 1e-5 and isinstance(cfg.rms_norm_eps, float)
+    assert cfg.norm_topk_prob is False and cfg.rope_scaling.factor == 8.0 and cfg.q_lora_rank is None
+    assert cfg.init_std == 0.006
+
+
+def test_yaml_string_numbers_are_cast(tmp_path):
+    # YAML 1.1 reads "1e-6" (no dot) as a string; the loader must cast it.
+    p = tmp_path / "m.yaml"
+    p.write_text("model:\n  rms_norm_eps: 1e-6\n  rope_theta: 1e4\n")
+    cfg = dsv3.load_config(p)
+    assert cfg.rms_norm_eps == 1e-6 and cfg.rope_theta == 10000.0
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["n_grup=4"], ["unknown config key", "did you mean n_group"]),
+    (["num_experts_per_tok=17"], ["num_experts_per_tok=17", "cannot exceed n_routed_experts=16"]),
+    (["n_group=3"], ["n_group=3", "must divide n_routed_experts=16"]),
+    (["topk_group=5"], ["topk_group=5", "cannot exceed n_group=4"]),
+    (["qk_rope_head_dim=7"], ["qk_rope_head_dim=7", "even"]),
+    (["scoring_func=sigmod"], ["scoring_func='sigmod'", "use 'sigmoid'"]),
+    (["hidden_size=abc"], ["hidden_size='abc'", "expected int"]),
+    (["first_k_dense=9"], ["first_k_dense=9", "between 0 and num_layers"]),
+    (["hidden_size"], ["not key=value"]),
+])
+def test_bad_config_messages(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        dsv3.load_config("tiny", overrides)
+    for w in words:
+        assert w in str(e.value)
+    assert "fix" in str(e.value) or "did you mean" in str(e.value)
+
+
+def test_unknown_config_name_suggests():
+    with pytest.raises(ConfigError, match="did you mean 'tiny'"):
+        dsv3.load_config("tinyy")
+
+
+def test_hf_roundtrip_both_rope_spellings():
+    cfg = dsv3.load_config("deepseek_v3_671b")
+    hf = cfg.to_hf()
+    assert hf["rope_scaling"]["type"] == "yarn" and hf["rope_parameters"]["rope_type"] == "yarn"
+    release = {k: v for k, v in hf.items() if k != "rope_parameters"}
+    tf5 = {k: v for k, v in hf.items() if k not in ("rope_scaling", "rope_theta")}
+    for spelling in (release, tf5):
+        back = dsv3.ModelConfig.from_hf(json.loads(json.dumps(spelling)), name=cfg.name)
+        assert back == cfg.replace(init_std=back.init_std)
+
+
+def test_from_hf_missing_fields():
+    with pytest.raises(ConfigError, match="missing required field"):
+        dsv3.ModelConfig.from_hf({"vocab_size": 10})
+
+
+def test_softmax_scale_671b_matches_spec():
+    # SPEC §2: softmax_scale = 192^-0.5 · mscale², mscale = 0.1·ln(40) + 1 → 0.135234…
+    cfg = dsv3.load_config("deepseek_v3_671b")
+    assert abs(cfg.softmax_scale - 0.135234) < 5e-7
+    assert dsv3.load_config("tiny", ["rope_scaling.type=none"]).softmax_scale == 24 ** -0.5
