@@ -28,6 +28,7 @@ from . import fp8, mapping, orbax_io
 from .hf_source import CheckpointError, HFSource
 from .safetensors_io import SUPPORTED_DTYPES, dtype_to_str, save_file
 
+CHUNK_BYTES = 64 << 20
 DTYPES = {"bfloat16": SUPPORTED_DTYPES["BF16"], "float32": np.dtype(np.float32)}
 
 
@@ -81,6 +82,19 @@ def _units(cfg: ModelConfig, include_mtp: bool) -> list[tuple[tuple, list[mappin
     return list(units.items())
 
 
+def _groups(units) -> Iterator[list[mapping.Piece]]:
+    """Write groups: per unit, everything but the routed experts, then each expert parameter
+    (all experts of one projection) on its own, so one group is at most ~1/3 of a layer."""
+    for _, plist in units:
+        rest = [p for p in plist if p.path[-2:-1] != ("experts",)]
+        if rest:
+            yield rest
+        for proj in ("gate", "up", "down"):
+            grp = [p for p in plist if p.path[-2:] == ("experts", proj)]
+            if grp:
+                yield grp
+
+
 def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfloat16",
                 include_mtp: bool = True, keep_fp8: bool = False, overwrite: bool = False,
                 progress: Optional[bool] = None) -> ModelConfig:
@@ -116,26 +130,55 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
                     for p, s in shapes.items() for i in (range(s[0]) if orbax_io.stack_len(p) else [0])}
         written: set = set()
         import orbax.checkpoint.experimental.v1 as ocp
+        from concurrent.futures import ThreadPoolExecutor
         t0 = time.time()
-        with atomic_dir(dst, overwrite) as tmp, _progress(total, f"convert {src.name}", progress) as bar:
+
+        def fill(arrays: dict, pc: mapping.Piece) -> int:
+            key, sub = orbax_io.disk_path(pc.path, pc.index)
+            piece_shape = shapes[pc.path][len(pc.index):]
+            w = source.get(pc.hf_name, np.float32)
+            if pc.transform == mapping.LINEAR and len(piece_shape) == 2:
+                arrays[key][sub] = w.T  # transpose and cast in one pass
+            else:
+                arrays[key][sub] = mapping.to_ours(pc, w, piece_shape)
+            return source.nbytes(pc.hf_name)
+
+        ctx = ocp.Context()
+        ctx.array.saving.use_compression = False  # weights barely compress; zstd would cost more than the I/O
+        ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES  # sharded restores read only their chunks
+        with atomic_dir(dst, overwrite) as tmp, _progress(total, f"convert {src.name}", progress) as bar, \
+                ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool, ctx:
             params_dir = tmp / orbax_io.PARAMS_DIR
-            for _, plist in units:
-                arrays: dict[tuple, np.ndarray] = {}
-                for pc in plist:
-                    key, sub = orbax_io.disk_path(pc.path, pc.index)
-                    full = shapes[pc.path]
-                    piece_shape = full[len(pc.index):]
-                    if key not in arrays:
-                        arr_shape = full[1:] if (orbax_io.stack_len(pc.path) and pc.index) else full
-                        # the model's dtype: --dtype, but the router correction bias stays fp32 (SPEC §6)
-                        arrays[key] = np.empty(arr_shape, dtypes[pc.path])
-                    w = source.get(pc.hf_name, np.float32)
-                    arrays[key][sub] = mapping.to_ours(pc, w, piece_shape)
-                    bar.update(source.nbytes(pc.hf_name))
-                    del w
-                ocp.partial.save(params_dir, orbax_io.nest(arrays))
-                written.update(arrays)
-                del arrays
+            pending = None
+
+            def _write_groups():
+                nonlocal pending
+                for group in _groups(units):
+                    arrays: dict[tuple, np.ndarray] = {}
+                    for pc in group:
+                        key, _ = orbax_io.disk_path(pc.path, pc.index)
+                        if key not in arrays:  # the model's dtype: --dtype; the router bias stays fp32 (SPEC §6)
+                            full = shapes[pc.path]
+                            arrays[key] = np.empty(full[1:] if (orbax_io.stack_len(pc.path) and pc.index) else full,
+                                                   dtypes[pc.path])
+                    for n in pool.map(lambda pc: fill(arrays, pc), group):
+                        bar.update(n)
+                    if pending is not None:
+                        pending.result()
+                    # written while the next group is read and dequantised (at most two groups in memory)
+                    pending = ocp.partial.save_async(params_dir, orbax_io.nest(arrays))
+                    written.update(arrays)
+                    del arrays
+                if pending is not None:
+                    pending.result()
+
+            try:
+                _write_groups()
+            except BaseException:
+                if pending is not None:  # let the in-flight write finish before the temp dir is removed
+                    with contextlib.suppress(BaseException):
+                        pending.result()
+                raise
             if written != expected:  # a bug, not bad input: never finalize an incomplete tree
                 raise CheckpointError(f"internal error: wrote {len(written)} arrays, expected {len(expected)}; "
                                       f"e.g. missing {sorted(expected - written)[:3]}")

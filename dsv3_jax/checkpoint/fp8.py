@@ -32,7 +32,6 @@ def scale_shape(shape: tuple) -> tuple:
 def dequantize(w8: np.ndarray, scale_inv: np.ndarray, dtype=np.float32, name: str = "weight") -> np.ndarray:
     """``w8 [out, in]`` e4m3 × block scales ``[ceil(out/128), ceil(in/128)]`` → ``dtype`` ``[out, in]``.
 
-    Works block-row by block-row so the float32 temporary is at most 128 rows.
     """
     if w8.ndim != 2:
         raise FP8FormatError(f"{name}: FP8 weights must be 2-D [out, in], got shape {w8.shape}.")
@@ -41,16 +40,14 @@ def dequantize(w8: np.ndarray, scale_inv: np.ndarray, dtype=np.float32, name: st
         raise FP8FormatError(f"{name}: weight_scale_inv has shape {tuple(scale_inv.shape)}, but a "
                              f"{w8.shape} weight in 128x128 blocks needs {want} (fix: re-export the shard).")
     out, inn = w8.shape
-    bits = w8.view(np.uint8)
+    x = np.take(_LUT, w8.view(np.uint8))  # float32 [out, in]
     s = np.asarray(scale_inv, np.float32)
-    res = np.empty((out, inn), dtype)
-    for b in range(want[0]):
-        rows = slice(b * BLOCK, min(out, (b + 1) * BLOCK))
-        col_scale = np.repeat(s[b], BLOCK)[:inn]
-        block = _LUT[bits[rows]]
-        block *= col_scale
-        res[rows] = block
-    return res
+    if out % BLOCK == 0 and inn % BLOCK == 0:
+        x.reshape(want[0], BLOCK, want[1], BLOCK)[...] *= s[:, None, :, None]
+    else:
+        for b in range(want[0]):  # partial blocks: one block row at a time
+            x[b * BLOCK:(b + 1) * BLOCK] *= np.repeat(s[b], BLOCK)[:inn]
+    return x if np.dtype(dtype) == np.float32 else x.astype(dtype)
 
 
 def quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

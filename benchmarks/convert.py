@@ -1,0 +1,184 @@
+"""Streaming conversion benchmark: HF FP8 checkpoint → Orbax, against plain reading of the same files.
+
+Generates a synthetic release-format checkpoint (F8_E4M3 linears with 128×128 ``weight_scale_inv``,
+BF16 embedding/head/norms/gate, FP32 correction bias; sharded safetensors + index) for a made-up
+wide config, then in fresh subprocesses (so each peak RSS is its own):
+  * read:    every tensor copied out of the mmapped shards (the I/O floor),
+  * convert: ``hf_to_orbax`` (dequantise, transpose, stack experts, write Orbax layer by layer).
+Prints one JSON line: MB/s of both (source bytes / wall time), their ratio, and each one's peak RSS
+growth over its RSS before starting (must stay bounded by ~one layer, not the model size).
+
+    python benchmarks/convert.py                 # ≥3 GB, 16 layers (a few minutes on 2 cores)
+    python benchmarks/convert.py --small         # ~40 MB, 16 layers (used by the test suite)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def make_config(small: bool) -> dict:
+    """A made-up wide DeepSeek-V3-shaped config (HF config.json fields)."""
+    from dsv3_jax.config import ModelConfig
+    if small:
+        kw = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_layers=16, first_k_dense=1,
+                  num_heads=4, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                  v_head_dim=32, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
+                  moe_intermediate_size=256, n_group=4, topk_group=2, num_mtp_layers=1)
+    else:
+        kw = dict(vocab_size=32768, hidden_size=2048, intermediate_size=8192, num_layers=16, first_k_dense=1,
+                  num_heads=16, q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                  v_head_dim=128, n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1,
+                  moe_intermediate_size=1024, n_group=4, topk_group=2, num_mtp_layers=1)
+    return ModelConfig(name="bench_wide", **kw).to_hf()
+
+
+def generate(dst: Path, small: bool, shard_bytes: int) -> int:
+    """Write the synthetic FP8 checkpoint shard by shard; returns its size in bytes."""
+    from dsv3_jax.checkpoint import fp8, mapping
+    from dsv3_jax.checkpoint.safetensors_io import SUPPORTED_DTYPES, save_file
+    from dsv3_jax.config import ModelConfig
+    hf = make_config(small)
+    hf["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                 "weight_block_size": [128, 128]}
+    cfg = ModelConfig.from_hf(hf)
+    shapes = mapping.param_shapes(cfg)
+    rng = np.random.default_rng(0)
+    bf16 = SUPPORTED_DTYPES["BF16"]
+    dst.mkdir(parents=True)
+    (dst / "config.json").write_text(json.dumps(hf, indent=1))
+    names = [p for p in mapping.pieces(cfg)]
+    extra = [(f"model.layers.{cfg.num_layers}.{n}", ("embed",) if "embed" in n else ("lm_head",))
+             for n in mapping.MTP_SHARED]
+    shard, size, files, weight_map, total = {}, 0, [], {}, 0
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, dst / name, metadata={"format": "pt"})
+            files.append(name)
+            for t in shard:
+                weight_map[t] = name
+            shard, size = {}, 0
+
+    def add(name, arr):
+        nonlocal size, total
+        shard[name] = arr
+        size += arr.nbytes
+        total += arr.nbytes
+        if size >= shard_bytes:
+            flush()
+
+    todo = [(p.hf_name, p, mapping.hf_shape(p, shapes[p.path][len(p.index):])) for p in names]
+    todo += [(n, None, mapping.hf_shape(mapping.Piece(n, path, (), mapping.COPY if path == ("embed",) else
+                                                      mapping.LINEAR), shapes[path])) for n, path in extra]
+    for name, p, shape in todo:
+        fp8_ok = (name.endswith("proj.weight") and p is not None and p.transform == mapping.LINEAR)
+        if fp8_ok:
+            bits = rng.integers(0, 0x7E, size=shape, dtype=np.uint8) | (rng.integers(0, 2, size=shape,
+                                                                                   dtype=np.uint8) << 7)
+            add(name, bits.view(fp8.E4M3))
+            add(name + "_scale_inv", (rng.random(fp8.scale_shape(shape), np.float32) * 1e-3).astype(np.float32))
+        elif name.endswith("e_score_correction_bias"):
+            add(name, rng.standard_normal(shape).astype(np.float32) * 0.01)
+        else:
+            add(name, (rng.standard_normal(shape, np.float32) * 0.02).astype(bf16))
+    flush()
+    (dst / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return total
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def child(mode: str, src: str, dst: str) -> None:
+    """Runs in a fresh process; prints {seconds, rss_before_mb, peak_mb}."""
+    from dsv3_jax.checkpoint import convert  # noqa: F401  (imports jax/orbax before measuring)
+    from dsv3_jax.checkpoint.hf_source import HFSource
+    import orbax.checkpoint.experimental.v1  # noqa: F401
+    before = _rss_kb("VmRSS")
+    # reset the high-water mark so VmHWM measures this phase only
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    t0 = time.perf_counter()
+    if mode == "read":
+        with HFSource(src) as s:
+            n = 0
+            for e in sorted(s._entries):
+                a = s._raw(e)
+                b = np.array(a)
+                n += b.nbytes
+                s._entries[e].reader.release(s._entries[e].raw)
+                del a, b
+    else:
+        convert.hf_to_orbax(src, dst, dtype="bfloat16", progress=False)
+    secs = time.perf_counter() - t0
+    peak = max(_rss_kb("VmHWM"), _rss_kb("VmRSS"))
+    print(json.dumps({"seconds": secs, "rss_before_mb": before / 1024, "peak_mb": peak / 1024}))
+
+
+def run_child(mode: str, src: Path, dst: Path) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", mode, str(src), str(dst)],
+                         check=True, capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", action="store_true", help="~40 MB model instead of >=3 GB")
+    ap.add_argument("--workdir", help="where to generate (default: a temporary directory, removed after)")
+    ap.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "DST"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(*args.child)
+        return {}
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="dsv3_bench_convert_"))
+    try:
+        src, dst = work / "hf_fp8", work / "orbax"
+        if not (src / "model.safetensors.index.json").exists():
+            shutil.rmtree(src, ignore_errors=True)
+            generate(src, args.small, shard_bytes=(8 << 20) if args.small else (1 << 30))
+        size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+        shutil.rmtree(dst, ignore_errors=True)
+        read = run_child("read", src, dst)
+        conv = run_child("convert", src, dst)
+        mb = size / 2**20
+        res = {
+            "benchmark": "convert_hf_fp8_to_orbax", "source_mb": round(mb, 1),
+            "layers": make_config(args.small)["num_hidden_layers"],
+            "convert_mb_s": round(mb / conv["seconds"], 1), "read_mb_s": round(mb / read["seconds"], 1),
+            "ratio": round(read["seconds"] / conv["seconds"], 3),
+            "convert_rss_growth_mb": round(conv["peak_mb"] - conv["rss_before_mb"], 1),
+            "read_rss_growth_mb": round(read["peak_mb"] - read["rss_before_mb"], 1),
+            "output_mb": round(sum(f.stat().st_size for f in dst.rglob("*") if f.is_file()) / 2**20, 1),
+        }
+        print(json.dumps(res))
+        return res
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
