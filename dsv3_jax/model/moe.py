@@ -95,6 +95,7 @@ class MoE(nnx.Module):
         self.experts = Experts(cfg, rngs)
         self.shared = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg, rngs)
                        if cfg.n_shared_experts else None)
+        self.ep = None  # sharding.expert_parallel.ExpertParallel when run expert-parallel on a mesh
 
     def routed(self, x: jax.Array, routing: Routing) -> jax.Array:
         """Dropless routed-expert output for flat tokens ``x: [T, D]`` → ``[T, D]``."""
@@ -114,7 +115,15 @@ class MoE(nnx.Module):
         B, S, D = x.shape
         flat = x.reshape(B * S, D)
         routing = self.router(flat)
-        out = self.routed(flat, routing).reshape(B, S, D)
+        if self.ep is None:
+            out = self.routed(flat, routing).reshape(B, S, D)
+        else:
+            from sharding.expert_parallel import routed_experts
+            cdt = dtype_of(self.cfg.compute_dtype)
+            ex = self.experts
+            out = routed_experts(self.ep, x.astype(cdt), routing.weights.reshape(B, S, -1),
+                                 routing.experts.reshape(B, S, -1), ex.gate[...].astype(cdt),
+                                 ex.up[...].astype(cdt), ex.down[...].astype(cdt))
         if self.shared is not None:
             out = out + self.shared(x)
         return out, router_stats(routing, B, S, self.cfg.n_routed_experts, valid)

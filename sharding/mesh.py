@@ -1,0 +1,85 @@
+"""Device mesh with the four axes of this project: ``data``, ``fsdp``, ``expert``, ``tensor``."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+AXES = ("data", "fsdp", "expert", "tensor")
+
+
+class MeshError(ValueError):
+    """The requested mesh does not fit the devices or the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Axis sizes; one of them may be -1 (= all remaining devices)."""
+    data: int = 1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+
+    @classmethod
+    def parse(cls, spec: str | None) -> "MeshConfig":
+        """``"data=2,expert=4"`` → ``MeshConfig(data=2, expert=4)``."""
+        if not spec:
+            return cls()
+        kw = {}
+        for item in spec.split(","):
+            if "=" not in item:
+                raise MeshError(f"mesh item {item!r} is not AXIS=N (fix: write e.g. --mesh data=2,expert=4).")
+            k, v = (s.strip() for s in item.split("=", 1))
+            if k not in AXES:
+                raise MeshError(f"unknown mesh axis {k!r} (fix: use some of {list(AXES)}).")
+            try:
+                kw[k] = int(v)
+            except ValueError:
+                raise MeshError(f"mesh axis {k}={v!r} is not an integer.") from None
+        return cls(**kw)
+
+    def sizes(self, n_devices: int) -> dict[str, int]:
+        sizes = {a: getattr(self, a) for a in AXES}
+        bad = [a for a, s in sizes.items() if s == 0 or s < -1]
+        if bad:
+            raise MeshError(f"mesh axis sizes must be positive or -1, got {sizes}.")
+        free = [a for a, s in sizes.items() if s == -1]
+        if len(free) > 1:
+            raise MeshError(f"only one mesh axis may be -1, got {free}.")
+        fixed = math.prod(s for s in sizes.values() if s != -1)
+        if free:
+            if n_devices % fixed:
+                raise MeshError(f"{n_devices} devices cannot be split into {sizes} (the fixed axes multiply to {fixed}).")
+            sizes[free[0]] = n_devices // fixed
+        if math.prod(sizes.values()) != n_devices:
+            raise MeshError(f"mesh {sizes} has {math.prod(sizes.values())} devices but {n_devices} are available "
+                            "(fix: make the sizes multiply to the device count, or set one axis to -1).")
+        return sizes
+
+
+def make_mesh(cfg: MeshConfig | str | None = None, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A ``Mesh`` over all (or the given) devices with axes ``AXES``, Auto axis types (sharding is
+    propagated by XLA from the parameter and batch shardings we set)."""
+    if not isinstance(cfg, MeshConfig):
+        cfg = MeshConfig.parse(cfg)
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = cfg.sizes(len(devices))
+    shape = tuple(sizes[a] for a in AXES)
+    try:
+        from jax.sharding import AxisType
+        return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    except (ImportError, TypeError):  # older jax without axis types
+        return Mesh(np.asarray(devices).reshape(shape), AXES)
+
+
+def maybe_initialize_distributed() -> None:
+    """Join a multi-host run when launched under a cluster environment (no-op on one host)."""
+    import os
+    if jax.process_count() > 1:
+        return
+    if any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES")):
+        jax.distributed.initialize()

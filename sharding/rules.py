@@ -1,0 +1,93 @@
+"""Logical axis → mesh axis rules: a parallelism layout is a rules change, not a model change.
+
+Default layout (issue M3): experts over ``expert``; other large weight dims over ``fsdp``; heads and
+FFN widths over ``tensor``; the batch over (``data``, ``fsdp``, ``expert``). A mesh axis is used at
+most once per array, and only where it divides the dimension (otherwise that dim is replicated).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+Rules = Mapping[str, Optional[str | tuple]]
+
+DEFAULT_RULES: dict[str, Optional[str | tuple]] = {
+    "layers": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "qk_dim": None, "v_dim": None, "qkv_dim": None,
+    "q_lora": None, "kv_lora": None,
+    "mlp": "tensor",
+    "expert": "expert",
+    "moe_mlp": "tensor",
+    "expert_gate": None,
+    "mtp_concat": None,
+    "norm": None,
+    # activations
+    "batch": ("data", "fsdp", "expert"),
+    "seq": None,
+}
+
+
+def spec_for(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
+             rules: Rules = DEFAULT_RULES) -> P:
+    used: set[str] = set()
+    out = []
+    for name, dim in zip(axes, shape):
+        target = rules.get(name) if name is not None else None
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        chosen = []
+        size = 1
+        for t in targets:
+            n = mesh.shape.get(t, 1)
+            if t in used or n == 1 or dim % (size * n):
+                continue
+            chosen.append(t)
+            size *= n
+        used.update(chosen)
+        out.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return P(*out)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """NamedShardings for every variable of a (possibly abstract) state, from its ``out_sharding`` axes."""
+    def one(var):
+        axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+        return var.replace(NamedSharding(mesh, spec_for(axes, var.shape, mesh, rules)))
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    target = rules["batch"]
+    axes = tuple(a for a in ((target,) if isinstance(target, str) else target) if mesh.shape.get(a, 1) > 1)
+    return NamedSharding(mesh, P(axes if axes else None, *([None] * (ndim - 1))))
+
+
+def check_batch(batch_size: int, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> None:
+    spec = batch_sharding(mesh, 1, rules).spec[0]
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if batch_size % n:
+        raise ValueError(f"batch size {batch_size} is not divisible by the {n} batch shards of mesh axes {axes} "
+                         f"(fix: use a batch size that is a multiple of {n}).")
+
+
+def shard_state(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.State:
+    """Place a concrete state on ``mesh`` according to the rules."""
+    shardings = state_shardings(state, mesh, rules)
+    return jax.tree.map(lambda v, s: jax.device_put(v, s), state, shardings)
+
+
+def per_device_bytes(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES, bytes_per_elem: int = 4) -> int:
+    """Bytes of ``state`` held by the most loaded device under the rules (abstract shapes only)."""
+    total = 0
+    for var, sh in zip(jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)),
+                       jax.tree.leaves(state_shardings(state, mesh, rules), is_leaf=lambda x: isinstance(x, nnx.Variable))):
+        shard = sh.get_value().shard_shape(tuple(var.shape))
+        total += int(np.prod(shard)) * bytes_per_elem
+    return total
