@@ -13,6 +13,7 @@ import dataclasses
 from typing import Optional
 
 import jax
+from flax import nnx
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
@@ -57,7 +58,8 @@ def enable(model, mesh: Mesh, strategy: str = "allgather", rules: Rules = DEFAUL
         raise MeshError("the allgather strategy needs the batch sharded over the 'expert' axis "
                         "(fix: keep 'expert' in the 'batch' rule).")
     ep = ExpertParallel(mesh, strategy, batch_axes, cfg.moe_impl, cfg.moe_block_size)
-    for _, module in model.iter_modules():
+    iter_modules = getattr(nnx, "iter_modules", None) or (lambda m: m.iter_modules())
+    for _, module in iter_modules(model):
         if isinstance(module, MoE):
             module.ep = ep
     return model
