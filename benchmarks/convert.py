@@ -131,16 +131,17 @@ def child(mode: str, src: str, dst: str) -> None:
                 s._entries[e].reader.release(s._entries[e].raw)
                 del a, b
     else:
-        convert.hf_to_orbax(src, dst, dtype="bfloat16", progress=False)
+        convert.hf_to_orbax(src, dst, dtype="bfloat16", progress=False, group_bytes=int(os.environ["GROUP_BYTES"]))
     secs = time.perf_counter() - t0
     peak = max(_rss_kb("VmHWM"), _rss_kb("VmRSS"))
     print(json.dumps({"seconds": secs, "rss_before_mb": before / 1024, "peak_mb": peak / 1024}))
 
 
-def run_child(mode: str, src: Path, dst: Path) -> dict:
+def run_child(mode: str, src: Path, dst: Path, group_bytes: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", mode, str(src), str(dst)],
                          check=True, capture_output=True, text=True,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+                              "GROUP_BYTES": str(group_bytes)})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -153,6 +154,7 @@ def main(argv=None) -> dict:
     if args.child:
         child(*args.child)
         return {}
+    from dsv3_jax.checkpoint import convert as convert_mod
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dsv3_bench_convert_"))
     try:
         src, dst = work / "hf_fp8", work / "orbax"
@@ -161,8 +163,10 @@ def main(argv=None) -> dict:
             generate(src, args.small, shard_bytes=(8 << 20) if args.small else (1 << 30))
         size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
         shutil.rmtree(dst, ignore_errors=True)
-        read = run_child("read", src, dst)
-        conv = run_child("convert", src, dst)
+        # the small model is a handful of default-size groups: scale the group down with it
+        group = (4 << 20) if args.small else convert_mod.GROUP_BYTES
+        read = run_child("read", src, dst, group)
+        conv = run_child("convert", src, dst, group)
         mb = size / 2**20
         res = {
             "benchmark": "convert_hf_fp8_to_orbax", "source_mb": round(mb, 1),
@@ -171,7 +175,7 @@ def main(argv=None) -> dict:
             "ratio": round(read["seconds"] / conv["seconds"], 3),
             "convert_rss_growth_mb": round(conv["peak_mb"] - conv["rss_before_mb"], 1),
             "read_rss_growth_mb": round(read["peak_mb"] - read["rss_before_mb"], 1),
-            "output_mb": round(sum(f.stat().st_size for f in dst.rglob("*") if f.is_file()) / 2**20, 1),
+            "group_mb": group / 2**20, "output_mb": round(sum(f.stat().st_size for f in dst.rglob("*") if f.is_file()) / 2**20, 1),
         }
         print(json.dumps(res))
         return res

@@ -29,6 +29,7 @@ from .hf_source import CheckpointError, HFSource
 from .safetensors_io import SUPPORTED_DTYPES, dtype_to_str, save_file
 
 CHUNK_BYTES = 64 << 20
+GROUP_BYTES = 128 << 20  # output bytes per partial save (bounds memory: ~2 groups)
 DTYPES = {"bfloat16": SUPPORTED_DTYPES["BF16"], "float32": np.dtype(np.float32)}
 
 
@@ -82,24 +83,39 @@ def _units(cfg: ModelConfig, include_mtp: bool) -> list[tuple[tuple, list[mappin
     return list(units.items())
 
 
-def _groups(units) -> Iterator[list[mapping.Piece]]:
+def _groups(units, nbytes, budget: int = GROUP_BYTES) -> Iterator[list[mapping.Piece]]:
     """Write groups: per unit, everything but the routed experts, then each expert parameter
-    (all experts of one projection) on its own, so one group is at most ~1/3 of a layer."""
-    for _, plist in units:
-        rest = [p for p in plist if p.path[-2:-1] != ("experts",)]
-        if rest:
-            yield rest
-        for proj in ("gate", "up", "down"):
-            grp = [p for p in plist if p.path[-2:] == ("experts", proj)]
-            if grp:
-                yield grp
+    (all experts of one projection) on its own, so a group of a big model is at most ~1/3 of a
+    layer; consecutive groups are merged up to ``budget`` output bytes (few saves for small models)."""
+    def split():
+        for _, plist in units:
+            rest = [p for p in plist if p.path[-2:-1] != ("experts",)]
+            if rest:
+                yield rest
+            for proj in ("gate", "up", "down"):
+                grp = [p for p in plist if p.path[-2:] == ("experts", proj)]
+                if grp:
+                    yield grp
+    acc, size = [], 0
+    for grp in split():
+        n = sum(nbytes(p) for p in grp)
+        if acc and size + n > budget:
+            yield acc
+            acc, size = [], 0
+        acc, size = acc + grp, size + n
+    if acc:
+        yield acc
 
 
 def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfloat16",
                 include_mtp: bool = True, keep_fp8: bool = False, overwrite: bool = False,
-                progress: Optional[bool] = None) -> ModelConfig:
+                progress: Optional[bool] = None, group_bytes: int = GROUP_BYTES) -> ModelConfig:
     """Convert a Hugging Face DeepSeek checkpoint (directory or PyTorch state dict) to a
-    self-describing Orbax checkpoint at ``dst``. Returns the stored config."""
+    self-describing Orbax checkpoint at ``dst``. Returns the stored config.
+
+    Memory: about two write groups of ``group_bytes`` output bytes (one being written while the
+    next is assembled) plus Orbax's buffers; a routed-expert projection of one layer is the
+    smallest group, so for the 671B release the bound is ~1/3 of a layer."""
     if keep_fp8:
         raise CheckpointError("--keep-fp8 is not implemented yet (the model has no FP8 parameter storage); "
                               "convert without it to get dequantised weights.")
@@ -143,6 +159,9 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
                 arrays[key][sub] = mapping.to_ours(pc, w, piece_shape)
             return source.nbytes(pc.hf_name)
 
+        def out_bytes(pc: mapping.Piece) -> int:
+            return int(np.prod(shapes[pc.path][len(pc.index):])) * dtypes[pc.path].itemsize
+
         ctx = ocp.Context()
         ctx.array.saving.use_compression = False  # weights barely compress; zstd would cost more than the I/O
         ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES  # sharded restores read only their chunks
@@ -153,7 +172,7 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
 
             def _write_groups():
                 nonlocal pending
-                for group in _groups(units):
+                for group in _groups(units, out_bytes, group_bytes):
                     arrays: dict[tuple, np.ndarray] = {}
                     for pc in group:
                         key, _ = orbax_io.disk_path(pc.path, pc.index)

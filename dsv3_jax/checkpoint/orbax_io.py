@@ -235,14 +235,14 @@ def load_checkpoint(path: str | os.PathLike, mesh=None, rules: Optional[Rules] =
     ctx.pytree.loading.partial_load = True
     with ctx:
         restored = flatten(ocp.load(params_dir, nest(abstract)))
-    for p, var, target, keys in plan:
-        if isinstance(keys, list):
-            parts = [restored.pop(k) for k in keys]
-            value = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=target)(*parts)
-            del parts
-        else:
-            value = restored.pop(keys)
-        var.set_value(value)
+    # Stack the per-layer arrays on device, all in one jit (one compile), straight into the targets.
+    stacked_in = {i: [restored.pop(k) for k in keys] for i, (_, _, _, keys) in enumerate(plan)
+                  if isinstance(keys, list)}
+    stacked_out = jax.jit(lambda d: {i: jnp.stack(xs) for i, xs in d.items()},
+                          out_shardings={i: plan[i][2] for i in stacked_in})(stacked_in) if stacked_in else {}
+    del stacked_in
+    for i, (p, var, target, keys) in enumerate(plan):
+        var.set_value(stacked_out.pop(i) if isinstance(keys, list) else restored.pop(keys))
     model = nnx.merge(graphdef, state)
     return cfg, model
 

@@ -428,7 +428,7 @@ def test_interrupted_conversion_leaves_nothing(src, tmp_path, monkeypatch):
     before = dir_digest(src[0])
     dst = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        convert.hf_to_orbax(src[0], dst, progress=False)
+        convert.hf_to_orbax(src[0], dst, progress=False, group_bytes=1 << 16)
     assert len(calls) == 4 and not dst.exists() and list(tmp_path.iterdir()) == []
     assert dir_digest(src[0]) == before
     with pytest.raises(Exception, match="not a dsv3 checkpoint"):
