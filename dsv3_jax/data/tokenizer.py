@@ -1,0 +1,195 @@
+"""Byte-level BPE tokenizer with DeepSeek's special tokens (SPEC §7), on the `tokenizers` library.
+
+Pre-tokenizer (our choice, documented): DeepSeek-V3's own `tokenizer.json` pre-tokenizer, i.e. three
+isolating regex ``Split``s followed by a ``ByteLevel`` step that only maps bytes (``use_regex=False``):
+
+1. ``\\p{N}{1,3}``           numbers in groups of at most three digits;
+2. ``[一-龥\\u3040-ゟ゠-ヿ]+``  runs of CJK ideographs / kana;
+3. a GPT-style word regex in which punctuation/symbol runs are their own pieces (``" ?[\\p{P}\\p{S}]+[\\r\\n]*"``),
+   line breaks are split off (``"\\s*[\\r\\n]+"``), and a punctuation character may lead a letter run
+   (``".foo"``, ``"_bar"``), which suits code.
+
+The pipeline is lossless: ``decode(encode(x)) == x`` for every string (no normalizer, no prefix space).
+
+Special tokens keep DeepSeek's spelling (fullwidth ``｜`` U+FF5C and ``▁`` U+2581) and, in a tokenizer
+trained here, DeepSeek-V3's relative order: BOS 0, EOS 1, PAD 2, then ``fim▁hole``, ``fim▁begin``,
+``fim▁end``. ``Tokenizer.encode`` treats special-token *text* inside documents as plain text (a code file
+that mentions ``<｜end▁of▁sentence｜>`` does not inject an EOS); pass ``allow_special=True`` to parse it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+
+TOKENIZER_FILE = "tokenizer.json"
+
+# DeepSeek-V3 tokenizer.json, pre_tokenizer.pretokenizers[0..2] (all with behavior "Isolated").
+PRETOKENIZE_PATTERNS = (
+    r"\p{N}{1,3}",
+    "[一-龥\u3040-ゟ゠-ヿ]+",
+    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
+    r"""| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+    """The special-token strings the data pipeline needs, by role."""
+    bos: str = "<｜begin▁of▁sentence｜>"
+    eos: str = "<｜end▁of▁sentence｜>"
+    pad: str = "<｜▁pad▁｜>"
+    fim_hole: str = "<｜fim▁hole｜>"
+    fim_begin: str = "<｜fim▁begin｜>"
+    fim_end: str = "<｜fim▁end｜>"
+
+    def items(self) -> list[tuple[str, str]]:
+        """``[(role, token string)]`` in id order for a freshly trained tokenizer."""
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+
+
+DEEPSEEK_SPECIAL_TOKENS = SpecialTokens()
+REQUIRED_ROLES = ("bos", "eos", "fim_begin", "fim_hole", "fim_end")  # pad falls back to eos
+
+
+def deepseek_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    splits = [pre_tokenizers.Split(Regex(p), behavior="isolated", invert=False) for p in PRETOKENIZE_PATTERNS]
+    return pre_tokenizers.Sequence(splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` plus the ids of DeepSeek's special tokens by name.
+
+    ``bos_id, eos_id, pad_id, fim_begin_id, fim_hole_id, fim_end_id``; ``special_ids`` maps role → id;
+    ``vocab_size`` counts added tokens (the smallest model vocab that can embed every id).
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, special: SpecialTokens = DEEPSEEK_SPECIAL_TOKENS,
+                 source: str = "<memory>"):
+        self.backend = backend
+        self.special = special
+        ids, missing = {}, []
+        for role, token in special.items():
+            tid = backend.token_to_id(token)
+            if tid is None and role not in REQUIRED_ROLES:
+                tid = backend.token_to_id(special.eos)   # no pad token: pad with EOS (always loss-masked)
+            if tid is None:
+                missing.append(f"{role} {token!r}")
+            ids[role] = tid
+        if missing:
+            raise ValueError(f"tokenizer {source} lacks the special token(s) {', '.join(missing)}; the data "
+                             "pipeline needs BOS, EOS and the three FIM tokens (DeepSeek spelling: fullwidth "
+                             "'｜' U+FF5C and '▁' U+2581). Train one with `dsv3 tokenizer train` or add them.")
+        self.special_ids: dict[str, int] = ids
+        self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
+        self.fim_begin_id, self.fim_hole_id, self.fim_end_id = ids["fim_begin"], ids["fim_hole"], ids["fim_end"]
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        # Two views of one vocabulary: `_plain` encodes special-token text as ordinary text.
+        self._plain = tokenizers.Tokenizer.from_str(backend.to_str())
+        self._plain.encode_special_tokens = True
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        """Token ids of ``text``; no BOS/EOS added. ``allow_special``: parse special-token text into ids."""
+        tok = self.backend if allow_special else self._plain
+        return tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._plain.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        return self.backend.token_to_id(token)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``tokenizer.json`` (``path`` is a directory, or a file name ending in ``.json``)."""
+        path = Path(path)
+        target = path if path.suffix == ".json" else path / TOKENIZER_FILE
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        self.backend.save(str(tmp))
+        os.replace(tmp, target)   # a failed write never leaves a complete-looking tokenizer.json
+        return target
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, special_ids={self.special_ids})"
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int = 4096, *, min_frequency: int = 2,
+                    special: SpecialTokens = DEEPSEEK_SPECIAL_TOKENS, length: Optional[int] = None,
+                    show_progress: bool = False) -> Tokenizer:
+    """Train a byte-level BPE on ``documents`` with DeepSeek's pre-tokenizer and special tokens.
+
+    ``vocab_size`` counts the 256 byte tokens and the special tokens; a small corpus may stop short of it
+    (the result's ``vocab_size`` is the real size). ``length``: number of documents, for progress only.
+    """
+    n_special = len(special.items())
+    if vocab_size < 256 + n_special:
+        raise ValueError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs 256 byte tokens plus "
+                         f"{n_special} special tokens (at least {256 + n_special}).")
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = deepseek_pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
+        special_tokens=[token for _, token in special.items()],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(documents, trainer=trainer, length=length)
+    return Tokenizer(tok, special)
+
+
+def load_tokenizer(path: str | os.PathLike, special: SpecialTokens = DEEPSEEK_SPECIAL_TOKENS) -> Tokenizer:
+    """Load a ``tokenizer.json`` (DeepSeek's released one or ours): a file, or a directory holding one."""
+    path = Path(path)
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no tokenizer at {path} (expected a {TOKENIZER_FILE} file or a directory "
+                                "holding one); train one with `dsv3 tokenizer train --output DIR`.")
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise ValueError(f"{file} is not a valid tokenizers JSON file: {e}") from e
+    return Tokenizer(backend, special, source=str(file))
+
+
+def tokenizer_train_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``dsv3 tokenizer train --output DIR --vocab-size N [--data PATH]``: train and save a tokenizer."""
+    from dsv3_jax.data.sources import iter_documents, open_source
+
+    p = argparse.ArgumentParser(prog="dsv3 tokenizer train",
+                                description="Train a byte-level BPE tokenizer with DeepSeek's pre-tokenizer "
+                                            "and special tokens; writes DIR/tokenizer.json.")
+    p.add_argument("--output", required=True, metavar="DIR", help="directory to write tokenizer.json into")
+    p.add_argument("--vocab-size", type=int, default=4096, metavar="N",
+                   help="vocabulary size incl. 256 bytes and 6 special tokens (default 4096)")
+    p.add_argument("--data", default="stdlib", metavar="PATH",
+                   help="'stdlib' (this Python's standard library sources, default), a text/JSONL file, "
+                        "or a directory")
+    p.add_argument("--glob", default="**/*", help="file pattern inside a --data directory (default **/*)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default 'text')")
+    p.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (default 2)")
+    p.add_argument("--max-documents", type=int, default=None, metavar="N",
+                   help="train on the first N documents only")
+    args = p.parse_args(argv)
+    if args.max_documents is not None and args.max_documents < 1:
+        p.error("--max-documents must be at least 1")
+
+    source = open_source(args.data, glob=args.glob, text_field=args.text_field)
+    n = len(source) if args.max_documents is None else min(len(source), args.max_documents)
+    docs = itertools.islice(iter_documents(source), n)
+    try:
+        tok = train_tokenizer(docs, args.vocab_size, min_frequency=args.min_frequency, length=n)
+    except ValueError as e:
+        p.error(str(e))
+    out = tok.save(args.output)
+    print(json.dumps({"tokenizer": str(out), "vocab_size": tok.vocab_size, "requested_vocab_size": args.vocab_size,
+                      "documents": n, "data": args.data, "special_ids": tok.special_ids}))
+    return 0
