@@ -6,6 +6,18 @@ aux-loss-free bias update) always see the whole global batch. Strategies:
 * ``allgather`` — each expert shard gathers the tokens of its ``expert``-axis peers, runs its local
   experts (dropless grouped GEMM; token-slots routed elsewhere go to an all-zero "null" expert), and
   ``psum_scatter`` returns each token's summed expert output to its owner. Works on every backend.
+* ``ragged_a2a`` — each token is sent once to every shard that holds at least one of its experts
+  (``ragged_all_to_all`` with exchanged counts/offsets), the shard runs its local experts for the
+  slots it owns, and a reverse ``ragged_all_to_all`` brings the partial sums home. Dropless. XLA:CPU
+  has no ragged_all_to_all, so on CPU the same bookkeeping runs over a padded ``all_to_all``
+  emulation (``emulated_ragged_all_to_all``); GPU/TPU use the real collective.
+* ``a2a_capacity`` — the same exchange over a dense ``all_to_all`` with a fixed per-destination
+  capacity ``ceil(capacity_factor · T · K / n_shards)`` rows; rows beyond it are dropped and the
+  dropped fraction of token-slots is reported. Opt-in only: DeepSeek-V3 never drops tokens.
+
+With group-limited routing and ``n_group`` a multiple of the expert-shard count, each group lives on
+one shard, so a token reaches at most ``topk_group`` shards (SPEC §4 node-limited routing): ragged
+exchanges move ``≤ topk_group`` copies of a token instead of ``K`` or ``n_shards``.
 """
 from __future__ import annotations
 
@@ -22,7 +34,7 @@ from dsv3_jax.model.grouped_gemm import expert_ffn, sort_by_expert
 from .mesh import MeshError
 from .rules import DEFAULT_RULES, Rules
 
-STRATEGIES = ("allgather",)
+STRATEGIES = ("allgather", "ragged_a2a", "a2a_capacity")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +44,8 @@ class ExpertParallel:
     batch_axes: tuple
     impl: str = "auto"
     block: int = 128
+    capacity_factor: float = 1.25
+    emulate_ragged: Optional[bool] = None  # None: emulate on CPU only
 
     @property
     def n_expert_shards(self) -> int:
@@ -42,7 +56,8 @@ class ExpertParallel:
         return self.mesh.shape.get("tensor", 1)
 
 
-def enable(model, mesh: Mesh, strategy: str = "allgather", rules: Rules = DEFAULT_RULES):
+def enable(model, mesh: Mesh, strategy: str = "allgather", rules: Rules = DEFAULT_RULES, *,
+           capacity_factor: float = 1.25, emulate_ragged: Optional[bool] = None):
     """Make every MoE layer of ``model`` run expert-parallel on ``mesh``. Returns the model."""
     from dsv3_jax.model.moe import MoE
     if strategy not in STRATEGIES:
@@ -55,9 +70,11 @@ def enable(model, mesh: Mesh, strategy: str = "allgather", rules: Rules = DEFAUL
     target = rules["batch"]
     batch_axes = tuple(a for a in ((target,) if isinstance(target, str) else target) if mesh.shape.get(a, 1) > 1)
     if n_ep > 1 and "expert" not in batch_axes:
-        raise MeshError("the allgather strategy needs the batch sharded over the 'expert' axis "
+        raise MeshError("expert parallelism needs the batch sharded over the 'expert' axis "
                         "(fix: keep 'expert' in the 'batch' rule).")
-    ep = ExpertParallel(mesh, strategy, batch_axes, cfg.moe_impl, cfg.moe_block_size)
+    if capacity_factor <= 0:
+        raise MeshError(f"capacity_factor={capacity_factor} must be > 0 (fix: use e.g. 1.25).")
+    ep = ExpertParallel(mesh, strategy, batch_axes, cfg.moe_impl, cfg.moe_block_size, capacity_factor, emulate_ragged)
     iter_modules = getattr(nnx, "iter_modules", None) or (lambda m: m.iter_modules())
     for _, module in iter_modules(model):
         if isinstance(module, MoE):
@@ -65,10 +82,92 @@ def enable(model, mesh: Mesh, strategy: str = "allgather", rules: Rules = DEFAUL
     return model
 
 
+def _local_expert_sum(x, experts, weights, w_gate, w_up, w_down, ep: ExpertParallel):
+    """Σ_k w_k FFN_{e_k}(x) over the slots whose expert ``e_k`` is local (ids in ``[0, E_loc)``; any
+    other id is a slot owned elsewhere). ``x: [N, D]``, ``experts/weights: [N, K]`` → fp32 ``[N, D]``."""
+    N, D = x.shape
+    K = experts.shape[-1]
+    e_loc = w_gate.shape[0]
+    mine = (experts >= 0) & (experts < e_loc)
+    slot_expert = jnp.where(mine, experts, e_loc)  # e_loc = the null expert (zero weights)
+    order, sizes = sort_by_expert(slot_expert, e_loc + 1)
+    pad = lambda w: jnp.concatenate([w, jnp.zeros((1,) + w.shape[1:], w.dtype)])  # noqa: E731
+    y_sorted = expert_ffn(x[order // K], sizes, pad(w_gate), pad(w_up), pad(w_down), impl=ep.impl, block=ep.block)
+    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True).reshape(N, K, D)
+    return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), jnp.where(mine, weights, 0.0))
+
+
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                               axis_name: str, max_chunk: int):
+    """``jax.lax.ragged_all_to_all`` semantics from collectives XLA:CPU has: every chunk is padded to
+    ``max_chunk`` rows and exchanged with a dense ``all_to_all``, then scattered to its offset."""
+    n = input_offsets.shape[0]
+    rows = jnp.arange(max_chunk)
+    idx = jnp.clip(input_offsets[:, None] + rows[None, :], 0, operand.shape[0] - 1)
+    chunks = jnp.where((rows[None, :] < send_sizes[:, None]).reshape(n, max_chunk, *([1] * (operand.ndim - 1))),
+                       operand[idx], 0)
+    recv = jax.lax.all_to_all(chunks, axis_name, 0, 0, tiled=True).reshape(n, max_chunk, *operand.shape[1:])
+    # where each sender asked its chunk to land in *my* output
+    offs = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
+    dest = jnp.where(rows[None, :] < recv_sizes[:, None], offs[:, None] + rows[None, :], output.shape[0])
+    return output.at[dest.reshape(-1)].set(recv.reshape(-1, *operand.shape[1:]), mode="drop")
+
+
+def _exchange(ep: ExpertParallel, x, experts, weights, w_gate, w_up, w_down):
+    """The a2a strategies inside shard_map: x ``[T, D]``, experts/weights ``[T, K]`` (global ids).
+    Returns (fp32 output ``[T, D]``, dropped token-slots, total token-slots)."""
+    n = ep.n_expert_shards
+    T, D = x.shape
+    K = experts.shape[-1]
+    e_loc = w_gate.shape[0]
+    me = jax.lax.axis_index("expert")
+    dest_of_slot = experts // e_loc                                        # [T, K]
+    need = (dest_of_slot[:, :, None] == jnp.arange(n)).any(1)              # [T, n]: token t goes to shard j
+    send_sizes = need.sum(0).astype(jnp.int32)                             # [n]
+    if ep.strategy == "a2a_capacity":
+        cap = min(T, -(-int(ep.capacity_factor * T * K) // n))
+        rank = jnp.cumsum(need, axis=0) - 1                                # position within destination
+        kept = need & (rank < cap)
+        slots_per_pair = (dest_of_slot[:, :, None] == jnp.arange(n)).sum(1)  # [T, n]
+        dropped = jnp.where(need & ~kept, slots_per_pair, 0).sum()
+        need, send_sizes = kept, jnp.minimum(send_sizes, cap)
+        chunk = cap
+    else:
+        chunk, dropped = T, jnp.zeros((), jnp.int32)
+    # Pairs (j, t) in destination-major order; the first sum(send_sizes) rows are real.
+    pair_order = jnp.argsort(~need.T.reshape(-1), stable=True)
+    src_token = pair_order % T
+    pair_dest = pair_order // T
+    local_ids = jnp.where(dest_of_slot[src_token] == pair_dest[:, None], experts[src_token] % e_loc, -1)
+    send_x, send_w = x[src_token], weights[src_token]
+    input_offsets = (jnp.cumsum(send_sizes) - send_sizes).astype(jnp.int32)
+    recv_sizes = jax.lax.all_to_all(send_sizes, "expert", 0, 0, tiled=True)
+    recv_offsets = (jnp.cumsum(recv_sizes) - recv_sizes).astype(jnp.int32)
+    output_offsets = jax.lax.all_to_all(recv_offsets, "expert", 0, 0, tiled=True)
+    back_offsets = jax.lax.all_to_all(input_offsets, "expert", 0, 0, tiled=True)
+    emulate = ep.emulate_ragged if ep.emulate_ragged is not None else jax.default_backend() == "cpu"
+    if ep.strategy == "a2a_capacity" or emulate:
+        def a2a(op, out, io, ss, oo, rs):
+            return emulated_ragged_all_to_all(op, out, io, ss, oo, rs, axis_name="expert", max_chunk=chunk)
+    else:
+        def a2a(op, out, io, ss, oo, rs):
+            return jax.lax.ragged_all_to_all(op, out, io, ss, oo, rs, axis_name="expert")
+    buf = n * chunk
+    recv_x = a2a(send_x, jnp.zeros((buf, D), x.dtype), input_offsets, send_sizes, output_offsets, recv_sizes)
+    recv_e = a2a(local_ids, jnp.full((buf, K), -1, local_ids.dtype), input_offsets, send_sizes, output_offsets,
+                 recv_sizes)
+    recv_w = a2a(send_w, jnp.zeros((buf, K), send_w.dtype), input_offsets, send_sizes, output_offsets, recv_sizes)
+    y = _local_expert_sum(recv_x, recv_e, recv_w, w_gate, w_up, w_down, ep)
+    back = a2a(y, jnp.zeros((n * T, D), y.dtype), recv_offsets, recv_sizes, back_offsets, send_sizes)
+    real = jnp.arange(n * T) < send_sizes.sum()
+    out = jnp.zeros((T, D), jnp.float32).at[src_token].add(jnp.where(real[:, None], back, 0))
+    return out, dropped, jnp.asarray(T * K, jnp.int32)
+
+
 def routed_experts(ep: ExpertParallel, x: jax.Array, weights: jax.Array, experts: jax.Array,
                    w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
     """``x: [B, S, D]``, ``weights/experts: [B, S, K]``, expert weights ``[E, D, I]``/``[E, I, D]``
-    → routed output ``[B, S, D]``."""
+    → (routed output ``[B, S, D]``, dropped token-slots over the global batch (0 unless a2a_capacity))."""
     tensor = "tensor" if ep.n_tensor > 1 and w_gate.shape[-1] % ep.n_tensor == 0 else None
     tok = P(ep.batch_axes or None, None, None)
     w_in = P("expert", None, tensor)
@@ -77,24 +176,25 @@ def routed_experts(ep: ExpertParallel, x: jax.Array, weights: jax.Array, experts
     def local(x, weights, experts, w_gate, w_up, w_down):
         B, S, D = x.shape
         K = experts.shape[-1]
-        if ep.n_expert_shards > 1:
-            x, weights, experts = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (x, weights, experts))
         xt, wt, et = x.reshape(-1, D), weights.reshape(-1, K), experts.reshape(-1, K)
-        e_loc = w_gate.shape[0]
-        lo = jax.lax.axis_index("expert") * e_loc
-        mine = (et >= lo) & (et < lo + e_loc)
-        slot_expert = jnp.where(mine, et - lo, e_loc)  # e_loc = the null expert (zero weights)
-        order, sizes = sort_by_expert(slot_expert, e_loc + 1)
-        pad = lambda w: jnp.concatenate([w, jnp.zeros((1,) + w.shape[1:], w.dtype)])  # noqa: E731
-        y_sorted = expert_ffn(xt[order // K], sizes, pad(w_gate), pad(w_up), pad(w_down), impl=ep.impl, block=ep.block)
-        y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True).reshape(-1, K, D)
-        out = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), jnp.where(mine, wt, 0.0))
-        if tensor:
-            out = jax.lax.psum(out, "tensor")
-        if ep.n_expert_shards > 1:
-            out = jax.lax.psum_scatter(out, "expert", scatter_dimension=0, tiled=True)
-        return out.reshape(B, S, D).astype(x.dtype)
+        if ep.strategy == "allgather" or ep.n_expert_shards == 1:
+            if ep.n_expert_shards > 1:
+                xt, wt, et = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (xt, wt, et))
+            lo = jax.lax.axis_index("expert") * w_gate.shape[0]
+            out = _local_expert_sum(xt, et - lo, wt, w_gate, w_up, w_down, ep)
+            dropped = jnp.zeros((), jnp.int32)
+            if tensor:
+                out = jax.lax.psum(out, "tensor")
+            if ep.n_expert_shards > 1:
+                out = jax.lax.psum_scatter(out, "expert", scatter_dimension=0, tiled=True)
+        else:
+            out, dropped, _ = _exchange(ep, xt, et, wt, w_gate, w_up, w_down)
+            if tensor:
+                out = jax.lax.psum(out, "tensor")
+        axes = tuple(ep.mesh.axis_names)
+        dropped = jax.lax.psum(dropped, axes) // ep.n_tensor  # tokens are replicated over tensor
+        return out.reshape(B, S, D).astype(x.dtype), dropped
 
-    fn = jax.shard_map(local, mesh=ep.mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok,
+    fn = jax.shard_map(local, mesh=ep.mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=(tok, P()),
                        check_vma=False)
     return fn(x, weights, experts, w_gate, w_up, w_down)

@@ -28,11 +28,13 @@ class RouterStats(NamedTuple):
     seq_counts: [B, E] per-sequence counts Σ_t 1[i ∈ TopK_t] — the f_i of the balance loss.
     seq_probs:  [B, E] per-sequence Σ_t s'_{i,t} with s' = s / Σ_j s_j — the P_i (differentiable).
     seq_tokens: [B]    valid tokens per sequence (T of the balance loss).
+    dropped:    []     token-slots dropped (always 0 except for the opt-in ``a2a_capacity`` strategy).
     """
     counts: jax.Array
     seq_counts: jax.Array
     seq_probs: jax.Array
     seq_tokens: jax.Array
+    dropped: jax.Array
 
 
 def route(logits: jax.Array, bias: Optional[jax.Array], cfg: ModelConfig) -> Routing:
@@ -115,18 +117,19 @@ class MoE(nnx.Module):
         B, S, D = x.shape
         flat = x.reshape(B * S, D)
         routing = self.router(flat)
+        dropped = jnp.zeros((), jnp.int32)
         if self.ep is None:
             out = self.routed(flat, routing).reshape(B, S, D)
         else:
             from sharding.expert_parallel import routed_experts
             cdt = dtype_of(self.cfg.compute_dtype)
             ex = self.experts
-            out = routed_experts(self.ep, x.astype(cdt), routing.weights.reshape(B, S, -1),
+            out, dropped = routed_experts(self.ep, x.astype(cdt), routing.weights.reshape(B, S, -1),
                                  routing.experts.reshape(B, S, -1), ex.gate[...].astype(cdt),
                                  ex.up[...].astype(cdt), ex.down[...].astype(cdt))
         if self.shared is not None:
             out = out + self.shared(x)
-        return out, router_stats(routing, B, S, self.cfg.n_routed_experts, valid)
+        return out, router_stats(routing, B, S, self.cfg.n_routed_experts, valid)._replace(dropped=dropped)
 
 
 def router_stats(routing: Routing, B: int, S: int, E: int, valid: Optional[jax.Array]) -> RouterStats:
@@ -137,4 +140,5 @@ def router_stats(routing: Routing, B: int, S: int, E: int, valid: Optional[jax.A
     s_norm = s / s.sum(-1, keepdims=True)
     seq_counts = chosen.sum(1)
     return RouterStats(counts=seq_counts.sum(0), seq_counts=seq_counts,
-                       seq_probs=(s_norm * valid[..., None]).sum(1), seq_tokens=valid.sum(1))
+                       seq_probs=(s_norm * valid[..., None]).sum(1), seq_tokens=valid.sum(1),
+                       dropped=jnp.zeros((), jnp.int32))

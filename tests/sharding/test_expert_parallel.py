@@ -10,6 +10,7 @@ from flax import nnx
 
 import dsv3_jax as dsv3
 import sharding
+from jax.sharding import PartitionSpec as P
 from sharding import expert_parallel
 
 TOL = 1e-5
@@ -30,7 +31,7 @@ def _loss_and_grads(model, tokens, mesh=None):
             nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
             return nll, out
         (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return loss, out.logits, out.router.counts, grads
+        return loss, out.logits, out.router.counts, grads, out.router.dropped
 
     return step, (params, rest, tokens)
 
@@ -44,13 +45,18 @@ def reference():
     return cfg, tokens, step(*args)
 
 
-@pytest.mark.parametrize("mesh_spec", ["expert=8", "data=2,expert=4", "fsdp=2,expert=2,tensor=2"])
-def test_expert_parallel_equals_single_device(reference, mesh_spec):
-    cfg, tokens, (loss, logits, counts, grads) = reference
+@pytest.mark.parametrize("strategy, mesh_spec", [
+    ("allgather", "expert=8"), ("allgather", "data=2,expert=4"), ("allgather", "fsdp=2,expert=2,tensor=2"),
+    ("ragged_a2a", "expert=8"), ("ragged_a2a", "fsdp=2,expert=2,tensor=2"),
+    ("a2a_capacity", "data=2,expert=4"),  # capacity large enough that nothing is dropped
+])
+def test_expert_parallel_equals_single_device(reference, strategy, mesh_spec):
+    cfg, tokens, (loss, logits, counts, grads, _) = reference
     mesh = sharding.make_mesh(mesh_spec)
-    model = expert_parallel.enable(dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0)), mesh)
+    model = expert_parallel.enable(dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0)), mesh, strategy, capacity_factor=8.0)
     step, args = _loss_and_grads(model, tokens, mesh)
-    loss2, logits2, counts2, grads2 = step(*args)
+    loss2, logits2, counts2, grads2, dropped = step(*args)
+    assert int(dropped.sum()) == 0
     assert abs(float(loss2) - float(loss)) <= TOL
     np.testing.assert_allclose(np.asarray(logits2), np.asarray(logits), atol=TOL)
     np.testing.assert_array_equal(np.asarray(counts2), np.asarray(counts))  # global router statistics
@@ -60,7 +66,48 @@ def test_expert_parallel_equals_single_device(reference, mesh_spec):
     w = dict(nnx.to_flat_state(args[0]))[("moe_layers", "mlp", "experts", "gate")].get_value()
     assert "expert" in str(w.sharding.spec)
     hlo = step.lower(*args).compile().as_text()
-    assert "all-gather" in hlo and "reduce-scatter" in hlo
+    if strategy == "allgather":
+        assert "all-gather" in hlo and "reduce-scatter" in hlo
+    else:
+        assert "all-to-all" in hlo
+
+
+def test_capacity_strategy_reports_drops(reference):
+    cfg, tokens, (_, logits, _, _, _) = reference
+    mesh = sharding.make_mesh("expert=8")
+    model = expert_parallel.enable(dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0)), mesh, "a2a_capacity", capacity_factor=0.25)
+    forward, state = dsv3.make_forward(model, mtp=False)
+    out = forward(sharding.shard_state(state, mesh), jax.device_put(tokens, sharding.batch_sharding(mesh)))
+    total_slots = tokens.size * cfg.num_experts_per_tok
+    assert 0 < int(out.router.dropped.sum()) < total_slots
+    assert np.abs(np.asarray(out.logits) - np.asarray(logits)).max() > 1e-3  # dropping changes the answer
+
+
+def test_emulated_ragged_all_to_all_semantics():
+    """Each of 4 shards sends shard j (j+1) rows; receivers place them at the sender-given offsets."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("expert",))
+    n, cap = 4, 4
+
+    def body(x):
+        me = jax.lax.axis_index("expert")
+        send_sizes = jnp.arange(1, n + 1, dtype=jnp.int32)                 # to shard j: j+1 rows
+        input_offsets = jnp.cumsum(send_sizes) - send_sizes
+        recv_sizes = jnp.full((n,), me + 1, jnp.int32)                     # every sender sends me me+1 rows
+        recv_offsets = jnp.cumsum(recv_sizes) - recv_sizes
+        output_offsets = jax.lax.all_to_all(recv_offsets, "expert", 0, 0, tiled=True)
+        out = expert_parallel.emulated_ragged_all_to_all(
+            x[0], jnp.full((n * cap,), -1, x.dtype), input_offsets, send_sizes, output_offsets, recv_sizes,
+            axis_name="expert", max_chunk=cap)
+        return out[None]
+
+    x = (100 * jnp.arange(n)[:, None] + jnp.arange(10)[None, :]).astype(jnp.int32)  # sender s, row r: 100s + r
+    out = np.asarray(jax.shard_map(body, mesh=mesh, in_specs=P("expert"), out_specs=P("expert"),
+                                   check_vma=False)(x))
+    for r in range(n):                       # receiver r gets rows [off_r, off_r + r] from every sender
+        off = r * (r + 1) // 2
+        want = np.concatenate([100 * s + np.arange(off, off + r + 1) for s in range(n)])
+        np.testing.assert_array_equal(out[r][:len(want)], want)
+        assert (out[r][len(want):] == -1).all()
 
 
 def test_experts_not_divisible_by_expert_axis():
