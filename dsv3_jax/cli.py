@@ -17,15 +17,45 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override config fields, e.g. n_routed_experts=32 rope_scaling.factor=8")
 
 
+def _add_mesh_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", help="run on a device mesh, e.g. data=2,expert=4 (axes data, fsdp, expert, tensor; "
+                                  "one may be -1). On CPU: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    p.add_argument("--ep-strategy", default="allgather", choices=("allgather", "ragged_a2a", "a2a_capacity"),
+                   help="expert-parallel strategy on the mesh (default allgather)")
+
+
 def cmd_info(args) -> int:
     from .info import format_info, model_info
     cfg = load_config(args.config, args.overrides)
     info = model_info(cfg, seq_len=args.seq_len)
+    if args.mesh:
+        info["mesh"] = _mesh_memory(cfg, args.mesh, args.moment_bytes)
     if args.json:
         print(json.dumps(info))
     else:
         print(format_info(info))
+        if args.mesh:
+            m = info["mesh"]
+            print(f"mesh {m['axes']} ({m['devices']} devices): params {m['param_bytes_per_device'] / 2**30:.2f} GiB "
+                  f"+ optimizer {m['optimizer_bytes_per_device'] / 2**30:.2f} GiB per device")
     return 0
+
+
+def _mesh_memory(cfg, spec: str, moment_bytes: int) -> dict:
+    """Per-device bytes of fp32 params and AdamW moments under the sharding rules, for a mesh of any
+    size (abstract shapes only: no devices needed)."""
+    import math
+    from sharding import MeshConfig, per_device_elements
+    from .info import abstract_state
+    mc = MeshConfig.parse(spec)
+    sizes = {a: getattr(mc, a) for a in ("data", "fsdp", "expert", "tensor")}
+    if -1 in sizes.values():
+        raise ConfigError(f"--mesh {spec}: give every axis size explicitly for `info` (no device count to fill -1).")
+    if cfg.n_routed_experts % sizes["expert"]:
+        raise ConfigError(f"--mesh {spec}: {cfg.n_routed_experts} experts do not divide over expert={sizes['expert']}.")
+    n = per_device_elements(abstract_state(cfg), sizes)
+    return {"axes": sizes, "devices": math.prod(sizes.values()), "param_bytes_per_device": 4 * n,
+            "optimizer_bytes_per_device": 2 * moment_bytes * n}
 
 
 def cmd_convert(args) -> int:
@@ -61,7 +91,14 @@ def cmd_score(args) -> int:
             raise InputError(f"--token-ids {args.token_ids} has shape {tokens.shape}, expected [batch, seq].")
     else:
         tokens = tokenize(args.checkpoint, args.text)
-    cfg, model = load_checkpoint(args.checkpoint, overrides=args.overrides)
+    mesh = None
+    if args.mesh:
+        from sharding import check_batch, expert_parallel, make_mesh
+        mesh = make_mesh(args.mesh)
+        check_batch(tokens.shape[0], mesh)
+    cfg, model = load_checkpoint(args.checkpoint, mesh=mesh, overrides=args.overrides)
+    if mesh is not None:
+        expert_parallel.enable(model, mesh, args.ep_strategy)
     want_mtp = args.save_mtp_logits is not None
     if want_mtp and not cfg.num_mtp_layers:
         raise InputError(f"{args.checkpoint} has no MTP module, so there are no MTP logits to save.")
@@ -93,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--seq-len", type=int, default=4096, help="sequence length for the attention FLOPs")
+    p.add_argument("--mesh", help="report per-device bytes of params and AdamW state on this mesh, "
+                                  "e.g. expert=64,fsdp=4 (any size: nothing is allocated)")
+    p.add_argument("--moment-bytes", type=int, default=4, choices=(2, 4),
+                   help="bytes per AdamW moment element (2 = bf16 moments, SPEC §6)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="convert weights: hf-to-orbax (released/HF → our Orbax checkpoint) "
@@ -126,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-mtp-logits", metavar="OUT.npy",
                    help="save float32 MTP logits [mtp_depth, batch, seq, vocab]")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_mesh_args(p)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="runtime config overrides, e.g. compute_dtype=float32 moe_impl=ragged")
     p.set_defaults(func=cmd_score)
@@ -157,6 +199,9 @@ def _is_user_error(e: BaseException) -> bool:
     from .checkpoint.safetensors_io import SafetensorsError
     from .model import TokenRangeError
     from .scoring import TokenizerMissingError
+    from sharding import MeshError
+    if isinstance(e, MeshError) or (isinstance(e, ValueError) and "not divisible by the" in str(e)):
+        return True
     return isinstance(e, (CheckpointError, MappingError, SafetensorsError, FP8FormatError, TokenRangeError,
                           TokenizerMissingError, InputError))
 

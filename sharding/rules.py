@@ -34,8 +34,11 @@ DEFAULT_RULES: dict[str, Optional[str | tuple]] = {
 }
 
 
-def spec_for(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
+def spec_for(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh | Mapping[str, int],
              rules: Rules = DEFAULT_RULES) -> P:
+    """PartitionSpec of an array with logical ``axes`` and ``shape`` (``mesh`` may be a Mesh or just
+    its axis sizes, e.g. for a pod-sized layout computed on a laptop)."""
+    sizes = mesh.shape if hasattr(mesh, "shape") else mesh
     used: set[str] = set()
     out = []
     for name, dim in zip(axes, shape):
@@ -44,7 +47,7 @@ def spec_for(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
         chosen = []
         size = 1
         for t in targets:
-            n = mesh.shape.get(t, 1)
+            n = sizes.get(t, 1)
             if t in used or n == 1 or dim % (size * n):
                 continue
             chosen.append(t)
@@ -83,11 +86,24 @@ def shard_state(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> n
     return jax.tree.map(lambda v, s: jax.device_put(v, s), state, shardings)
 
 
-def per_device_bytes(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES, bytes_per_elem: int = 4) -> int:
-    """Bytes of ``state`` held by the most loaded device under the rules (abstract shapes only)."""
+def rules_fn(mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """The rules as a callable ``(path, shape, logical_axes) -> PartitionSpec`` (checkpoint restore)."""
+    def fn(path, shape, logical_axes):
+        return spec_for(logical_axes or (None,) * len(shape), shape, mesh, rules)
+    return fn
+
+
+def per_device_elements(state: nnx.State, mesh: Mesh | Mapping[str, int], rules: Rules = DEFAULT_RULES) -> int:
+    """Elements of ``state`` on one device under the rules, from abstract shapes only (a dim split
+    ``n`` ways holds ``ceil(dim/n)``)."""
+    sizes = mesh.shape if hasattr(mesh, "shape") else mesh
     total = 0
-    for var, sh in zip(jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)),
-                       jax.tree.leaves(state_shardings(state, mesh, rules), is_leaf=lambda x: isinstance(x, nnx.Variable))):
-        shard = sh.get_value().shard_shape(tuple(var.shape))
-        total += int(np.prod(shard)) * bytes_per_elem
+    for var in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+        spec = spec_for(axes, var.shape, sizes, rules)
+        n = 1
+        for dim, part in zip(var.shape, tuple(spec) + (None,) * (len(var.shape) - len(spec))):
+            parts = (part,) if isinstance(part, str) else tuple(part or ())
+            n *= -(-dim // int(np.prod([sizes[a] for a in parts]))) if parts else dim
+        total += n
     return total

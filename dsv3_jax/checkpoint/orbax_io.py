@@ -127,21 +127,9 @@ def checkpoint_config(path: str | os.PathLike, overrides: Sequence[str] | Mappin
 
 # ---- sharding ----------------------------------------------------------------------------------
 def default_rules(mesh) -> Rules:
-    """Until ``sharding/rules.py``: shard each parameter along its largest dim divisible by the
-    mesh size (over all mesh axes), else replicate."""
-    from jax.sharding import PartitionSpec as P
-    n = int(np.prod(list(mesh.shape.values())))
-    axes = tuple(mesh.axis_names)
-
-    def rules(path, shape, logical):
-        dims = sorted(range(len(shape)), key=lambda d: (-shape[d], d))
-        for d in dims:
-            if shape[d] % n == 0 and shape[d] >= n:
-                spec = [None] * len(shape)
-                spec[d] = axes if len(axes) > 1 else axes[0]
-                return P(*spec)
-        return P()
-    return rules
+    """The project's logical-axis rules (``sharding/rules.py``) as a restore-time callable."""
+    from sharding.rules import rules_fn
+    return rules_fn(mesh)
 
 
 # ---- loading -----------------------------------------------------------------------------------

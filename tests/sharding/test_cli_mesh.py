@@ -1,0 +1,44 @@
+"""`--mesh` on the CLI: `dsv3 info` per-device bytes, and `dsv3 score` on 8 fake devices giving the
+same logits as one device."""
+import json
+
+import numpy as np
+from flax import nnx
+
+import dsv3_jax as dsv3
+from dsv3_jax.checkpoint import convert, mapping
+from dsv3_jax.checkpoint.safetensors_io import save_file
+from dsv3_jax.cli import main
+
+
+def test_info_mesh_per_device_bytes(capsys):
+    assert main(["info", "--config", "deepseek_v3_671b", "--mesh", "expert=64,fsdp=4", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)["mesh"]
+    assert m["devices"] == 256
+    # Routed experts dominate: 58 layers × 256 experts × 3·7168·2048 fp32, split 64 (expert) × 4 (fsdp) ways.
+    experts = 58 * 256 * 3 * 7168 * 2048 * 4 // 256
+    assert experts < m["param_bytes_per_device"] < experts + 671_026_419_200 * 4 // 4
+    assert m["optimizer_bytes_per_device"] == 2 * m["param_bytes_per_device"]
+    assert main(["info", "--config", "deepseek_v3_671b", "--mesh", "expert=3"]) == 2
+    assert "do not divide" in capsys.readouterr().err
+
+
+def test_score_on_mesh_equals_single_device(tmp_path, capsys):
+    cfg = dsv3.load_config("tiny", ["num_layers=2", "first_k_dense=1"])
+    model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file(dict(mapping.params_to_hf(mapping.model_params(model), cfg)), hf / "model.safetensors")
+    (hf / "config.json").write_text(json.dumps(cfg.to_hf()))
+    convert.hf_to_orbax(hf, tmp_path / "ckpt", dtype="float32", progress=False)
+    tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (8, 12)).astype(np.int32)
+    np.save(tmp_path / "ids.npy", tokens)
+    base = ["score", "--checkpoint", str(tmp_path / "ckpt"), "--token-ids", str(tmp_path / "ids.npy"),
+            "compute_dtype=float32"]  # HF configs carry no compute dtype; bf16 would hide differences
+    assert main(base + ["--save-logits", str(tmp_path / "one.npy")]) == 0
+    assert main(base + ["--save-logits", str(tmp_path / "mesh.npy"), "--mesh", "data=2,expert=4",
+                        "--ep-strategy", "ragged_a2a"]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "mesh.npy"), np.load(tmp_path / "one.npy"), atol=1e-5)
+    capsys.readouterr()
+    assert main(base + ["--mesh", "data=2,expert=3"]) == 2
+    assert "6 devices but 8 are available" in capsys.readouterr().err
