@@ -85,6 +85,7 @@ class ModelConfig:
     moe_block_size: int = 128
     remat: str = "save_dots_except_mla_up"  # "none" | "full" | "save_dots" | "save_dots_except_mla_up"
     scan_layers: bool = True
+    quant: str = "none"  # "none" | "fp8": every Linear's three GEMMs in FP8 (SPEC §6, pallas_kernels.fp8)
 
     # ---- derived ---------------------------------------------------------------------------
     @property
@@ -214,6 +215,7 @@ _CHOICES = {
     "compute_dtype": ("float32", "bfloat16", "float16"),
     "moe_impl": ("auto", "ragged", "blocked"),
     "remat": ("none", "full", "save_dots", "save_dots_except_mla_up"),
+    "quant": ("none", "fp8"),
 }
 
 

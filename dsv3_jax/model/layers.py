@@ -5,6 +5,7 @@ Every parameter carries logical axis names (DESIGN.md "Logical axes on every par
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -48,9 +49,16 @@ class Linear(nnx.Module):
         self.out_shape = (out_features,) if isinstance(out_features, int) else tuple(out_features)
         self.kernel = param(rngs, self.in_shape + self.out_shape, axes, std=cfg.init_std, dtype=cfg.param_dtype)
         self.compute_dtype = dtype_of(cfg.compute_dtype)
+        self.quant = cfg.quant
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = len(self.in_shape)
+        if self.quant == "fp8":  # SPEC §6: forward, dgrad and wgrad GEMMs in FP8 on the fp32 master weight
+            from pallas_kernels.fp8 import linear as fp8_linear
+            k, n = math.prod(self.in_shape), math.prod(self.out_shape)
+            y = fp8_linear(x.astype(self.compute_dtype).reshape(*x.shape[:x.ndim - n_in], k),
+                           self.kernel[...].reshape(k, n))
+            return y.reshape(*y.shape[:-1], *self.out_shape)
         w = self.kernel[...].astype(self.compute_dtype)
         return jax.lax.dot_general(x.astype(self.compute_dtype), w,
                                    ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
