@@ -1,0 +1,105 @@
+"""Expert-parallel strategies on 8 fake CPU devices: bytes moved per MoE layer and token, against the
+minimum the actual routing needs, and forward step time (issue M3).
+
+* ``hlo_bytes``: result bytes of every collective in the compiled per-device program (all-gather,
+  reduce-scatter, all-to-all, all-reduce; router statistics included), per token and MoE layer.
+* ``min_bytes``: what the routing that happened needs: each token's hidden vector sent once to every
+  *other* shard holding one of its experts, and the partial result sent back (2 · D · bytes each).
+On CPU the ragged strategy runs over a padded all-to-all emulation, so its HLO bytes are padded;
+on GPU/TPU ``ragged_all_to_all`` moves the real counts (≈ min_bytes plus routing metadata).
+Also: how many shards a token reaches with group-limited routing (n_group = 8 = one group per
+shard, topk_group = 2) vs unrestricted top-k.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import re  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from common import emit, time_interleaved  # noqa: E402
+
+import dsv3_jax as dsv3  # noqa: E402
+import sharding  # noqa: E402
+from sharding import expert_parallel  # noqa: E402
+
+N_DEV = 8
+BATCH, SEQ = 16, 128
+BASE = ["num_layers=2", "first_k_dense=1", "num_mtp_layers=0", "hidden_size=128", "n_routed_experts=32",
+        "num_experts_per_tok=8", "moe_intermediate_size=64", "compute_dtype=float32", "moe_block_size=64"]
+_COLL = re.compile(r"= (.*?) (all-gather|reduce-scatter|all-to-all|all-reduce|ragged-all-to-all)(?:-start)?\(")
+_SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
+_BYTES = {"f32": 4, "s32": 4, "bf16": 2, "f16": 2, "u32": 4, "pred": 1, "s8": 1}
+
+
+def collective_bytes(hlo: str) -> int:
+    """Bytes of the results of every collective in the (per-device) compiled module."""
+    total = 0
+    for types, _ in _COLL.findall(hlo):
+        for dtype, dims in _SHAPE.findall(types):
+            n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+            total += n * _BYTES.get(dtype, 4)
+    return total
+
+
+def shards_reached(experts: np.ndarray, n_experts: int) -> np.ndarray:
+    per_shard = n_experts // N_DEV
+    return np.array([len(set((row // per_shard).tolist())) for row in experts.reshape(-1, experts.shape[-1])])
+
+
+def main() -> None:
+    for label, groups in (("group_limited", ["n_group=8", "topk_group=2"]), ("no_group_limit", ["n_group=1", "topk_group=1"])):
+        cfg = dsv3.load_config("tiny", BASE + groups)
+        tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (BATCH, SEQ)))
+        ref_model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0))
+        # routing that actually happened in the MoE layer (bias 0, random init)
+        emb = ref_model.embed[...][tokens]
+        moe = ref_model.moe_layers
+        g, st = nnx.split(moe)
+        layer0 = nnx.merge(g, jax.tree.map(lambda a: a[0], st))
+        h = emb + layer0.attn(layer0.attn_norm(emb), *dsv3.model.rope.rope_angles(cfg, jnp.broadcast_to(jnp.arange(SEQ), (BATCH, SEQ))))
+        routing = layer0.mlp.router(layer0.mlp_norm(h).reshape(-1, cfg.hidden_size))
+        experts = np.asarray(routing.experts)
+        reached = shards_reached(experts, cfg.n_routed_experts)
+        own = np.repeat(np.arange(N_DEV), BATCH * SEQ // N_DEV)  # token t lives on shard t // (T/N)
+        others = np.array([len(set((row // (cfg.n_routed_experts // N_DEV)).tolist()) - {o})
+                           for row, o in zip(experts, own)])
+        min_bytes_per_token = 2 * cfg.hidden_size * 4 * others.mean()
+        # ragged_all_to_all with real counts: hidden + K expert ids/weights out, hidden back
+        ragged_real = others.mean() * (2 * cfg.hidden_size * 4 + cfg.num_experts_per_tok * 8)
+        fns, rows = {}, {}
+        for strategy in expert_parallel.STRATEGIES:
+            mesh = sharding.make_mesh(f"expert={N_DEV}")
+            model = expert_parallel.enable(dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0)), mesh, strategy, capacity_factor=1.25)
+            forward, state = dsv3.make_forward(model, mtp=False)
+            state = sharding.shard_state(state, mesh)
+            tok = jax.device_put(tokens, sharding.batch_sharding(mesh))
+            graphdef = nnx.graphdef(model)
+            lowered = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, mtp=False)).lower(state, tok)
+            hlo_bytes = collective_bytes(lowered.compile().as_text())
+            out = forward(state, tok)
+            dropped = float(out.router.dropped.sum()) / (BATCH * SEQ * cfg.num_experts_per_tok)
+            fns[strategy] = (lambda f=forward, s=state, t=tok: f(s, t).logits)
+            tokens_per_device = BATCH * SEQ // N_DEV
+            rows[strategy] = {"hlo_bytes_per_token_layer": hlo_bytes / tokens_per_device / cfg.num_moe_layers,
+                              "dropped_fraction": dropped}
+        times = time_interleaved(fns, warmup=1, repeats=5, sync={k: jax.block_until_ready for k in fns})
+        for strategy, r in rows.items():
+            emit({"bench": "expert_parallel", "routing": label, "strategy": strategy, "devices": N_DEV,
+                  "hidden": cfg.hidden_size, "experts": cfg.n_routed_experts, "top_k": cfg.num_experts_per_tok,
+                  "mean_shards_per_token": float(reached.mean()), "max_shards_per_token": int(reached.max()),
+                  "min_bytes_per_token_layer": min_bytes_per_token, **r,
+                  "ragged_real_counts_bytes_per_token_layer": ragged_real,
+                  "ratio_to_min": r["hlo_bytes_per_token_layer"] / min_bytes_per_token,
+                  "forward_ms": times[strategy]["median_s"] * 1e3,
+                  "note": "CPU: ragged_a2a runs a padded all_to_all emulation (GPU/TPU move real counts)"})
+
+
+if __name__ == "__main__":
+    main()
