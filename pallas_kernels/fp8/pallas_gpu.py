@@ -45,8 +45,13 @@ def _kernel(a_ref, as_ref, b_ref, bs_ref, o_ref, *, kb: int):
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "bm", "interpret", "num_warps", "num_stages"))
 def matmul_padded(aq, as_t, bq, bs_t, *, out_dtype, bm: int, interpret: bool = False,
-                  num_warps: int = 4, num_stages: int = 3):
-    """aq ``[Mp, Kp]``, as_t ``[Kb, Mp]``, bq ``[Np, Kp]``, bs_t ``[Kb, Np]`` → ``[Mp, Np]``."""
+                  num_warps: int | None = None, num_stages: int = 3):
+    """aq ``[Mp, Kp]``, as_t ``[Kb, Mp]``, bq ``[Np, Kp]``, bs_t ``[Kb, Np]`` → ``[Mp, Np]``.
+
+    Two fp32 ``[BM, 128]`` register tiles live per program (the running sum and the current K
+    block's partial product), so the 128-row tile gets 8 warps (one warpgroup pair) by default."""
+    if num_warps is None:
+        num_warps = 8 if bm >= 128 else 4
     mp, kp = aq.shape
     np_ = bq.shape[0]
     kb = kp // BLOCK
