@@ -135,11 +135,11 @@ def test_matmul_checks_shapes_and_backend():
 
 # ---- Pallas kernels in interpret mode --------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
-@pytest.mark.parametrize("m,n,k", [(1, 130, 200), (20, 200, 1024)])
+@pytest.mark.parametrize("m,n,k", [(1, 130, 200), (260, 300, 1024)])
 def test_pallas_kernel_matches_reference(backend, m, n, k):
     """Same math as the reference up to fp32 summation order (the kernel's tensor-core dot sums its
     128 products in another order): 1e-5 of Σ|x||w|. Shapes: M = 1, nothing a multiple of 128 but
-    K = 1024 (8 K blocks, two TPU grid steps of 4)."""
+    K = 1024 (8 K blocks, two TPU grid steps of 4); 260×300 spans several M and N tiles of both."""
     _, _, (xq, xs), (wq, ws) = _operands(m, n, k, 7)
     want = np.asarray(fp8.matmul(xq, xs, wq, ws, out_dtype=jnp.float32, backend="reference"))
     got = fp8.matmul(xq, xs, wq, ws, out_dtype=jnp.float32, backend=backend, interpret=True)
