@@ -164,19 +164,24 @@ def _exchange(ep: ExpertParallel, x, experts, weights, w_gate, w_up, w_down):
     return out, dropped, jnp.asarray(T * K, jnp.int32)
 
 
-def routed_experts(ep: ExpertParallel, x: jax.Array, weights: jax.Array, experts: jax.Array,
-                   w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """``x: [B, S, D]``, ``weights/experts: [B, S, K]``, expert weights ``[E, D, I]``/``[E, I, D]``
-    → (routed output ``[B, S, D]``, dropped token-slots over the global batch (0 unless a2a_capacity))."""
+def moe_forward(ep: ExpertParallel, cfg, x: jax.Array, router_kernel: jax.Array, bias: Optional[jax.Array],
+                w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array):
+    """Routing and routed experts under ``shard_map``. ``x: [B, S, D]``; router kernel ``[D, E]``;
+    expert weights ``[E, D, I]``/``[E, I, D]``. Routing runs on each device's own tokens (a global
+    top-k would make XLA gather every token's scores). Returns (routed output ``[B, S, D]``,
+    ``Routing`` with ``[B·S, ...]`` fields, dropped token-slots over the global batch)."""
+    from dsv3_jax.model.moe import Routing, route
     tensor = "tensor" if ep.n_tensor > 1 and w_gate.shape[-1] % ep.n_tensor == 0 else None
     tok = P(ep.batch_axes or None, None, None)
     w_in = P("expert", None, tensor)
     w_out = P("expert", tensor, None)
+    has_bias = bias is not None
 
-    def local(x, weights, experts, w_gate, w_up, w_down):
+    def local(x, kernel, bias, w_gate, w_up, w_down):
         B, S, D = x.shape
-        K = experts.shape[-1]
-        xt, wt, et = x.reshape(-1, D), weights.reshape(-1, K), experts.reshape(-1, K)
+        xt = x.reshape(-1, D)
+        routing = route(xt.astype(jnp.float32) @ kernel.astype(jnp.float32), bias if has_bias else None, cfg)
+        wt, et = routing.weights, routing.experts
         if ep.strategy == "allgather" or ep.n_expert_shards == 1:
             if ep.n_expert_shards > 1:
                 xt, wt, et = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (xt, wt, et))
@@ -191,10 +196,14 @@ def routed_experts(ep: ExpertParallel, x: jax.Array, weights: jax.Array, experts
             out, dropped, _ = _exchange(ep, xt, et, wt, w_gate, w_up, w_down)
             if tensor:
                 out = jax.lax.psum(out, "tensor")
-        axes = tuple(ep.mesh.axis_names)
-        dropped = jax.lax.psum(dropped, axes) // ep.n_tensor  # tokens are replicated over tensor
-        return out.reshape(B, S, D).astype(x.dtype), dropped
+        dropped = jax.lax.psum(dropped, tuple(ep.mesh.axis_names)) // ep.n_tensor  # tokens replicated over tensor
+        shaped = lambda a: a.reshape(B, S, -1)  # noqa: E731
+        return (out.reshape(B, S, D).astype(x.dtype), shaped(routing.weights), shaped(routing.experts),
+                shaped(routing.scores), dropped)
 
-    fn = jax.shard_map(local, mesh=ep.mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=(tok, P()),
-                       check_vma=False)
-    return fn(x, weights, experts, w_gate, w_up, w_down)
+    fn = jax.shard_map(local, mesh=ep.mesh, in_specs=(tok, P(), P(), w_in, w_in, w_out),
+                       out_specs=(tok, tok, tok, tok, P()), check_vma=False)
+    dummy_bias = bias if has_bias else jnp.zeros((), jnp.float32)
+    out, weights, experts, scores, dropped = fn(x, router_kernel, dummy_bias, w_gate, w_up, w_down)
+    flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
+    return out, Routing(flat(weights), flat(experts), flat(scores)), dropped

@@ -107,26 +107,28 @@ class MoE(nnx.Module):
         cdt = dtype_of(cfg.compute_dtype)
         x_sorted = x.astype(cdt)[order // K]
         ex = self.experts
-        y_sorted = expert_ffn(x_sorted, group_sizes, ex.gate[...].astype(cdt), ex.up[...].astype(cdt),
-                              ex.down[...].astype(cdt), impl=cfg.moe_impl, block=cfg.moe_block_size)
+        # FP8 (SPEC §6) quantizes the fp32 master weights and returns fp32 weight gradients.
+        ws = [w[...] if cfg.quant == "fp8" else w[...].astype(cdt) for w in (ex.gate, ex.up, ex.down)]
+        y_sorted = expert_ffn(x_sorted, group_sizes, *ws, impl=cfg.moe_impl, block=cfg.moe_block_size,
+                              quant=cfg.quant)
         y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True).reshape(T, K, -1)
         return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), routing.weights).astype(cdt)
 
     def __call__(self, x: jax.Array, valid: Optional[jax.Array] = None) -> tuple[jax.Array, RouterStats]:
         """``x: [B, S, D]``, ``valid: [B, S]`` bool (padding excluded from statistics)."""
         B, S, D = x.shape
-        flat = x.reshape(B * S, D)
-        routing = self.router(flat)
-        dropped = jnp.zeros((), jnp.int32)
         if self.ep is None:
+            flat = x.reshape(B * S, D)
+            routing = self.router(flat)
             out = self.routed(flat, routing).reshape(B, S, D)
-        else:
-            from sharding.expert_parallel import routed_experts
+            dropped = jnp.zeros((), jnp.int32)
+        else:  # expert-parallel over a mesh (sharding/expert_parallel.py)
+            from sharding.expert_parallel import moe_forward
             cdt = dtype_of(self.cfg.compute_dtype)
-            ex = self.experts
-            out, dropped = routed_experts(self.ep, x.astype(cdt), routing.weights.reshape(B, S, -1),
-                                 routing.experts.reshape(B, S, -1), ex.gate[...].astype(cdt),
-                                 ex.up[...].astype(cdt), ex.down[...].astype(cdt))
+            ex, r = self.experts, self.router
+            out, routing, dropped = moe_forward(
+                self.ep, self.cfg, x.astype(cdt), r.kernel[...], None if r.bias is None else r.bias[...],
+                ex.gate[...].astype(cdt), ex.up[...].astype(cdt), ex.down[...].astype(cdt))
         if self.shared is not None:
             out = out + self.shared(x)
         return out, router_stats(routing, B, S, self.cfg.n_routed_experts, valid)._replace(dropped=dropped)
