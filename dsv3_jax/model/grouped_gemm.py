@@ -63,9 +63,19 @@ class BlockLayout:
 
 
 def expert_ffn(x_sorted: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-               w_down: jax.Array, *, impl: str, block: int = 128) -> jax.Array:
+               w_down: jax.Array, *, impl: str, block: int = 128, quant: str = "none") -> jax.Array:
     """SwiGLU of each sorted row with its expert's weights. ``x_sorted: [N, D]``,
-    ``w_gate/w_up: [E, D, I]``, ``w_down: [E, I, D]`` → ``[N, D]``."""
+    ``w_gate/w_up: [E, D, I]``, ``w_down: [E, I, D]`` → ``[N, D]``.
+
+    ``quant='fp8'``: the three expert GEMMs (and their gradients) in FP8 on the blocked layout
+    (``pallas_kernels.fp8.grouped_linear``, SPEC §6), whatever ``impl``."""
+    if quant == "fp8":
+        from pallas_kernels.fp8 import grouped_linear
+        layout = BlockLayout(group_sizes, x_sorted.shape[0], block)
+        xb = layout.scatter(x_sorted)
+        mm = lambda a, w: grouped_linear(a, w, layout.block_expert)  # noqa: E731
+        h = jax.nn.silu(mm(xb, w_gate)) * mm(xb, w_up)
+        return layout.gather(mm(h, w_down))
     impl = resolve_impl(impl)
     if impl == "ragged":
         def mm(a, w):
