@@ -119,6 +119,28 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train import load_run_config
+    from .train.trainer import train
+    overrides = list(args.overrides)
+    if args.mesh:
+        overrides.append(f"train.mesh={args.mesh}")
+    if args.balance:
+        overrides.append(f"train.balance={args.balance}")
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    run = load_run_config(args.config, overrides)
+    res = train(run, log=lambda m: print(m, file=sys.stderr, flush=True))
+    keep = ("step", "loss", "ce", "mtp", "balance", "eval_loss", "skipped", "tokens_per_s", "mfu", "checkpoint")
+    print(json.dumps({k: res[k] for k in keep if k in res}))
+    return 0
+
+
+def cmd_tokenizer(args) -> int:
+    from .data.tokenizer import tokenizer_train_main
+    return tokenizer_train_main(args.args)
+
+
 class InputError(ValueError):
     """Bad command-line input (a file that cannot be read, a wrong shape...)."""
 
@@ -171,10 +193,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="runtime config overrides, e.g. compute_dtype=float32 moe_impl=ragged")
     p.set_defaults(func=cmd_score)
+
+    from .inference.cli import add_parser as add_generate
+    add_generate(sub)
+
+    p = sub.add_parser("train", help="pre-train (CE + MTP + balance loss, aux-loss-free bias, AdamW, Orbax resume)")
+    p.add_argument("--config", default="demo",
+                   help="run config NAME/PATH (model/train/data sections, e.g. configs/demo.yaml) or a model config")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,expert=4 (default: one device)")
+    p.add_argument("--balance", choices=["aux_free", "aux_loss", "none"],
+                   help="router balancing: aux-loss-free bias update (+α loss), α loss only, or none")
+    p.add_argument("--output-dir", help="run directory: checkpoints/, metrics.jsonl, tensorboard/ (resumes if present)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="e.g. steps=200 train.lr=1e-3 data.path=corpus/ model.n_routed_experts=32")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tok_command", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer (see `dsv3 tokenizer train --help`)",
+                        add_help=False)
+    t.add_argument("args", nargs=argparse.REMAINDER)
+    t.set_defaults(func=cmd_tokenizer)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["tokenizer", "train"]:  # its own parser (data/tokenizer.py), options included
+        from .data.tokenizer import tokenizer_train_main
+        return tokenizer_train_main(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -199,6 +246,9 @@ def _is_user_error(e: BaseException) -> bool:
     from .checkpoint.safetensors_io import SafetensorsError
     from .model import TokenRangeError
     from .scoring import TokenizerMissingError
+    from .inference.generate import GenerationError
+    if isinstance(e, GenerationError):
+        return True
     from sharding import MeshError
     if isinstance(e, MeshError) or (isinstance(e, ValueError) and "not divisible by the" in str(e)):
         return True

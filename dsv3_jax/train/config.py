@@ -1,0 +1,181 @@
+"""Run configs: one YAML with ``model``, ``train`` and ``data`` sections, plus ``key=value`` overrides.
+
+    model: tiny            # a config name/path, or a mapping of ModelConfig fields
+    train: {steps: 300, lr: 3e-3, ...}     # TrainConfig below
+    data:  {seq_len: 128, batch_size: 16}  # dsv3_jax.data.DataConfig
+
+Overrides use dotted keys (``train.lr=1e-3``, ``data.path=corpus/``, ``model.n_routed_experts=32``); a
+bare key is looked up in ``train``, then ``model``, then ``data`` (``steps=100``). A YAML without
+``train``/``data`` sections is a plain model config (``--config tiny``). Values are cast and validated
+as ``dsv3_jax.config`` does, with errors that name the field, the value and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from ..config import ConfigError, ModelConfig, _build, _parse_override, _resolve_path, _to_dict, load_config
+from ..data.pipeline import DataConfig
+
+BALANCE = ("aux_free", "aux_loss", "none")
+MOMENT_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Pre-training recipe (SPEC §4, §5, §8), scaled to the run length."""
+    steps: int = 1000
+    grad_accum: int = 1                  # micro-batches per step (data.batch_size must divide)
+    seed: int = 0                        # parameter init (data order: data.seed)
+    # optimizer (SPEC §8)
+    lr: float = 2.2e-4                   # peak learning rate
+    warmup_steps: int = -1               # -1: 2% of steps (the report's 2K of ~100K-step scale, rounded up)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0               # global-norm clip; 0 disables
+    moment_dtype: str = "float32"        # "bfloat16": AdamW moments in bf16 (SPEC §6)
+    # losses and balancing (SPEC §4, §5)
+    mtp_weight: float = 0.3              # λ
+    balance: str = "aux_free"            # aux_free (bias update + α loss) | aux_loss (α loss only) | none
+    balance_alpha: float = 1e-4          # α of the sequence-wise balance loss
+    bias_rate: float = 1e-3              # γ of the aux-loss-free bias update
+    # bookkeeping
+    output_dir: str = "runs/train"       # checkpoints/, metrics.jsonl, tensorboard/, tokenizer.json
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    eval_every: int = 100
+    eval_batches: int = 4
+    log_every: int = 10                  # TensorBoard histograms / per-layer scalars; JSONL is every step
+    max_bad_steps: int = 5               # consecutive non-finite steps before the run stops
+    progress: bool = True
+    tensorboard: bool = True
+    mesh: str = ""                       # e.g. "data=2,expert=4" (also --mesh)
+    tokenizer_documents: int = 0         # when data.tokenizer is unset: train one on N docs (0: all)
+    inject_nan_steps: str = ""           # test hook: comma list of steps whose loss is made NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    train: TrainConfig
+    data: DataConfig
+
+    def to_dict(self) -> dict:
+        return {"model": _to_dict(self.model), "train": _to_dict(self.train), "data": _to_dict(self.data)}
+
+
+def _fail(field: str, value: Any, why: str, fix: str) -> None:
+    raise ConfigError(f"{field}={value!r}: {why} (fix: {fix}).")
+
+
+def validate_train(t: TrainConfig, data: DataConfig) -> None:
+    for f in ("steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every",
+              "max_bad_steps"):
+        if getattr(t, f) < 1:
+            _fail(f"train.{f}", getattr(t, f), "must be >= 1", f"set train.{f} to a positive integer")
+    if t.eval_batches < 0:
+        _fail("train.eval_batches", t.eval_batches, "cannot be negative", "use 0 to disable evaluation")
+    if not t.lr > 0:
+        _fail("train.lr", t.lr, "must be positive", "use e.g. 2.2e-4")
+    for f in ("b1", "b2"):
+        if not 0 <= getattr(t, f) < 1:
+            _fail(f"train.{f}", getattr(t, f), "must be in [0, 1)", "use 0.9 / 0.95")
+    for f in ("weight_decay", "clip_norm", "mtp_weight", "balance_alpha", "bias_rate"):
+        if getattr(t, f) < 0:
+            _fail(f"train.{f}", getattr(t, f), "cannot be negative", f"use 0 to disable")
+    for f, choices in (("balance", BALANCE), ("moment_dtype", MOMENT_DTYPES)):
+        v = getattr(t, f)
+        if v not in choices:
+            close = difflib.get_close_matches(str(v), choices, n=1)
+            _fail(f"train.{f}", v, f"must be one of {list(choices)}", f"use {close[0]!r}" if close else
+                  f"pick one of {list(choices)}")
+    if data.batch_size % t.grad_accum:
+        _fail("train.grad_accum", t.grad_accum, f"must divide data.batch_size={data.batch_size}",
+              "pick a divisor of the batch size")
+    if t.warmup_steps > t.steps:
+        _fail("train.warmup_steps", t.warmup_steps, f"exceeds train.steps={t.steps}", "use fewer warm-up steps")
+    try:
+        [int(s) for s in t.inject_nan_steps.split(",") if s.strip()]
+    except ValueError:
+        _fail("train.inject_nan_steps", t.inject_nan_steps, "must be a comma list of step numbers", "e.g. 3,4")
+
+
+_SECTIONS = ("model", "train", "data")
+
+
+def load_run_config(name_or_path: str | os.PathLike | Mapping = "tiny",
+                    overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a run config (see module doc). ``name_or_path``: a run or model YAML, a name in
+    ``configs/``, or a mapping with the three sections."""
+    if isinstance(name_or_path, Mapping):
+        raw = dict(name_or_path)
+        base = Path(".")
+    else:
+        path = _resolve_path(name_or_path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{path} must hold a mapping, got {type(raw).__name__}.")
+        base = path.parent
+        if not ({"train", "data"} & set(raw)):          # a plain model config
+            raw = {"model": str(path)}
+        else:
+            unknown = [k for k in raw if k not in _SECTIONS]
+            if unknown:
+                raise ConfigError(f"{path}: unknown section(s) {unknown} (fix: a run config holds only "
+                                  f"{list(_SECTIONS)}).")
+    model_src = raw.get("model", "tiny")
+    if isinstance(model_src, str) and not Path(model_src).is_absolute() and (base / model_src).is_file():
+        model_src = base / model_src
+    train_d = dict(raw.get("train") or {})
+    data_d = dict(raw.get("data") or {})
+    model_over: list[str] = []
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for item in overrides:
+        keys, value = _parse_override(item)
+        section = keys[0] if len(keys) > 1 and keys[0] in _SECTIONS else None
+        if section is None:
+            head = keys[0]
+            section = ("train" if head in train_fields else "model" if head in model_fields
+                       else "data" if head in data_fields else None)
+            if section is None:
+                allk = sorted(train_fields | model_fields | data_fields)
+                close = difflib.get_close_matches(head, allk, n=1)
+                raise ConfigError(f"unknown config key {'.'.join(keys)!r} "
+                                  f"({'did you mean ' + repr(close[0]) + '?' if close else 'use model./train./data. keys'}).")
+        else:
+            keys = keys[1:]
+        if section == "model":
+            model_over.append(f"{'.'.join(keys)}={item.split('=', 1)[1]}")
+        else:
+            if len(keys) != 1:
+                raise ConfigError(f"override {item!r}: {section} fields are not nested (fix: {section}.FIELD=VALUE).")
+            (train_d if section == "train" else data_d)[keys[0]] = value
+    if isinstance(model_src, Mapping):
+        model = load_config(dict(model_src), model_over)
+    else:
+        model = load_config(model_src, model_over)
+    train = _build(TrainConfig, train_d, prefix="train.")
+    try:
+        data = _build(DataConfig, data_d, prefix="data.")
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"data: {e}") from None
+    validate_train(train, data)
+    return RunConfig(model, train, data)
+
+
+__all__ = ["TrainConfig", "RunConfig", "load_run_config", "validate_train", "BALANCE"]

@@ -1,0 +1,103 @@
+"""Optimizer (SPEC §8): AdamW β=(0.9, 0.95), weight decay 0.1, global-norm clip 1.0, and the
+DeepSeek-V3 learning-rate schedule scaled to the run length.
+
+Schedule, in fractions of the run (the report's 14.8T tokens): linear warm-up to ``lr`` (2K steps there;
+``warmup_steps``, default 2% of the run here), constant until 10T/14.8T, cosine down to ``0.1·lr`` until
+14.3T/14.8T, then ``0.1·lr`` (the report's 2.2e-5 for 333B tokens) and ``lr·7.3/220`` for the last
+167B tokens.
+
+Weight-decay mask (our choice; the report does not say): decay every matrix — attention, FFN and
+expert weights, the MoE gate, ``eh_proj`` and the output head — but not the RMSNorm scales (1-D) nor
+the embedding table (a lookup; decaying rare tokens' rows towards 0 only hurts them). The router bias
+is not a parameter and never reaches the optimizer (SPEC §4).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from .config import TrainConfig
+
+# SPEC §8 phase boundaries as fractions of 14.8T tokens.
+CONSTANT_END = 10.0 / 14.8
+COSINE_END = 14.3 / 14.8
+TAIL_END = (14.3 + 0.333) / 14.8
+COSINE_FLOOR = 2.2e-5 / 2.2e-4
+FINAL = 7.3e-6 / 2.2e-4
+
+
+def warmup_steps(t: TrainConfig) -> int:
+    return t.warmup_steps if t.warmup_steps >= 0 else max(1, math.ceil(0.02 * t.steps))
+
+
+def lr_schedule(t: TrainConfig) -> optax.Schedule:
+    """``step -> lr`` for update ``step`` (0-based)."""
+    total, peak, warm = t.steps, t.lr, warmup_steps(t)
+    c_end = max(warm, round(CONSTANT_END * total))
+    cos_end = max(c_end + 1, round(COSINE_END * total))
+    tail_end = max(cos_end, round(TAIL_END * total))
+
+    def schedule(step):
+        s = jnp.asarray(step, jnp.float32)
+        warmup = peak * jnp.minimum(1.0, (s + 1) / max(warm, 1))
+        frac = jnp.clip((s - c_end) / (cos_end - c_end), 0.0, 1.0)
+        cosine = peak * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + jnp.cos(jnp.pi * frac)))
+        lr = jnp.where(s < warm, warmup, jnp.where(s < c_end, peak, cosine))
+        lr = jnp.where(s >= cos_end, peak * COSINE_FLOOR, lr)
+        return jnp.where(s >= tail_end, peak * FINAL, lr)
+    return schedule
+
+
+def decay_mask(params) -> Any:
+    """True for leaves that get weight decay (see module doc). ``params``: the model's Param state."""
+    def one(path, x):
+        names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path if hasattr(k, "key") or hasattr(k, "idx")]
+        return names[-1] != "scale" and names != ["embed"]  # RMSNorm scales (stacked: 2-D) and the embedding
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+class LowpAdamState(NamedTuple):
+    count: jax.Array
+    mu: Any
+    nu: Any
+
+
+def scale_by_adam_lowp(b1: float, b2: float, eps: float, dtype) -> optax.GradientTransformation:
+    """Adam's moment estimates stored in ``dtype`` (bf16: SPEC §6), computed in fp32."""
+    dtype = jnp.dtype(dtype)
+
+    def init(params):
+        z = lambda p: jnp.zeros(p.shape, dtype)  # noqa: E731
+        return LowpAdamState(jnp.zeros([], jnp.int32), jax.tree.map(z, params), jax.tree.map(z, params))
+
+    def update(g, state, params=None):
+        count = state.count + 1
+        mu = jax.tree.map(lambda m, x: b1 * m.astype(jnp.float32) + (1 - b1) * x, state.mu, g)
+        nu = jax.tree.map(lambda v, x: b2 * v.astype(jnp.float32) + (1 - b2) * x * x, state.nu, g)
+        c1, c2 = 1 - b1 ** count.astype(jnp.float32), 1 - b2 ** count.astype(jnp.float32)
+        upd = jax.tree.map(lambda m, v: (m / c1) / (jnp.sqrt(v / c2) + eps), mu, nu)
+        cast = lambda t: jax.tree.map(lambda a: a.astype(dtype), t)  # noqa: E731
+        return upd, LowpAdamState(count, cast(mu), cast(nu))
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(t: TrainConfig, params) -> optax.GradientTransformation:
+    """clip → Adam (fp32 or bf16 moments) → decoupled weight decay (masked) → −lr(step)."""
+    parts = []
+    if t.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(t.clip_norm))
+    if t.moment_dtype == "float32":
+        parts.append(optax.scale_by_adam(b1=t.b1, b2=t.b2, eps=t.eps))
+    else:
+        parts.append(scale_by_adam_lowp(t.b1, t.b2, t.eps, t.moment_dtype))
+    if t.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(t.weight_decay, mask=decay_mask(params)))
+    parts.append(optax.scale_by_learning_rate(lr_schedule(t)))
+    return optax.chain(*parts)
+
+
+__all__ = ["lr_schedule", "warmup_steps", "decay_mask", "make_optimizer", "scale_by_adam_lowp"]

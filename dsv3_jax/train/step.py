@@ -1,0 +1,157 @@
+"""The train and eval steps: pure jitted functions of ``(graphdef, state, batch)`` (DESIGN.md).
+
+``state`` is a dict of pytrees: ``params`` (every ``nnx.Param``), ``bias`` (the ``RouterBias``
+variables), ``rest`` (any other model variable), ``opt`` (optax state). One step:
+
+1. loss and gradient over ``grad_accum`` micro-batches (``lax.scan``), each loss term a sum divided
+   by the *global* batch's denominators, so accumulation equals the full-batch gradient;
+2. AdamW update (clip, schedule) — skipped, with the state left untouched, when the loss or the
+   gradient norm is not finite;
+3. aux-loss-free bias update outside the optimizer (SPEC §4): ``b_i -= γ·sign(load_i − mean load)``
+   from the per-expert counts of the whole global batch (under a mesh the counts are global arrays:
+   XLA inserts the reduction), for every MoE layer and MTP block.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ..config import ModelConfig
+from .config import TrainConfig
+from .losses import balance_loss_terms, concat_stats, mtp_targets, token_ce_sum
+
+
+def denominators(batch: dict, n_mtp: int) -> dict:
+    """Global normalisers of each loss term, from the whole (un-split) batch."""
+    mask = batch["loss_mask"]
+    d = {"tokens": jnp.maximum(mask.sum().astype(jnp.float32), 1.0),
+         "seqs": jnp.maximum((batch["segment_ids"] > 0).any(1).sum().astype(jnp.float32), 1.0)}
+    d["mtp"] = jnp.stack([jnp.maximum(mtp_targets(batch["targets"], mask, k)[1].sum().astype(jnp.float32), 1.0)
+                          for k in range(1, n_mtp + 1)]) if n_mtp else jnp.zeros((0,), jnp.float32)
+    return d
+
+
+def make_loss_fn(graphdef, cfg: ModelConfig, t: TrainConfig) -> Callable:
+    """``loss(params, bias, rest, batch, denoms, poison) -> (total, aux)``; ``poison`` (0 or NaN) is
+    the NaN-injection test hook: ``total · (1 + poison)``."""
+    n_mtp = cfg.num_mtp_layers if t.mtp_weight > 0 else 0
+    use_bal = t.balance != "none" and t.balance_alpha > 0
+
+    def loss_fn(params, bias, rest, batch, denoms, poison):
+        model = nnx.merge(graphdef, params, bias, rest)
+        out = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                    mtp=n_mtp > 0)
+        ce_sum, _ = token_ce_sum(out.logits, batch["targets"], batch["loss_mask"])
+        ce = ce_sum / denoms["tokens"]
+        total = ce
+        mtp = jnp.zeros((), jnp.float32)
+        for k in range(n_mtp):
+            tgt, m = mtp_targets(batch["targets"], batch["loss_mask"], k + 1)
+            s, _ = token_ce_sum(out.mtp_logits[k], tgt, m)
+            mtp = mtp + s / denoms["mtp"][k] / n_mtp
+        total = total + t.mtp_weight * mtp
+        stats = concat_stats(out.router, out.mtp_router)
+        bal = jnp.zeros((), jnp.float32)
+        if stats is not None:
+            bal_sum, _ = balance_loss_terms(stats, cfg.n_routed_experts, cfg.num_experts_per_tok)
+            bal = bal_sum / denoms["seqs"]
+            if use_bal:
+                total = total + t.balance_alpha * bal
+        aux = {"ce": ce, "mtp": mtp, "balance": bal,
+               "counts": None if out.router is None else out.router.counts,
+               "mtp_counts": None if out.mtp_router is None else out.mtp_router.counts}
+        return total * (1.0 + poison), aux
+    return loss_fn
+
+
+def bias_update(bias: nnx.State, counts: Optional[jax.Array], mtp_counts: Optional[jax.Array],
+                rate: float) -> nnx.State:
+    """``b -= γ·sign(c − mean c)`` per layer (SPEC §4): over-loaded experts lose γ, under-loaded gain γ."""
+    def one(path, b):
+        keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
+        if keys[0] == "moe_layers":
+            c = counts
+        elif keys[0] == "mtp":
+            k = int(keys[1])
+            c = mtp_counts[k:k + 1]
+        else:
+            return b
+        c = c.astype(jnp.float32).reshape(b.shape)
+        return b - rate * jnp.sign(c - c.mean(-1, keepdims=True))
+    return jax.tree_util.tree_map_with_path(one, bias)
+
+
+def imbalance(counts: jax.Array) -> jax.Array:
+    """Per-layer max/mean expert load ``[L]`` (1 = perfectly balanced)."""
+    c = counts.astype(jnp.float32)
+    return c.max(-1) / jnp.maximum(c.mean(-1), 1e-9)
+
+
+def make_train_step(graphdef, cfg: ModelConfig, t: TrainConfig, tx: optax.GradientTransformation,
+                    schedule: Callable) -> Callable:
+    """``step(state, batch, poison) -> (state, metrics)``, not yet jitted (the trainer jits it with
+    shardings). ``batch``: dict of ``[B, S]`` int32 arrays."""
+    loss_fn = make_loss_fn(graphdef, cfg, t)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    A = t.grad_accum
+    n_mtp = cfg.num_mtp_layers if t.mtp_weight > 0 else 0
+
+    def step(state: dict, batch: dict, poison: jax.Array):
+        params, bias, rest = state["params"], state["bias"], state["rest"]
+        denoms = denominators(batch, n_mtp)
+        if A == 1:
+            (total, aux), grads = grad_fn(params, bias, rest, batch, denoms, poison)
+        else:
+            # micro-batch j = rows j, j+A, ...: the (sharded) leading dim stays put
+            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), batch)
+
+            def body(carry, mb):
+                (tot, aux), g = grad_fn(params, bias, rest, mb, denoms, poison)
+                return jax.tree.map(jnp.add, carry, (tot, aux, g)), None
+            zero = jax.eval_shape(lambda: grad_fn(params, bias, rest, jax.tree.map(lambda x: x[0], micro),
+                                                  denoms, poison))
+            zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), ((zero[0][0], zero[0][1], zero[1])))
+            (total, aux, grads), _ = jax.lax.scan(body, zero, micro)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state["opt"], params)
+        new_params = optax.apply_updates(params, updates)
+        new_bias = bias
+        if t.balance == "aux_free" and t.bias_rate > 0 and aux["counts"] is not None:
+            new_bias = bias_update(bias, aux["counts"], aux["mtp_counts"], t.bias_rate)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = {"params": keep(new_params, params), "bias": keep(new_bias, bias), "rest": rest,
+                     "opt": keep(new_opt, state["opt"]), "applied": state["applied"] + finite.astype(jnp.int32)}
+        metrics = {"loss": total, "ce": aux["ce"], "mtp": aux["mtp"], "balance": aux["balance"],
+                   "grad_norm": grad_norm, "lr": schedule(state["applied"]), "finite": finite,
+                   "tokens": denoms["tokens"]}
+        if aux["counts"] is not None:
+            metrics["counts"] = aux["counts"]
+            metrics["imbalance"] = imbalance(aux["counts"])
+            b = [x for x in jax.tree.leaves(new_state["bias"])]
+            if b:
+                main_b = [x for p, x in jax.tree_util.tree_leaves_with_path(new_state["bias"])
+                          if getattr(p[0], "key", None) == "moe_layers"]
+                if main_b:
+                    metrics["bias_absmean"] = jnp.abs(main_b[0]).mean(-1)
+                    metrics["bias_min"] = main_b[0].min(-1)
+                    metrics["bias_max"] = main_b[0].max(-1)
+        return new_state, metrics
+    return step
+
+
+def make_eval_step(graphdef) -> Callable:
+    """``eval(params, bias, rest, batch) -> (Σ CE, Σ mask, counts or None)`` of the main head."""
+    def ev(params, bias, rest, batch):
+        model = nnx.merge(graphdef, params, bias, rest)
+        out = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"], mtp=False)
+        s, n = token_ce_sum(out.logits, batch["targets"], batch["loss_mask"])
+        return s, n, (None if out.router is None else out.router.counts)
+    return ev
+
+
+__all__ = ["make_train_step", "make_eval_step", "make_loss_fn", "bias_update", "denominators", "imbalance"]

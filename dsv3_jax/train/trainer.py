@@ -1,0 +1,310 @@
+"""``dsv3 train``: the pre-training loop, top to bottom (nanoGPT-style), on one CPU or a pod mesh.
+
+    tokenizer ─ grain train/validation iterators ─ mesh (sharding.make_mesh) ─ model state created
+    sharded (jit with out_shardings) ─ AdamW ─ restore the latest checkpoint (params, optimizer,
+    router bias, step, data-iterator state) ─ loop: jitted step ─ metrics (progress bar, JSONL,
+    TensorBoard) ─ eval every N ─ async checkpoint every N ─ stop after N non-finite steps in a row.
+
+Resuming after ``kill -9`` restarts from the last complete checkpoint and reproduces the uninterrupted
+run's losses exactly (same config, same device): the data iterator's state is saved with the step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ..data import make_dataset
+from ..data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from ..info import model_info
+from ..model import DeepSeekV3
+from ..model.layers import RouterBias
+from .checkpointing import Checkpointer, check_writable, state_bytes
+from .config import RunConfig
+from .optim import lr_schedule, make_optimizer
+from .step import make_eval_step, make_train_step
+
+
+EAGER_INIT_BYTES = 1 << 30
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (too many non-finite steps); the message says why and what is intact."""
+
+
+def measure_matmul_peak(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of one ``n×n @ n×n`` matmul on the default device (the MFU denominator)."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def get_tokenizer(run: RunConfig, out: Path, log) -> Tokenizer:
+    """``data.tokenizer`` when set; else ``<output_dir>/tokenizer.json``, trained once (BPE with
+    ``model.vocab_size`` entries on the train split) and reused on resume."""
+    if run.data.tokenizer:
+        return load_tokenizer(run.data.tokenizer)
+    path = out / "tokenizer.json"
+    if path.is_file():
+        return load_tokenizer(path)
+    from ..data.pipeline import document_ids
+    from ..data.sources import open_source
+    src = open_source(run.data.path, glob=run.data.glob, text_field=run.data.text_field)
+    ids = document_ids(len(src), run.data, "train", shard_index=0, shard_count=1)
+    n = run.train.tokenizer_documents or len(ids)
+    log(f"training a {run.model.vocab_size}-token BPE tokenizer on {min(n, len(ids))} documents of {run.data.path} ...")
+    tok = train_tokenizer((src[int(i)] for i in ids[:n]), run.model.vocab_size, length=min(n, len(ids)))
+    tok.save(path)
+    return load_tokenizer(path)
+
+
+def _replicated(mesh):
+    return NamedSharding(mesh, P())
+
+
+def _shardings_of(tree, mesh, rules):
+    """NamedShardings for a (possibly abstract) tree whose Variables carry logical axes; other leaves
+    (optimizer counters) are replicated."""
+    from sharding.rules import spec_for
+
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            axes = x.get_metadata().get("out_sharding") or (None,) * len(x.shape)
+            return x.replace(NamedSharding(mesh, spec_for(axes, x.shape, mesh, rules)))
+        return _replicated(mesh)
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, *, log=print):
+        from sharding import batch_sharding, check_batch, make_mesh
+        from sharding.expert_parallel import enable as enable_ep
+        from sharding.rules import DEFAULT_RULES
+        self.run, self.log = run, log
+        cfg, t, d = run.model, run.train, run.data
+        self.out = Path(t.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        check_writable(self.ckpt_dir, 1 << 20)  # before any work; the size check follows below
+        # no --mesh: the 1×1×1×1 mesh on the first device (same code path); a pod passes e.g. data=-1,expert=8
+        self.mesh = make_mesh(t.mesh) if t.mesh else make_mesh(None, devices=jax.devices()[:1])
+        check_batch(d.batch_size // t.grad_accum, self.mesh)
+        self.batch_sharding = batch_sharding(self.mesh)
+
+        # model: abstract → expert parallel on the graph → state created directly in its shards
+        abstract = nnx.eval_shape(lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(t.seed)))
+        if cfg.num_moe_layers and self.mesh.shape.get("expert", 1) > 1:
+            enable_ep(abstract, self.mesh)
+        graphdef, a_params, a_bias, a_rest = nnx.split(abstract, nnx.Param, RouterBias, ...)
+        self.graphdef = graphdef
+        sh = {k: _shardings_of(v, self.mesh, DEFAULT_RULES) for k, v in
+              (("params", a_params), ("bias", a_bias), ("rest", a_rest))}
+
+        def init():
+            m = DeepSeekV3(cfg, rngs=nnx.Rngs(t.seed))
+            _, p, b, r = nnx.split(m, nnx.Param, RouterBias, ...)
+            return {"params": p, "bias": b, "rest": r}
+        if state_bytes(a_params, a_bias, a_rest) < EAGER_INIT_BYTES:
+            # small models: initialise eagerly (compiling the whole initialiser costs more than running it)
+            model_state = jax.device_put(init(), sh)
+        else:
+            model_state = jax.jit(init, out_shardings=sh)()
+        self.schedule = lr_schedule(t)
+        self.tx = make_optimizer(t, model_state["params"])
+        a_opt = jax.eval_shape(self.tx.init, model_state["params"])
+        sh["opt"] = _shardings_of(a_opt, self.mesh, DEFAULT_RULES)
+        opt = jax.jit(self.tx.init, out_shardings=sh["opt"])(model_state["params"])
+        self.state = {**model_state, "opt": opt,
+                      "applied": jax.device_put(jnp.zeros((), jnp.int32), _replicated(self.mesh))}
+        sh["applied"] = _replicated(self.mesh)
+        self.state_shardings = sh
+
+        # checkpoints: fail early when they could not be written
+        check_writable(self.ckpt_dir, 2 * state_bytes(model_state, opt) + (1 << 20))
+        self.tokenizer = get_tokenizer(run, self.out, log)
+        self.ckpt = Checkpointer(self.ckpt_dir, cfg, t.keep_checkpoints, t.async_checkpoint,
+                                 tokenizer_file=self.out / "tokenizer.json" if not d.tokenizer else
+                                 Path(d.tokenizer) / "tokenizer.json" if Path(d.tokenizer).is_dir() else Path(d.tokenizer))
+
+        step_fn = make_train_step(graphdef, cfg, t, self.tx, self.schedule)
+        bsh = {k: self.batch_sharding for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+        donate = (0,) if jax.default_backend() != "cpu" else ()
+        self.train_step = jax.jit(step_fn, in_shardings=(sh, bsh, _replicated(self.mesh)),
+                                  out_shardings=(sh, None), donate_argnums=donate)
+        self.eval_step = jax.jit(make_eval_step(graphdef))
+        self.nan_steps = {int(s) for s in t.inject_nan_steps.split(",") if s.strip()}
+        info = model_info(cfg, d.seq_len)
+        self.flops_per_token = info["train_flops_per_token"]
+        self.n_params = info["params_total"]
+
+    # -- data ---------------------------------------------------------------------------------------
+    def _dataset(self, split: str):
+        return make_dataset(self.run.data, self.tokenizer, split=split, vocab_size=self.run.model.vocab_size)
+
+    def _put(self, batch: dict) -> dict:
+        return {k: jax.device_put(np.asarray(v, np.int32), self.batch_sharding) for k, v in batch.items()}
+
+    def evaluate(self) -> Optional[dict]:
+        t = self.run.train
+        if t.eval_batches == 0 or self.run.data.val_fraction == 0:
+            return None
+        tot = n = 0.0
+        counts = None
+        for i, batch in enumerate(self._dataset("validation")):
+            if i >= t.eval_batches:
+                break
+            s, c, cnt = self.eval_step(self.state["params"], self.state["bias"], self.state["rest"], self._put(batch))
+            tot, n = tot + float(s), n + float(c)
+            if cnt is not None:
+                counts = np.asarray(cnt) if counts is None else counts + np.asarray(cnt)
+        if n == 0:
+            return None
+        res = {"eval_loss": tot / n, "eval_tokens": int(n)}
+        if counts is not None:
+            res["eval_imbalance"] = (counts.max(-1) / np.maximum(counts.mean(-1), 1e-9)).tolist()
+        return res
+
+    # -- loop ---------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        run, t, d = self.run, self.run.train, self.run.data
+        it = iter(self._dataset("train"))
+        step, bad, skipped = 0, 0, 0
+        metrics_path = self.out / "metrics.jsonl"
+        latest = self.ckpt.latest_step()
+        model_states = (self.state["params"], self.state["bias"], self.state["rest"])
+        if latest is not None:
+            (p, b, r), opt, meta = self.ckpt.restore(latest, model_states, self.state["opt"])
+            self.state = {"params": p, "bias": b, "rest": r, "opt": opt,
+                          "applied": jax.device_put(jnp.asarray(meta["applied"], jnp.int32), _replicated(self.mesh))}
+            it.set_state(meta["data_state"])
+            step, skipped = int(meta["step"]), int(meta.get("skipped", 0))
+            self.log(f"resumed from {self.ckpt_dir / str(latest)} (step {step})")
+        _truncate_metrics(metrics_path, step)
+        writer = _tensorboard(self.out / "tensorboard") if t.tensorboard else None
+        peak = measure_matmul_peak(jnp.dtype(run.model.compute_dtype)) * jax.device_count()
+        tokens_per_step = d.batch_size * d.seq_len
+        bar = _progress(t.steps, step, t.progress)
+        last = {}
+        t_last = time.perf_counter()
+        with open(metrics_path, "a") as mf:
+            while step < t.steps:
+                batch = next(it)
+                poison = np.float32(np.nan if (step + 1) in self.nan_steps else 0.0)
+                self.state, m = self.train_step(self.state, self._put(batch), poison)
+                m = jax.device_get(m)
+                self.ckpt.poll()
+                step += 1
+                now = time.perf_counter()
+                dt, t_last = now - t_last, now
+                finite = bool(m["finite"])
+                bad = 0 if finite else bad + 1
+                skipped += 0 if finite else 1
+                tps = tokens_per_step / dt
+                rec = {"kind": "train", "step": step, "loss": float(m["loss"]), "ce": float(m["ce"]),
+                       "mtp": float(m["mtp"]), "balance": float(m["balance"]), "lr": float(m["lr"]),
+                       "grad_norm": float(m["grad_norm"]), "finite": finite, "skipped": skipped,
+                       "loss_tokens": int(m["tokens"]), "step_s": dt, "tokens_per_s": tps,
+                       "mfu": tps * self.flops_per_token / peak}
+                if "imbalance" in m:
+                    rec["imbalance"] = [round(float(x), 4) for x in m["imbalance"]]
+                if "bias_absmean" in m:
+                    rec["bias_absmean"] = [float(x) for x in m["bias_absmean"]]
+                    rec["bias_min"] = [float(x) for x in m["bias_min"]]
+                    rec["bias_max"] = [float(x) for x in m["bias_max"]]
+                if step % t.eval_every == 0 or step == t.steps:
+                    ev = self.evaluate()
+                    if ev:
+                        rec.update(ev)
+                mf.write(json.dumps(rec) + "\n")
+                mf.flush()
+                last = rec
+                if writer is not None:
+                    _tb_log(writer, rec, m, step, t.log_every)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{rec['mfu']:.1%}",
+                                    **({"val": f"{rec['eval_loss']:.3f}"} if "eval_loss" in rec else {}))
+                if bad >= t.max_bad_steps:
+                    self.ckpt.wait()
+                    good = self.ckpt.latest_step()
+                    if bar is not None:
+                        bar.close()
+                    raise TrainingStopped(
+                        f"stopped at step {step}: {bad} steps in a row had a non-finite loss or gradient (each "
+                        f"update was skipped; {skipped} skipped in all). The last good checkpoint "
+                        f"{'is ' + str(self.ckpt_dir / str(good)) if good is not None else 'does not exist yet'}"
+                        " and is intact (fix: lower train.lr, check the data, or raise train.max_bad_steps).")
+                if step % t.checkpoint_every == 0 or step == t.steps:
+                    self.ckpt.save(step, (self.state["params"], self.state["bias"], self.state["rest"]),
+                                   self.state["opt"],
+                                   {"step": step, "applied": int(self.state["applied"]), "skipped": skipped,
+                                    "data_state": it.get_state(), "seed": t.seed, "config": run.to_dict()})
+        if bar is not None:
+            bar.close()
+        self.ckpt.close()
+        if writer is not None:
+            writer.close()
+        return {**last, "checkpoint": str(self.ckpt_dir / str(step)), "step": step}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records past ``step`` (written before a crash, recomputed after the resume)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:
+            pass  # a line cut by the kill
+    path.write_text("".join(x + "\n" for x in keep))
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _tensorboard(path: Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
+
+
+def _tb_log(w, rec: dict, m: dict, step: int, every: int) -> None:
+    for k in ("loss", "ce", "mtp", "balance", "lr", "grad_norm", "tokens_per_s", "mfu", "eval_loss"):
+        if k in rec:
+            w.add_scalar(f"train/{k}" if k != "eval_loss" else "eval/loss", rec[k], step)
+    w.add_scalar("train/skipped", rec["skipped"], step)
+    if step % every == 0 and "counts" in m:
+        for i, c in enumerate(np.asarray(m["counts"])):
+            w.add_scalar(f"experts/imbalance_layer{i}", float(rec["imbalance"][i]), step)
+            w.add_histogram(f"experts/load_layer{i}", c, step)
+        for i, v in enumerate(rec.get("bias_absmean", [])):
+            w.add_scalar(f"bias/absmean_layer{i}", v, step)
+            w.add_scalar(f"bias/range_layer{i}", rec["bias_max"][i] - rec["bias_min"][i], step)
+
+
+def train(run: RunConfig, log=print) -> dict:
+    return Trainer(run, log=log).train()
+
+
+__all__ = ["Trainer", "TrainingStopped", "train", "measure_matmul_peak", "get_tokenizer"]
