@@ -56,3 +56,19 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
     import torch
     with torch.no_grad():
         return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def write_checkpoint(model, directory, dtype: str = "float32"):
+    """Our model → HF safetensors + config.json → ``dsv3 convert`` → checkpoint directory."""
+    import json
+    from pathlib import Path
+
+    from dsv3_jax.checkpoint import convert
+    from dsv3_jax.checkpoint.safetensors_io import save_file
+    directory = Path(directory)
+    hf = directory.parent / (directory.name + "_hf")
+    hf.mkdir(parents=True)
+    save_file(dict(mapping.params_to_hf(mapping.model_params(model), model.cfg)), hf / "model.safetensors")
+    (hf / "config.json").write_text(json.dumps(model.cfg.to_hf()))
+    convert.hf_to_orbax(hf, directory, dtype=dtype, progress=False)
+    return directory

@@ -6,9 +6,8 @@ import numpy as np
 from flax import nnx
 
 import dsv3_jax as dsv3
-from dsv3_jax.checkpoint import convert, mapping
-from dsv3_jax.checkpoint.safetensors_io import save_file
 from dsv3_jax.cli import main
+from tests.hf_reference import write_checkpoint
 
 
 def test_info_mesh_per_device_bytes(capsys):
@@ -26,11 +25,7 @@ def test_info_mesh_per_device_bytes(capsys):
 def test_score_on_mesh_equals_single_device(tmp_path, capsys):
     cfg = dsv3.load_config("tiny", ["num_layers=2", "first_k_dense=1"])
     model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0))
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    save_file(dict(mapping.params_to_hf(mapping.model_params(model), cfg)), hf / "model.safetensors")
-    (hf / "config.json").write_text(json.dumps(cfg.to_hf()))
-    convert.hf_to_orbax(hf, tmp_path / "ckpt", dtype="float32", progress=False)
+    write_checkpoint(model, tmp_path / "ckpt")
     tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (8, 12)).astype(np.int32)
     np.save(tmp_path / "ids.npy", tokens)
     base = ["score", "--checkpoint", str(tmp_path / "ckpt"), "--token-ids", str(tmp_path / "ids.npy"),

@@ -1,0 +1,178 @@
+"""Batched generation over the latent cache, with optional MTP speculative decoding (SPEC §2, §5).
+
+Prompts of different lengths are right-padded into one batch; every sequence keeps its own
+position, so a step writes each sequence's new token at its own cache position. With
+``speculative="mtp"`` the MTP module drafts the token after next and the main model verifies it in
+the same step (two tokens per step when the draft is right); greedy output is identical to plain
+greedy decoding.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..model import DeepSeekV3, check_tokens
+from .cached import init_cache, mtp_cached, model_cached
+
+
+class GenerationError(ValueError):
+    """Bad generation request (empty prompt, too long for the context, ...)."""
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    tokens: list[list[int]]                  # generated ids per prompt (prompt excluded)
+    steps: int                               # decode steps after the prefill
+    acceptance_rate: Optional[float] = None  # MTP drafts accepted / proposed (speculative only)
+
+    @property
+    def tokens_per_step(self) -> float:
+        return sum(map(len, self.tokens)) / max(1, self.steps * len(self.tokens))
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0) -> jax.Array:
+    """``logits: [B, V]`` → ``[B]`` int32: greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature <= 0:
+        return jnp.argmax(logits, -1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        srt = jnp.sort(logits, -1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(srt, -1), -1)
+        cutoff = jnp.take_along_axis(srt, jnp.sum(cum < top_p, -1, keepdims=True), -1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
+class Generator:
+    """Compiled prefill / decode / verify steps of one model (functional over ``nnx.split``)."""
+
+    def __init__(self, model: DeepSeekV3):
+        self.cfg = model.cfg
+        self.graphdef, self.state = nnx.split(model)
+        g = self.graphdef
+
+        @jax.jit
+        def prefill(state, tokens, cache):
+            pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+            return model_cached(nnx.merge(g, state), tokens, pos, cache)
+
+        @jax.jit
+        def step(state, tokens, positions, cache):
+            return model_cached(nnx.merge(g, state), tokens, positions, cache)
+
+        @jax.jit
+        def mtp(state, hidden, next_tokens, positions, cache):
+            return mtp_cached(nnx.merge(g, state), hidden, next_tokens, positions, cache)
+
+        self.prefill, self.step, self.mtp = prefill, step, mtp
+
+    def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] = (),
+                 speculative: Optional[str] = None, on_token: Optional[Callable[[int, int], None]] = None
+                 ) -> GenerateResult:
+        cfg = self.cfg
+        prompts = [list(map(int, p)) for p in prompts]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise GenerationError("every prompt needs at least one token (fix: pass a non-empty prompt).")
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens={max_new_tokens} must be >= 1.")
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        total = int(lengths.max()) + max_new_tokens
+        if total > cfg.max_position_embeddings:
+            raise GenerationError(f"prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+                                  f"exceeds the model's context of {cfg.max_position_embeddings} tokens "
+                                  "(fix: shorten the prompt or lower max_new_tokens).")
+        if speculative not in (None, "mtp"):
+            raise GenerationError(f"speculative={speculative!r}: only 'mtp' (or none) is supported.")
+        if speculative and not cfg.num_mtp_layers:
+            raise GenerationError("speculative='mtp' needs a model with an MTP module (num_mtp_layers >= 1).")
+        if speculative and temperature > 0:
+            raise GenerationError("MTP speculative decoding is greedy-only here (fix: temperature=0, "
+                                  "or drop speculative for sampling).")
+        B, P = len(prompts), int(lengths.max())
+        tokens = np.zeros((B, P), np.int32)
+        for b, p in enumerate(prompts):
+            tokens[b, :len(p)] = p
+        check_tokens(tokens, cfg.vocab_size, "prompt tokens")
+        cache = init_cache(cfg, B, total + 2, mtp=bool(speculative))
+        logits, hidden, cache = self.prefill(self.state, jnp.asarray(tokens), cache)
+        rows = jnp.arange(B)
+        last = jnp.asarray(lengths - 1)
+        key = jax.random.key(seed)
+        key, sub = jax.random.split(key)
+        nxt = sample(logits[rows, last], sub, temperature, top_k, top_p)
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = np.zeros(B, bool)
+        stops = set(int(s) for s in stop_tokens)
+
+        def emit(b: int, t: int) -> None:
+            if done[b]:
+                return
+            out[b].append(t)
+            if on_token is not None:
+                on_token(b, t)
+            if t in stops or len(out[b]) >= max_new_tokens:
+                done[b] = True
+
+        pos = jnp.asarray(lengths)  # cache position of the next token to feed
+        steps = accepted = proposed = 0
+        if not speculative:
+            while True:
+                for b, t in enumerate(np.asarray(nxt)):
+                    emit(b, int(t))
+                if done.all():
+                    break
+                logits, _, cache = self.step(self.state, nxt[:, None], pos[:, None], cache)
+                key, sub = jax.random.split(key)
+                nxt = sample(logits[:, 0], sub, temperature, top_k, top_p)
+                pos, steps = pos + 1, steps + 1
+            return GenerateResult(out, steps)
+
+        # MTP drafts for the prompt: position i combines h_i with t_{i+1} (the sampled token at the end).
+        shifted = jnp.asarray(tokens).at[:, :-1].set(jnp.asarray(tokens)[:, 1:])
+        shifted = shifted.at[rows, last].set(nxt)
+        positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+        mtp_logits, cache = self.mtp(self.state, hidden, shifted, positions, cache)
+        draft = jnp.argmax(mtp_logits[rows, last], -1).astype(jnp.int32)
+        while True:
+            for b, t in enumerate(np.asarray(nxt)):
+                emit(b, int(t))
+            if done.all():
+                break
+            two = pos[:, None] + jnp.arange(2, dtype=jnp.int32)
+            logits, h, cache = self.step(self.state, jnp.stack([nxt, draft], 1), two, cache)
+            a1, a2 = jnp.argmax(logits[:, 0], -1).astype(jnp.int32), jnp.argmax(logits[:, 1], -1).astype(jnp.int32)
+            ok = a1 == draft
+            mtp_logits, cache = self.mtp(self.state, h, jnp.stack([a1, a2], 1), two, cache)
+            new_draft = jnp.where(ok, jnp.argmax(mtp_logits[:, 1], -1), jnp.argmax(mtp_logits[:, 0], -1)).astype(jnp.int32)
+            live = ~done
+            proposed += int(live.sum())
+            accepted += int((np.asarray(ok) & live).sum())
+            for b in np.nonzero(np.asarray(ok))[0]:
+                emit(int(b), int(a1[b]))               # the verified draft
+            nxt = jnp.where(ok, a2, a1)
+            pos = pos + jnp.where(ok, 2, 1)
+            draft = new_draft
+            steps += 1
+        return GenerateResult(out, steps, accepted / max(1, proposed))
+
+
+def generate(model_or_checkpoint, prompts: Sequence[Sequence[int]], **kw) -> GenerateResult:
+    """``dsv3_jax.generate(model | (cfg, model) | checkpoint_dir, prompts, max_new_tokens=…,
+    temperature=…, top_k=…, top_p=…, seed=…, stop_tokens=…, speculative=None|"mtp")``."""
+    model = model_or_checkpoint
+    if isinstance(model, tuple):
+        model = model[1]
+    elif not isinstance(model, DeepSeekV3):
+        from ..checkpoint.orbax_io import load_checkpoint
+        model = load_checkpoint(model)[1]
+    return Generator(model)(prompts, **kw)

@@ -1,0 +1,121 @@
+"""Latent-cache generation and MTP speculative decoding (issue M7)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dsv3_jax as dsv3
+from dsv3_jax.inference import GenerationError, Generator, cache_bytes_per_token, init_cache, model_cached, mtp_cached
+
+TOL = 1e-4  # fp32; absorbed vs re-expanded attention differ only in summation order (~2e-7 seen)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = dsv3.load_config("tiny")
+    model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0))
+    return cfg, model, Generator(model)
+
+
+def test_cached_decode_equals_full_forward_every_step(tiny):
+    """Prefill 6 tokens, then decode one at a time: every step's logits (absorbed attention over the
+    latent cache) equal a full forward (re-expanded per-head K/V) over the whole sequence; so do
+    the MTP logits."""
+    cfg, model, _ = tiny
+    seq = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 14)).astype(np.int32)
+    full = model(seq)
+    cache = init_cache(cfg, 2, 16)
+    step = jax.jit(lambda m, t, p, c: model_cached(m, t, p, c))
+    logits, hidden, cache = step(model, jnp.asarray(seq[:, :6]), jnp.broadcast_to(jnp.arange(6), (2, 6)), cache)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(full.logits[:, :6]), atol=TOL)
+    hiddens = [hidden]
+    for i in range(6, 14):
+        logits, hidden, cache = step(model, jnp.asarray(seq[:, i:i + 1]), jnp.full((2, 1), i), cache)
+        np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(full.logits[:, i]), atol=TOL)
+        hiddens.append(hidden)
+    hidden = jnp.concatenate(hiddens, 1)
+    nxt = jnp.asarray(np.concatenate([seq[:, 1:], np.zeros((2, 1), np.int32)], 1))
+    mtp_logits, _ = mtp_cached(model, hidden, nxt, jnp.broadcast_to(jnp.arange(14), (2, 14)), cache)
+    np.testing.assert_allclose(np.asarray(mtp_logits[:, :13]), np.asarray(full.mtp_logits[0, :, :13]), atol=TOL)
+
+
+def test_cache_bytes_match_info(tiny):
+    cfg, _, _ = tiny
+    cache = init_cache(cfg, 1, 4, dtype=jnp.bfloat16)
+    from dsv3_jax.info import model_info
+    assert cache_bytes_per_token(cache) == model_info(cfg)["kv_cache_bytes_per_token"]
+
+
+def test_mixed_length_batch_equals_each_alone(tiny):
+    _, _, gen = tiny
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    together = gen(prompts, max_new_tokens=8).tokens
+    for p, t in zip(prompts, together):
+        assert gen([p], max_new_tokens=8).tokens[0] == t
+
+
+def test_speculative_greedy_equals_plain_greedy(tiny):
+    _, _, gen = tiny
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    plain = gen(prompts, max_new_tokens=10)
+    spec = gen(prompts, max_new_tokens=10, speculative="mtp")
+    assert spec.tokens == plain.tokens
+    assert spec.acceptance_rate is not None and 0 <= spec.acceptance_rate <= 1
+
+
+@pytest.mark.parametrize("oracle_every", [1, 2])
+def test_speculative_bookkeeping_with_oracle_drafts(tiny, monkeypatch, oracle_every):
+    """Replace the MTP head by an oracle that knows plain greedy's answer: drafts are right always
+    (or every other step) — output must not change and accepted drafts must save steps."""
+    cfg, model, _ = tiny
+    gen = Generator(model)
+    prompt = [5, 6, 7, 8]
+    plain = gen([prompt], max_new_tokens=12).tokens[0]
+    full = prompt + plain + [0, 0, 0]
+    real_mtp = gen.mtp
+    calls = {"n": 0}
+
+    def oracle(state, hidden, next_tokens, positions, cache):
+        logits, cache = real_mtp(state, hidden, next_tokens, positions, cache)
+        calls["n"] += 1
+        want = np.array([[full[min(int(p) + 2, len(full) - 1)] for p in row] for row in np.asarray(positions)])
+        if oracle_every == 2 and calls["n"] % 2 == 0:
+            want = (want + 1) % cfg.vocab_size  # a wrong draft every other step
+        return jax.nn.one_hot(jnp.asarray(want), cfg.vocab_size) * 100.0, cache
+
+    monkeypatch.setattr(gen, "mtp", oracle)
+    spec = gen([prompt], max_new_tokens=12, speculative="mtp")
+    assert spec.tokens[0] == plain
+    if oracle_every == 1:
+        assert spec.acceptance_rate == 1.0 and spec.steps <= 6
+    else:
+        assert 0 < spec.acceptance_rate < 1 and spec.steps < 11
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny):
+    _, _, gen = tiny
+    greedy = gen([[1, 2, 3]], max_new_tokens=6).tokens
+    assert gen([[1, 2, 3]], max_new_tokens=6, temperature=0.8, top_k=1, seed=3).tokens == greedy
+    a = gen([[1, 2, 3]], max_new_tokens=6, temperature=1.0, top_p=0.9, seed=7).tokens
+    assert a == gen([[1, 2, 3]], max_new_tokens=6, temperature=1.0, top_p=0.9, seed=7).tokens
+
+
+def test_stop_tokens(tiny):
+    _, _, gen = tiny
+    first = gen([[1, 2, 3]], max_new_tokens=6).tokens[0]
+    assert gen([[1, 2, 3]], max_new_tokens=6, stop_tokens=[first[2]]).tokens[0] == first[:first.index(first[2]) + 1]
+
+
+def test_bad_requests(tiny, tmp_path):
+    cfg, _, gen = tiny
+    with pytest.raises(GenerationError, match="at least one token"):
+        gen([[]])
+    with pytest.raises(GenerationError, match="exceeds the model's context of 1024"):
+        gen([[1] * 1000], max_new_tokens=100)
+    with pytest.raises(dsv3.TokenRangeError, match="prompt tokens contain id 512"):
+        gen([[1, 512]])
+    with pytest.raises(GenerationError, match="greedy-only"):
+        gen([[1]], speculative="mtp", temperature=0.5)
+    with pytest.raises(Exception, match="not a dsv3 checkpoint|does not exist|no such"):
+        dsv3.generate(str(tmp_path / "missing"), [[1, 2]])
