@@ -118,6 +118,7 @@ def _prefill_block(impl: str, s: int) -> int:
     return 128 if s > 128 else _ceil(s, 8)
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "backend", "interpret", "block"))
 def prefill(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, segment_ids: Optional[jax.Array] = None,
             causal: bool = True, backend: str = "auto", interpret: bool = False,
             block: Optional[int] = None) -> jax.Array:
@@ -156,6 +157,7 @@ def default_num_splits(tokens: int, batch: int, *, target_programs: int = 132, m
     return int(max(1, min(by_work, by_machine, 64)))
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "num_splits", "page_size", "backend", "interpret"))
 def decode(q_latent: jax.Array, q_rope: jax.Array, ckv_cache: jax.Array, krope_cache: jax.Array, lengths: jax.Array,
            *, scale: float, block_table: Optional[jax.Array] = None, num_splits: Optional[int] = None,
            page_size: int = 64, backend: str = "auto", interpret: bool = False) -> jax.Array:
