@@ -81,6 +81,7 @@ class ModelConfig:
     init_std: float = 0.006
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
+    attention_impl: str = "auto"  # pallas_kernels.mla backend: "auto" | "reference" | "blockwise" | "pallas"
     moe_impl: str = "auto"  # "auto" | "ragged" (jax.lax.ragged_dot) | "blocked" (block-padded GEMM)
     moe_block_size: int = 128
     remat: str = "save_dots_except_mla_up"  # "none" | "full" | "save_dots" | "save_dots_except_mla_up"
@@ -214,6 +215,7 @@ _CHOICES = {
     "param_dtype": ("float32", "bfloat16", "float16"),
     "compute_dtype": ("float32", "bfloat16", "float16"),
     "moe_impl": ("auto", "ragged", "blocked"),
+    "attention_impl": ("auto", "reference", "blockwise", "pallas"),
     "remat": ("none", "full", "save_dots", "save_dots_except_mla_up"),
     "quant": ("none", "fp8"),
 }

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import mla as mla_ops
+
 from ..model.mla import MLA
 from ..model.rope import rope_angles
 from ..model.transformer import Block, DeepSeekV3, MTPLayer
@@ -66,6 +68,11 @@ def mla_cached(attn: MLA, x, cos, sin, positions, ckv, krope):
     w = attn.kv_b_proj.kernel[...].astype(q.dtype)                  # [L, H, Dn + Dv]
     w_k, w_v = w[..., :cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
     q_lat = jnp.einsum("bshn,lhn->bshl", q_nope, w_k)
+    if x.shape[1] == 1:  # one new token per sequence: the decode kernel (pallas_kernels.mla.decode)
+        o_lat = mla_ops.decode(q_lat[:, 0], q_rope[:, 0], ckv.astype(q.dtype), krope.astype(q.dtype),
+                               positions[:, 0] + 1, scale=cfg.softmax_scale, backend=cfg.attention_impl)
+        o = jnp.einsum("bhl,lhv->bhv", o_lat.astype(q.dtype), w_v)[:, None]
+        return attn.o_proj(o), ckv, krope
     scores = (jnp.einsum("bshl,btl->bhst", q_lat, ckv.astype(q.dtype), preferred_element_type=jnp.float32)
               + jnp.einsum("bshr,btr->bhst", q_rope, krope.astype(q.dtype), preferred_element_type=jnp.float32))
     scores = scores * cfg.softmax_scale

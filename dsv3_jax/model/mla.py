@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from pallas_kernels.mla import prefill_reference
+from pallas_kernels import mla as mla_ops
 
 from ..config import ModelConfig
 from .layers import Linear, RMSNorm
@@ -63,5 +63,6 @@ class MLA(nnx.Module):
         k_nope, v = jnp.split(kv, [cfg.qk_nope_head_dim], axis=-1)
         k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:-1] + (cfg.qk_rope_head_dim,))
         k = jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1)
-        out = prefill_reference(q, k, v, scale=cfg.softmax_scale, segment_ids=segment_ids, causal=True)
+        out = mla_ops.prefill(q, k, v, scale=cfg.softmax_scale, segment_ids=segment_ids, causal=True,
+                              backend=cfg.attention_impl)
         return self.o_proj(checkpoint_name(out, "attn_out"))

@@ -24,6 +24,7 @@ BASE = dict(vocab_size=300, hidden_size=48, intermediate_size=96, num_layers=3, 
     {},                                                   # q-LoRA, YaRN, group-limited sigmoid routing
     {"q_lora_rank": None},                                # no q-LoRA (V2-Lite style attention)
     {"moe_impl": "ragged", "n_shared_experts": 2},        # ragged_dot grouped GEMM, 2 shared experts
+    {"attention_impl": "blockwise"},                      # flash attention (online softmax) path
     {"rope_scaling": {"type": "none"}, "n_group": 1, "topk_group": 1},  # plain RoPE, no groups
 ])
 def test_logits_match_transformers(variant):
