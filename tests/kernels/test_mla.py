@@ -232,6 +232,23 @@ def test_decode_v3_latent_dims(backend):
     _close(o, _expanded_attention(q_nope, q_rope, ckv, krope, w_kvb, lengths, scale=scale, dn=dn), 1e-5)
 
 
+@pytest.mark.parametrize("backend", KERNELS)
+def test_bf16_inputs(backend):
+    """bf16 operands (the model's compute dtype): prefill returns bf16, decode fp32; both round p to
+    bf16 before p·v like the reference, so they agree with it to a few bf16 ulp (2^-7 relative)."""
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(1, 19, 1, 24, 16, seed=9))
+    got = mla.prefill(q, k, v, scale=0.2, backend=backend, interpret=True)
+    assert got.dtype == jnp.bfloat16
+    _close(got, mla.prefill_reference(q, k, v, scale=0.2), 2 ** -6)
+    _, ckv, krope, _, q_rope, q_lat = _decode_problem(b=2, t=16, seed=12)
+    args = [x.astype(jnp.bfloat16) for x in (q_lat, q_rope, ckv, krope)]
+    lengths = jnp.asarray([16, 5], jnp.int32)
+    got = mla.decode(*args, lengths, scale=0.2, backend=backend, interpret=True, page_size=8)
+    assert got.dtype == jnp.float32
+    want = mla.decode_reference(*[a.astype(jnp.float32) for a in args], lengths, scale=0.2)
+    _close(got, want, 2 ** -6)   # kernel: bf16 p·c_kv; reference here: fp32 throughout
+
+
 def test_decode_checks_shapes_and_page_sizes():
     _, ckv, krope, _, q_rope, q_lat = _decode_problem(b=2, t=24)
     with pytest.raises(ValueError, match="shapes do not fit"):
