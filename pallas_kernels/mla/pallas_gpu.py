@@ -98,6 +98,123 @@ def prefill_fwd(q_parts, k_parts, v, q_seg, kv_seg, *, scale: float, causal: boo
     )(*q_parts, *k_parts, v, q_seg, kv_seg)
 
 
+# ---- prefill backward (FlashAttention-2: one kernel for dk/dv, one for dq) ------------------------------
+def _nt(a, b):
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _tn(a, b):
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _probs(q_parts, k_parts, q_seg, kv_seg, q_pos, k_pos, lse, scale, causal):
+    s = sum(_nt(q, k) for q, k in zip(q_parts, k_parts)) * scale     # [BQ, BK]
+    mask = q_seg[:, None] == kv_seg[None, :]
+    if causal:
+        mask = mask & (k_pos[None, :] <= q_pos[:, None])
+    return jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+
+
+def _dkdv_kernel(*refs, n_parts: int, scale: float, causal: bool, block_q: int, block_k: int):
+    q_refs, k_refs = refs[:n_parts], refs[n_parts:2 * n_parts]
+    v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref = refs[2 * n_parts:2 * n_parts + 6]
+    dk_refs, dv_ref = refs[2 * n_parts + 6:3 * n_parts + 6], refs[3 * n_parts + 6]
+    j = pl.program_id(2)
+    seq = q_refs[0].shape[0]
+    ks = [r[...] for r in k_refs]
+    v = v_ref[...]
+    kv_seg = kvseg_ref[...]
+    k_pos = j * block_k + jnp.arange(block_k)
+
+    def body(i, carry):
+        dks, dv = carry
+        qs = pl.ds(i * block_q, block_q)
+        q_parts = [r[qs, :] for r in q_refs]
+        do = do_ref[qs, :]
+        p = _probs(q_parts, ks, qseg_ref[qs], kv_seg, i * block_q + jnp.arange(block_q), k_pos, lse_ref[qs],
+                   scale, causal)                                       # [BQ, BK]
+        dv = dv + _tn(p.astype(do.dtype), do)
+        ds = (p * (_nt(do, v) - delta_ref[qs][:, None]) * scale).astype(q_parts[0].dtype)
+        return [dk + _tn(ds, q) for dk, q in zip(dks, q_parts)], dv
+
+    first = jax.lax.div(j * block_k, block_q) if causal else 0
+    init = ([jnp.zeros(k.shape, jnp.float32) for k in ks], jnp.zeros(v.shape, jnp.float32))
+    dks, dv = jax.lax.fori_loop(first, seq // block_q, body, init)
+    for r, dk in zip(dk_refs, dks):
+        r[...] = dk.astype(r.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(*refs, n_parts: int, scale: float, causal: bool, block_q: int, block_k: int):
+    q_refs, k_refs = refs[:n_parts], refs[n_parts:2 * n_parts]
+    v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref = refs[2 * n_parts:2 * n_parts + 6]
+    dq_refs = refs[2 * n_parts + 6:]
+    i = pl.program_id(2)
+    seq = k_refs[0].shape[0]
+    qs = [r[...] for r in q_refs]
+    do, lse, delta, q_seg = do_ref[...], lse_ref[...], delta_ref[...], qseg_ref[...]
+    q_pos = i * block_q + jnp.arange(block_q)
+
+    def body(j, dqs):
+        ks_ = pl.ds(j * block_k, block_k)
+        k_parts = [r[ks_, :] for r in k_refs]
+        p = _probs(qs, k_parts, q_seg, kvseg_ref[ks_], q_pos, j * block_k + jnp.arange(block_k), lse, scale, causal)
+        ds = (p * (_nt(do, v_ref[ks_, :]) - delta[:, None]) * scale).astype(qs[0].dtype)
+        return [dq + jax.lax.dot(ds, k, preferred_element_type=jnp.float32) for dq, k in zip(dqs, k_parts)]
+
+    n_blocks = pl.cdiv((i + 1) * block_q, block_k) if causal else seq // block_k
+    dqs = jax.lax.fori_loop(0, n_blocks, body, [jnp.zeros(q.shape, jnp.float32) for q in qs])
+    for r, dq in zip(dq_refs, dqs):
+        r[...] = dq.astype(r.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "block_q", "block_k", "interpret",
+                                             "num_warps", "num_stages"))
+def prefill_bwd(q_parts, k_parts, v, q_seg, kv_seg, do, lse, delta, *, scale: float, causal: bool,
+                block_q: int = 64, block_k: int = 64, interpret: bool = False, num_warps: int = 4,
+                num_stages: int = 2):
+    """Gradients of ``prefill_fwd``: ``do [B, H, Sp, Dv]``, ``lse`` and ``delta = rowsum(do∘o)``
+    ``[B, H, Sp]`` fp32 → ``(dq parts, dk parts, dv)``. dk/dv: one program per key block walking the
+    query blocks (from the diagonal when causal); dq: one program per query block walking the key
+    blocks (up to the diagonal). Scores are recomputed from ``lse``; nothing ``O(S²)`` is stored."""
+    b, h, sp, dv = v.shape
+    n = len(q_parts)
+    kw = dict(n_parts=n, scale=scale, causal=causal, block_q=block_q, block_k=block_k)
+    full = lambda d: pl.BlockSpec((None, None, sp, d), lambda b_, h_, x: (b_, h_, 0, 0))  # noqa: E731
+    full_row = pl.BlockSpec((None, None, sp), lambda b_, h_, x: (b_, h_, 0))
+    args = (*q_parts, *k_parts, v, do, lse, delta, q_seg, kv_seg)
+    params = _compiler_params(num_warps, num_stages)
+
+    kblk = lambda d: pl.BlockSpec((None, None, block_k, d), lambda b_, h_, j: (b_, h_, j, 0))  # noqa: E731
+    out = pl.pallas_call(
+        functools.partial(_dkdv_kernel, **kw),
+        grid=(b, h, sp // block_k),
+        in_specs=[full(x.shape[-1]) for x in q_parts] + [kblk(x.shape[-1]) for x in k_parts] + [
+            kblk(dv), full(dv), full_row, full_row,
+            pl.BlockSpec((None, sp), lambda b_, h_, j: (b_, 0)),
+            pl.BlockSpec((None, block_k), lambda b_, h_, j: (b_, j))],
+        out_specs=[kblk(x.shape[-1]) for x in k_parts] + [kblk(dv)],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in k_parts] + [jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=params, interpret=interpret, name="mla_flash_prefill_dkdv",
+    )(*args)
+    dk_parts, dv_ = out[:n], out[n]
+
+    qblk = lambda d: pl.BlockSpec((None, None, block_q, d), lambda b_, h_, i: (b_, h_, i, 0))  # noqa: E731
+    qrow = pl.BlockSpec((None, None, block_q), lambda b_, h_, i: (b_, h_, i))
+    dq_parts = pl.pallas_call(
+        functools.partial(_dq_kernel, **kw),
+        grid=(b, h, sp // block_q),
+        in_specs=[qblk(x.shape[-1]) for x in q_parts] + [full(x.shape[-1]) for x in k_parts] + [
+            full(dv), qblk(dv), qrow, qrow,
+            pl.BlockSpec((None, block_q), lambda b_, h_, i: (b_, i)),
+            pl.BlockSpec((None, sp), lambda b_, h_, i: (b_, 0))],
+        out_specs=[qblk(x.shape[-1]) for x in q_parts],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in q_parts],
+        compiler_params=params, interpret=interpret, name="mla_flash_prefill_dq",
+    )(*args)
+    return list(dq_parts), list(dk_parts), dv_
+
+
 # ---- decode ----------------------------------------------------------------------------------------
 def _decode_kernel(ql_ref, qr_ref, ckv_ref, kr_ref, bt_ref, len_ref, o_ref, lse_ref, *, scale: float,
                    pages_per_block: int):

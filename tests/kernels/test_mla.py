@@ -68,10 +68,11 @@ def test_prefill_v3_head_dims(backend):
     assert ops.dim_parts(192) == [(0, 128, 128), (128, 64, 64)] and ops.dim_parts(576)[1] == (512, 64, 64)
 
 
-@pytest.mark.parametrize("backend", ["blockwise", "pallas_gpu"])
-def test_prefill_gradients_match_reference(backend):
-    """custom_vjp (kernel or jnp forward + blockwise jnp recompute backward) vs autodiff of the
-    reference, packed segments, S not a multiple of the block; bf16 output dtype follows v."""
+@pytest.mark.parametrize("backend,causal", [("blockwise", True), ("pallas_gpu", True), ("pallas_gpu", False)])
+def test_prefill_gradients_match_reference(backend, causal):
+    """custom_vjp vs autodiff of the reference, packed segments, S not a multiple of the block:
+    ``blockwise`` = jnp forward + jnp blockwise backward; ``pallas_gpu`` = Triton forward + Triton
+    dk/dv and dq kernels (interpreted)."""
     q, k, v = _qkv(2, 21, 2, 24, 16, seed=7)
     seg = jnp.asarray([[1] * 9 + [2] * 12, [1] * 21], jnp.int32)
     w = _normal(11, (2, 21, 2, 16))
@@ -79,8 +80,8 @@ def test_prefill_gradients_match_reference(backend):
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v) * w)
 
-    ref = loss(lambda q, k, v: mla.prefill_reference(q, k, v, scale=0.25, segment_ids=seg))
-    ours = loss(lambda q, k, v: mla.prefill(q, k, v, scale=0.25, segment_ids=seg, backend=backend,
+    ref = loss(lambda q, k, v: mla.prefill_reference(q, k, v, scale=0.25, segment_ids=seg, causal=causal))
+    ours = loss(lambda q, k, v: mla.prefill(q, k, v, scale=0.25, segment_ids=seg, causal=causal, backend=backend,
                                             interpret=True, block=16))
     g_ref = jax.grad(ref, argnums=(0, 1, 2))(q, k, v)
     g = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(q, k, v)
@@ -276,6 +277,12 @@ def test_kernels_lower_for_cuda_and_tpu():
             [qa, qb], [ka, kb], v, qs, ks, scale=0.1, causal=True, block_q=block, block_k=block))
         ex = export.export(fn, platforms=[plat], disabled_checks=triton if plat == "cuda" else [])(*pre)
         assert marker in ex.mlir_module()
+    f32 = jnp.float32
+    bwd = jax.jit(lambda qa, qb, ka, kb, v, qs, ks, do, lse, delta: pallas_gpu.prefill_bwd(
+        [qa, qb], [ka, kb], v, qs, ks, do, lse, delta, scale=0.1, causal=True))
+    ex = export.export(bwd, platforms=["cuda"], disabled_checks=triton)(
+        *pre, S((b, h, sp, 128), bf), S((b, h, sp), f32), S((b, h, sp), f32))
+    assert "xla.gpu.triton" in ex.mlir_module()
     n_pages, page, hd = 16, 64, 64
     dec = (S((2, hd, 512), bf), S((2, hd, 64), bf), S((n_pages, page, 512), bf), S((n_pages, page, 64), bf),
            S((2, 8), jnp.int32), S((2,), jnp.int32))
