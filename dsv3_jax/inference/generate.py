@@ -73,7 +73,19 @@ class Generator:
         def mtp(state, hidden, next_tokens, positions, cache):
             return mtp_cached(nnx.merge(g, state), hidden, next_tokens, positions, cache)
 
+        @jax.jit
+        def spec_step(state, nxt, draft, pos, cache):
+            """Verify ``[nxt, draft]`` at ``pos, pos+1``; draft again from the accepted position."""
+            two = pos[:, None] + jnp.arange(2, dtype=jnp.int32)
+            logits, h, cache = self.step(state, jnp.stack([nxt, draft], 1), two, cache)
+            a1, a2 = jnp.argmax(logits[:, 0], -1).astype(jnp.int32), jnp.argmax(logits[:, 1], -1).astype(jnp.int32)
+            ok = a1 == draft
+            mtp_logits, cache = self.mtp(state, h, jnp.stack([a1, a2], 1), two, cache)
+            new_draft = jnp.where(ok, jnp.argmax(mtp_logits[:, 1], -1), jnp.argmax(mtp_logits[:, 0], -1))
+            return a1, a2, ok, new_draft.astype(jnp.int32), cache
+
         self.prefill, self.step, self.mtp = prefill, step, mtp
+        self.spec_step = spec_step  # calls self.mtp at trace time, so a substituted draft head is honoured
 
     def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] = (),
@@ -148,12 +160,7 @@ class Generator:
                 emit(b, int(t))
             if done.all():
                 break
-            two = pos[:, None] + jnp.arange(2, dtype=jnp.int32)
-            logits, h, cache = self.step(self.state, jnp.stack([nxt, draft], 1), two, cache)
-            a1, a2 = jnp.argmax(logits[:, 0], -1).astype(jnp.int32), jnp.argmax(logits[:, 1], -1).astype(jnp.int32)
-            ok = a1 == draft
-            mtp_logits, cache = self.mtp(self.state, h, jnp.stack([a1, a2], 1), two, cache)
-            new_draft = jnp.where(ok, jnp.argmax(mtp_logits[:, 1], -1), jnp.argmax(mtp_logits[:, 0], -1)).astype(jnp.int32)
+            a1, a2, ok, new_draft, cache = self.spec_step(self.state, nxt, draft, pos, cache)
             live = ~done
             proposed += int(live.sum())
             accepted += int((np.asarray(ok) & live).sum())
