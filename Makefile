@@ -25,8 +25,8 @@ demo: $(STAMP)
 	$(BIN)/python -m dsv3_jax.demo
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/forward_backward.py
-	$(BIN)/python benchmarks/compile_time.py
+	@for b in forward_backward compile_time train_step decode expert_parallel mla fp8_gemm convert; do \
+	  test -f benchmarks/$$b.py && $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
