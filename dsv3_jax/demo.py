@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     res = train(run, log=lambda s: print(s, flush=True))
     train_s = time.perf_counter() - t0
 
-    ckpt = res["checkpoint"]
+    ckpt = str(Path(res["checkpoint"]).resolve())
     cfg, model = load_checkpoint(ckpt)
     tok = load_tokenizer(Path(ckpt) / "tokenizer.json")
     val = list(make_dataset(run.data, tok, split="validation", vocab_size=cfg.vocab_size))[:run.train.eval_batches]

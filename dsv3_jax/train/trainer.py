@@ -257,7 +257,7 @@ class Trainer:
         self.ckpt.close()
         if writer is not None:
             writer.close()
-        return {**last, "checkpoint": str(self.ckpt_dir / str(step)), "step": step}
+        return {**last, "checkpoint": str(self.ckpt.directory / str(step)), "step": step}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
