@@ -1,0 +1,196 @@
+"""Training-step throughput: forward + backward tokens/s, ours (jitted JAX) vs transformers (PyTorch eager).
+
+Both sides hold the same weights (transformers' random init copied into our model through the HF
+mapping), see the same batch, compute in fp32, and differentiate the same loss: mean cross-entropy
+of the logits against the next token. MTP is off (transformers has none). Our step is one
+``jax.jit``-ed pure function of ``(params, rest, tokens)`` built with ``nnx.split`` (DESIGN.md
+"Functional at the boundary"); the gradient covers every ``nnx.Param``. PyTorch runs on all cores
+(``torch.set_num_threads``; for the tiny model also on one, and the faster counts); XLA:CPU uses all
+cores by default. The candidates are timed round-robin so that load from other processes on a
+shared machine falls on all of them alike; the 1-minute load average is recorded with the figures.
+
+Prints one JSON line per config:
+  {"bench": "forward_backward", "config", "params", "batch", "seq", "tokens_per_s_ours",
+   "tokens_per_s_transformers", "ratio", ...}
+``ratio`` = ours / transformers (> 1: we are faster). Extra keys report our other variants
+(``remat='none'``), each torch thread count, and the loss both sides computed (a check that the
+comparison is like for like).
+
+Usage: .venv/bin/python benchmarks/forward_backward.py [--configs tiny,100m] [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# common also puts the repository root on sys.path (dsv3_jax, tests.hf_reference)
+from common import (emit, load_average, log, loss_and_grad_step, num_cores,  # noqa: E402
+                    time_interleaved)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import dsv3_jax as dsv3  # noqa: E402
+
+# A ~100M-parameter DeepSeek-V3 (params_total 100.1M as `dsv3 info` counts them): every V3 feature
+# (q-LoRA MLA, YaRN, 1 dense + 7 MoE layers, sigmoid group-limited routing, shared expert).
+CONFIG_100M = dict(
+    name="bench_100m", vocab_size=32000, hidden_size=512, intermediate_size=1536,
+    num_layers=8, first_k_dense=1, num_heads=8, q_lora_rank=256, kv_lora_rank=128,
+    qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+    n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, moe_intermediate_size=320,
+    n_group=4, topk_group=2, routed_scaling_factor=2.5, max_position_embeddings=4096,
+    rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+                  "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    num_mtp_layers=0, init_std=0.02, compute_dtype="float32",
+)
+
+# (config, batch, seq, timed steps per side, torch thread counts): a step takes ~0.1 s (tiny) and a
+# few seconds (100m) on 2 cores; the whole script stays within a few minutes. PyTorch runs with all
+# cores (None) and, for the tiny model, also single-threaded: its many small ops can be faster
+# without OpenMP, and on a loaded machine OpenMP barriers degrade badly. The baseline figure is the
+# faster of its thread counts, so that the ratio errs against us.
+CASES = {
+    "tiny": ("tiny", 8, 128, 7, (None, 1)),
+    "100m": (CONFIG_100M, 4, 256, 3, (None,)),
+}
+
+
+def build_config(spec, overrides=()) -> dsv3.ModelConfig:
+    base = ["compute_dtype=float32", "num_mtp_layers=0", *overrides]  # fp32 both sides; HF has no MTP
+    return dsv3.load_config(spec, overrides=base)
+
+
+# ---------------------------------------------------------------------------------------------
+# ours
+# ---------------------------------------------------------------------------------------------
+def our_model(cfg, state):
+    """Our model holding the HF ``state``'s weights. Built abstractly (``nnx.eval_shape``) and then
+    filled: eager random initialisation would only be overwritten, and costs more than the compile."""
+    from flax import nnx
+
+    from dsv3_jax.checkpoint import mapping
+    model = nnx.eval_shape(lambda: dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0)))
+    mapping.load_params(model, mapping.hf_to_params(state, cfg, include_mtp=False, names=set(state)))
+    missing = [k for k, v in nnx.to_flat_state(nnx.state(model)) if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+    if missing:
+        raise RuntimeError(f"no weights for {missing[:3]}: the HF state does not cover the model")
+    return model
+
+
+def prepare_ours(cfg, state, tokens):
+    """Our model with ``state``'s weights; returns (loss, step) with ``step()`` one compiled call."""
+    model = our_model(cfg, state)
+    params, rest, step = loss_and_grad_step(model)
+    toks = jnp.asarray(tokens, jnp.int32)
+    compiled = jax.jit(step).lower(params, rest, toks).compile()
+    loss, _ = compiled(params, rest, toks)
+    return float(loss), lambda: compiled(params, rest, toks)
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers
+# ---------------------------------------------------------------------------------------------
+def hf_model(cfg, seed=0):
+    """transformers' DeepseekV3ForCausalLM with its own random init (std = init_std, the way training
+    starts), eager attention."""
+    import torch
+    from transformers import DeepseekV3ForCausalLM
+
+    from tests.hf_reference import hf_config
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(hf_config(cfg)).float().train()
+    with torch.no_grad():  # a non-zero routing bias, so the bias path is exercised on both sides
+        g = torch.Generator().manual_seed(seed)
+        for mod in model.modules():
+            if hasattr(mod, "e_score_correction_bias"):
+                b = mod.e_score_correction_bias
+                b.copy_(0.05 * (2 * torch.rand(b.shape, generator=g) - 1))
+    return model
+
+
+def prepare_hf(model, tokens, threads):
+    """Returns (loss, step) with ``step()`` one zero-grad + forward + backward of the HF model on
+    ``threads`` intra-op threads."""
+    import torch
+    ids = torch.tensor(np.asarray(tokens), dtype=torch.long)
+
+    def step():
+        torch.set_num_threads(threads)
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+        loss.backward()
+        return loss
+
+    return float(step().detach()), step
+
+
+# ---------------------------------------------------------------------------------------------
+def run_case(name, spec, batch, seq, repeats, variants, moe_impl, hf_threads):
+    from dsv3_jax.info import model_info
+    from dsv3_jax.model.grouped_gemm import resolve_impl
+    from tests.hf_reference import hf_state
+
+    cfg = build_config(spec, [f"moe_impl={moe_impl}"])
+    n_params = model_info(cfg, seq)["params_total"]
+    tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (batch, seq)).astype(np.int32)
+    ntok = batch * seq
+
+    log(f"[{name}] building transformers model and compiling ours ({', '.join(variants)}) ...")
+    ref = hf_model(cfg)
+    state = hf_state(ref)
+    fns, sync, losses = {}, {}, {}
+    hf_threads = [num_cores() if n is None else n for n in hf_threads]
+    for n in dict.fromkeys(hf_threads):
+        losses[f"hf{n}"], fns[f"hf{n}"] = prepare_hf(ref, tokens, n)
+    for remat in variants:
+        losses[remat], fns[remat] = prepare_ours(cfg.replace(remat=remat), state, tokens)
+        sync[remat] = jax.block_until_ready
+    log(f"[{name}] timing {repeats} interleaved steps each ...")
+    # prepare_* already ran one step of each (the loss check), which is the warm-up.
+    t = time_interleaved(fns, warmup=0, repeats=repeats, sync=sync)
+
+    main_v = variants[0]
+    hf_best = min((k for k in t if k.startswith("hf")), key=lambda k: t[k]["median_s"])
+    t["hf"], losses["hf"] = t[hf_best], losses[hf_best]
+    rec = {
+        "bench": "forward_backward", "config": cfg.name, "params": n_params, "batch": batch, "seq": seq,
+        "tokens_per_s_ours": ntok / t[main_v]["median_s"],
+        "tokens_per_s_transformers": ntok / t["hf"]["median_s"],
+        "ratio": t["hf"]["median_s"] / t[main_v]["median_s"],
+        "remat": main_v, "moe_impl": resolve_impl(cfg.moe_impl), "dtype": "float32",
+        "step_s_ours": t[main_v]["median_s"], "step_s_transformers": t["hf"]["median_s"],
+        "loss_ours": losses[main_v], "loss_transformers": losses["hf"],
+    }
+    for v in variants[1:]:
+        rec[f"tokens_per_s_ours_remat_{v}"] = ntok / t[v]["median_s"]
+        rec[f"ratio_remat_{v}"] = t["hf"]["median_s"] / t[v]["median_s"]
+    rec["threads_torch"] = int(hf_best[2:])
+    for n in dict.fromkeys(hf_threads):
+        rec[f"tokens_per_s_transformers_{n}_threads"] = ntok / t[f"hf{n}"]["median_s"]
+    rec.update({"repeats": repeats, "cores": num_cores(), "load_avg_1m": load_average()})
+    emit(rec)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", default="tiny,100m", help=f"comma list of {sorted(CASES)}")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed steps per side, interleaved (median reported); default per config")
+    ap.add_argument("--remat", default="save_dots_except_mla_up,none",
+                    help="comma list of our remat variants; the first is the headline figure (the config default)")
+    ap.add_argument("--moe-impl", default="auto", help="auto (blocked on CPU) | blocked | ragged")
+    args = ap.parse_args(argv)
+    variants = args.remat.split(",")
+    for name in args.configs.split(","):
+        spec, batch, seq, repeats, hf_threads = CASES[name]
+        run_case(name, spec, batch, seq, args.repeats or repeats, variants, args.moe_impl, hf_threads)
+
+
+if __name__ == "__main__":
+    main()
