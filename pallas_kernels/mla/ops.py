@@ -12,9 +12,9 @@ Both take ``backend='auto'|'reference'|'blockwise'|'pallas'|'pallas_gpu'|'pallas
 
 Prefill gradients (``blockwise`` and the Pallas backends): a ``custom_vjp`` whose forward saves only
 ``q, k, v, o`` and the per-row log-sum-exp; the backward recomputes the scores block by block
-(FlashAttention-2): with ``pallas_gpu`` as two Pallas Triton kernels (``pallas_gpu.prefill_bwd``:
-dk/dv per key block, dq per query block); with ``blockwise`` and ``pallas_tpu`` in **jnp**
-(``blockwise.backward``, a ``lax.scan`` over key blocks) — there is no Mosaic backward kernel yet.
+(FlashAttention-2): with the Pallas backends as two kernels (``prefill_bwd`` in ``pallas_gpu`` /
+``pallas_tpu``: dk/dv per key block, dq per query block); with ``blockwise`` in **jnp**
+(``blockwise.backward``, a ``lax.scan`` over key blocks).
 """
 from __future__ import annotations
 
@@ -103,12 +103,13 @@ def _flash_fwd(qh, kh, vh, q_seg, kv_seg, cfg):
 def _flash_bwd(cfg, res, do):
     impl, scale, causal, block, interpret = cfg
     qh, kh, vh, q_seg, kv_seg, o, lse = res
-    if impl == "pallas_gpu":
+    if impl in ("pallas_gpu", "pallas_tpu"):
+        kern = pallas_gpu if impl == "pallas_gpu" else pallas_tpu
         parts = dim_parts(qh.shape[-1])
         d_v = vh.shape[-1]
         dvp = max(16, _pow2(d_v))
         delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
-        dq, dk, dv = pallas_gpu.prefill_bwd(_split(qh, parts), _split(kh, parts), _pad(vh, -1, dvp), q_seg, kv_seg,
+        dq, dk, dv = kern.prefill_bwd(_split(qh, parts), _split(kh, parts), _pad(vh, -1, dvp), q_seg, kv_seg,
                                             _pad(do.astype(vh.dtype), -1, dvp), lse, delta, scale=scale,
                                             causal=causal, block_q=block, block_k=block, interpret=interpret)
         unsplit = lambda xs: jnp.concatenate([x[..., :n] for x, (_, n, _) in zip(xs, parts)], -1)  # noqa: E731

@@ -117,6 +117,146 @@ def prefill_fwd(q_parts, k_parts, v, q_seg, kv_seg, *, scale: float, causal: boo
     return o, lse[..., 0]
 
 
+# ---- prefill backward (FlashAttention-2: one kernel for dk/dv, one for dq) ------------------------------
+def _nt(a, b):
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _tn(a, b):
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _grads_block(q_refs, k_refs, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, i, j, *, scale, causal,
+                 block_q, block_k):
+    """Recomputed ``p`` and ``ds`` ``[BQ, BK]`` of one (query block, key block) pair."""
+    s = sum(_nt(qr[...], kr[...]) for qr, kr in zip(q_refs, k_refs)) * scale
+    mask = qseg_ref[...] == kvseg_ref[...]
+    if causal:
+        q_pos = i * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+        k_pos = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+        mask = mask & (k_pos <= q_pos)
+    p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
+    ds = p * (_nt(do_ref[...], v_ref[...]) - delta_ref[...]) * scale
+    return p, ds
+
+
+def _dkdv_kernel(*refs, n_parts: int, **kw):
+    q_refs, k_refs = refs[:n_parts], refs[n_parts:2 * n_parts]
+    v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref = refs[2 * n_parts:2 * n_parts + 6]
+    dk_refs, dv_ref = refs[2 * n_parts + 6:3 * n_parts + 6], refs[3 * n_parts + 6]
+    dk_acc, dv_acc = refs[3 * n_parts + 7:4 * n_parts + 7], refs[4 * n_parts + 7]
+    j, i = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(i == 0)
+    def _():
+        for a in (*dk_acc, dv_acc):
+            a[...] = jnp.zeros(a.shape, jnp.float32)
+
+    def compute():
+        p, ds = _grads_block(q_refs, k_refs, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, i, j, **kw)
+        do = do_ref[...]
+        dv_acc[...] += _tn(p.astype(do.dtype), do)
+        for a, qr in zip(dk_acc, q_refs):
+            a[...] += _tn(ds.astype(qr.dtype), qr[...])
+
+    if kw["causal"]:
+        pl.when((i + 1) * kw["block_q"] > j * kw["block_k"])(compute)
+    else:
+        compute()
+
+    @pl.when(i == pl.num_programs(3) - 1)
+    def _():
+        for r, a in zip((*dk_refs, dv_ref), (*dk_acc, dv_acc)):
+            r[...] = a[...].astype(r.dtype)
+
+
+def _dq_kernel(*refs, n_parts: int, **kw):
+    q_refs, k_refs = refs[:n_parts], refs[n_parts:2 * n_parts]
+    v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref = refs[2 * n_parts:2 * n_parts + 6]
+    dq_refs, dq_acc = refs[2 * n_parts + 6:3 * n_parts + 6], refs[3 * n_parts + 6:]
+    i, j = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _():
+        for a in dq_acc:
+            a[...] = jnp.zeros(a.shape, jnp.float32)
+
+    def compute():
+        _, ds = _grads_block(q_refs, k_refs, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, i, j, **kw)
+        for a, kr in zip(dq_acc, k_refs):
+            a[...] += jax.lax.dot(ds.astype(kr.dtype), kr[...], preferred_element_type=jnp.float32)
+
+    if kw["causal"]:
+        pl.when(j * kw["block_k"] < (i + 1) * kw["block_q"])(compute)
+    else:
+        compute()
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _():
+        for r, a in zip(dq_refs, dq_acc):
+            r[...] = a[...].astype(r.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "block_q", "block_k", "interpret"))
+def prefill_bwd(q_parts, k_parts, v, q_seg, kv_seg, do, lse, delta, *, scale: float, causal: bool,
+                block_q: int = 128, block_k: int = 128, interpret=False):
+    """Same contract as ``pallas_gpu.prefill_bwd``. dk/dv: grid ``(B, H, key blocks, query blocks)``,
+    fp32 VMEM accumulators across the (sequential) query axis, query blocks above the diagonal skipped
+    and their index maps clamped (no DMA); dq: ``(B, H, query blocks, key blocks)`` likewise."""
+    b, h, sp, dv = v.shape
+    n = len(q_parts)
+    kw = dict(scale=scale, causal=causal, block_q=block_q, block_k=block_k)
+    nq, nk = sp // block_q, sp // block_k
+    seg_q, seg_k = q_seg[:, :, None], kv_seg[:, None, :]
+    lse4, delta4 = lse[..., None], delta[..., None]
+    args = (*q_parts, *k_parts, v, do, lse4, delta4, seg_q, seg_k)
+
+    # dk/dv: grid (b, h, j, i)
+    def qi(j, i):  # causal: query blocks before the diagonal re-map to the first needed one
+        return jnp.maximum(i, jax.lax.div(j * block_k, block_q)) if causal else i
+
+    qspec = lambda d: pl.BlockSpec((None, None, block_q, d), lambda b_, h_, j, i: (b_, h_, qi(j, i), 0))  # noqa: E731
+    kspec = lambda d: pl.BlockSpec((None, None, block_k, d), lambda b_, h_, j, i: (b_, h_, j, 0))  # noqa: E731
+    row = pl.BlockSpec((None, None, block_q, 1), lambda b_, h_, j, i: (b_, h_, qi(j, i), 0))
+    out = pl.pallas_call(
+        functools.partial(_dkdv_kernel, n_parts=n, **kw),
+        grid=(b, h, nk, nq),
+        in_specs=[qspec(x.shape[-1]) for x in q_parts] + [kspec(x.shape[-1]) for x in k_parts] + [
+            kspec(dv), qspec(dv), row, row,
+            pl.BlockSpec((None, block_q, 1), lambda b_, h_, j, i: (b_, qi(j, i), 0)),
+            pl.BlockSpec((None, 1, block_k), lambda b_, h_, j, i: (b_, 0, j))],
+        out_specs=[kspec(x.shape[-1]) for x in k_parts] + [kspec(dv)],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in k_parts] + [jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        scratch_shapes=[pltpu.VMEM((block_k, x.shape[-1]), jnp.float32) for x in k_parts]
+        + [pltpu.VMEM((block_k, dv), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=_interpret(interpret), name="mla_flash_prefill_dkdv",
+    )(*args)
+    dk_parts, dv_ = out[:n], out[n]
+
+    # dq: grid (b, h, i, j)
+    def kj(i, j):
+        return jnp.minimum(j, jax.lax.div((i + 1) * block_q - 1, block_k)) if causal else j
+
+    qspec2 = lambda d: pl.BlockSpec((None, None, block_q, d), lambda b_, h_, i, j: (b_, h_, i, 0))  # noqa: E731
+    kspec2 = lambda d: pl.BlockSpec((None, None, block_k, d), lambda b_, h_, i, j: (b_, h_, kj(i, j), 0))  # noqa: E731
+    row2 = pl.BlockSpec((None, None, block_q, 1), lambda b_, h_, i, j: (b_, h_, i, 0))
+    dq_parts = pl.pallas_call(
+        functools.partial(_dq_kernel, n_parts=n, **kw),
+        grid=(b, h, nq, nk),
+        in_specs=[qspec2(x.shape[-1]) for x in q_parts] + [kspec2(x.shape[-1]) for x in k_parts] + [
+            kspec2(dv), qspec2(dv), row2, row2,
+            pl.BlockSpec((None, block_q, 1), lambda b_, h_, i, j: (b_, i, 0)),
+            pl.BlockSpec((None, 1, block_k), lambda b_, h_, i, j: (b_, 0, kj(i, j)))],
+        out_specs=[qspec2(x.shape[-1]) for x in q_parts],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in q_parts],
+        scratch_shapes=[pltpu.VMEM((block_q, x.shape[-1]), jnp.float32) for x in q_parts],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=_interpret(interpret), name="mla_flash_prefill_dq",
+    )(*args)
+    return list(dq_parts), list(dk_parts), dv_
+
+
 # ---- decode ----------------------------------------------------------------------------------------
 def _decode_kernel(len_ref, bt_ref, ql_ref, qr_ref, ckv_ref, kr_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
                    scale: float, pages_per_split: int):

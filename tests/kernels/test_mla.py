@@ -68,11 +68,12 @@ def test_prefill_v3_head_dims(backend):
     assert ops.dim_parts(192) == [(0, 128, 128), (128, 64, 64)] and ops.dim_parts(576)[1] == (512, 64, 64)
 
 
-@pytest.mark.parametrize("backend,causal", [("blockwise", True), ("pallas_gpu", True), ("pallas_gpu", False)])
+@pytest.mark.parametrize("backend,causal", [("blockwise", True), ("pallas_gpu", True), ("pallas_gpu", False),
+                                            ("pallas_tpu", True)])
 def test_prefill_gradients_match_reference(backend, causal):
     """custom_vjp vs autodiff of the reference, packed segments, S not a multiple of the block:
-    ``blockwise`` = jnp forward + jnp blockwise backward; ``pallas_gpu`` = Triton forward + Triton
-    dk/dv and dq kernels (interpreted)."""
+    ``blockwise`` = jnp forward + jnp blockwise backward; ``pallas_gpu`` / ``pallas_tpu`` = the
+    kernel's forward + its dk/dv and dq kernels (interpreted; 16-wide blocks: 2 key blocks)."""
     q, k, v = _qkv(2, 21, 2, 24, 16, seed=7)
     seg = jnp.asarray([[1] * 9 + [2] * 12, [1] * 21], jnp.int32)
     w = _normal(11, (2, 21, 2, 16))
@@ -283,6 +284,10 @@ def test_kernels_lower_for_cuda_and_tpu():
     ex = export.export(bwd, platforms=["cuda"], disabled_checks=triton)(
         *pre, S((b, h, sp, 128), bf), S((b, h, sp), f32), S((b, h, sp), f32))
     assert "xla.gpu.triton" in ex.mlir_module()
+    bwd = jax.jit(lambda qa, qb, ka, kb, v, qs, ks, do, lse, delta: pallas_tpu.prefill_bwd(
+        [qa, qb], [ka, kb], v, qs, ks, do, lse, delta, scale=0.1, causal=True))
+    ex = export.export(bwd, platforms=["tpu"])(*pre, S((b, h, sp, 128), bf), S((b, h, sp), f32), S((b, h, sp), f32))
+    assert "tpu_custom_call" in ex.mlir_module()
     n_pages, page, hd = 16, 64, 64
     dec = (S((2, hd, 512), bf), S((2, hd, 64), bf), S((n_pages, page, 512), bf), S((n_pages, page, 64), bf),
            S((2, 8), jnp.int32), S((2,), jnp.int32))
