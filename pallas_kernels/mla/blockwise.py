@@ -2,9 +2,10 @@
 backward (scores recomputed block by block from the saved log-sum-exp). Both keep ``O(S·block)``
 scores alive instead of the reference's ``O(S²)``.
 
-The backward is what ``ops.prefill`` differentiates with on every backend (the Pallas kernels are
-forward-only): a ``lax.scan`` over key blocks, each step recomputing ``p = exp(q·kᵀ·scale − lse)``
-for all queries against one key block and producing that block's ``dk, dv`` and a ``dq`` update.
+The backward is what ``ops.prefill`` differentiates with for ``backend='blockwise'`` (the Pallas
+backends have their own backward kernels with the same math): a ``lax.scan`` over key blocks, each
+step recomputing ``p = exp(q·kᵀ·scale − lse)`` for all queries against one key block and producing
+that block's ``dk, dv`` and a ``dq`` update.
 
 Layout here is head-major: ``q, k [B, H, S, Dqk]``, ``v, o, do [B, H, S, Dv]``, ``lse [B, H, S]``;
 ``q_seg`` / ``kv_seg`` ``[B, S]`` int (pads use ids that never match: see ``ops._segments``).

@@ -3,7 +3,9 @@
 **Prefill** (flash forward): one program per ``(batch, head, query block)``; it walks the key blocks
 (only up to the diagonal when causal) with an online softmax and writes the output block and its
 log-sum-exp (saved for the backward). The head dims arrive split in power-of-2 parts — q/k
-``192 = 128 (nope) + 64 (rope)`` — and the score is the sum of the parts' dots.
+``192 = 128 (nope) + 64 (rope)`` — and the score is the sum of the parts' dots. **Prefill backward**
+(FlashAttention-2): a dk/dv kernel per key block walking the query blocks and a dq kernel per query
+block walking the key blocks, both recomputing ``p`` from the saved log-sum-exp.
 
 **Decode** (absorbed, split-KV): one program per ``(batch, head block, split)`` attends a block of
 heads to its split of the latent page pool: pages come through the block table, the score is

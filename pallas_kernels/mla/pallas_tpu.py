@@ -3,7 +3,9 @@
 **Prefill** (flash forward): grid ``(B, H, S/BQ, S/BK)`` with the key axis innermost and sequential;
 the running max, denominator and fp32 output accumulator live in VMEM scratch across key steps.
 Causal: key blocks above the diagonal are skipped (``pl.when``) and their index map is clamped to
-the last needed block, so no DMA is issued for them either.
+the last needed block, so no DMA is issued for them either. **Prefill backward**: the same
+structure twice (dk/dv over grid ``(B, H, key blocks, query blocks)``, dq over
+``(B, H, query blocks, key blocks)``), fp32 VMEM accumulators along the sequential axis.
 
 **Decode** (absorbed, split-KV): grid ``(B, splits, pages_per_split)``; the lengths and the block
 table are scalar-prefetched into SMEM and the index maps DMA page ``block_table[b, page]`` of the
