@@ -293,5 +293,8 @@ def test_kernels_lower_for_cuda_and_tpu():
            S((2, 8), jnp.int32), S((2,), jnp.int32))
     gpu = jax.jit(lambda *a: pallas_gpu.decode_partial(*a, scale=0.1, num_splits=2, block_h=64, pages_per_block=1))
     assert "xla.gpu.triton" in export.export(gpu, platforms=["cuda"], disabled_checks=triton)(*dec).mlir_module()
+    small_pages = (*dec[:2], S((37, 16, 512), bf), S((37, 16, 64), bf), S((2, 24), jnp.int32), dec[5])  # 4 per block
+    gpu = jax.jit(lambda *a: pallas_gpu.decode_partial(*a, scale=0.1, num_splits=3, block_h=64, pages_per_block=4))
+    assert "xla.gpu.triton" in export.export(gpu, platforms=["cuda"], disabled_checks=triton)(*small_pages).mlir_module()
     tpu = jax.jit(lambda *a: pallas_tpu.decode_partial(*a, scale=0.1, num_splits=2))
     assert "tpu_custom_call" in export.export(tpu, platforms=["tpu"])(*dec).mlir_module()
