@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     train_s = time.perf_counter() - t0
 
     ckpt = str(Path(res["checkpoint"]).resolve())
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax notes about the reader's layout probing
     cfg, model = load_checkpoint(ckpt)
     tok = load_tokenizer(Path(ckpt) / "tokenizer.json")
     val = list(make_dataset(run.data, tok, split="validation", vocab_size=cfg.vocab_size))[:run.train.eval_batches]
