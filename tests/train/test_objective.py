@@ -170,3 +170,46 @@ def test_grad_accumulation_equals_full_batch():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
     for a, b in zip(jax.tree.leaves(s2["bias"]), jax.tree.leaves(s1["bias"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_low_precision_adam_moments():
+    """`moment_dtype=float32` through our Adam equals optax's; bfloat16 stores the moments in bf16 and
+    stays within bf16 rounding of it (relative 1e-2 on the update)."""
+    import optax
+    from dsv3_jax.train.optim import scale_by_adam_lowp
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)}
+    grads = [{"w": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)} for _ in range(3)]
+    ref, ours, low = optax.scale_by_adam(0.9, 0.95, 1e-8), scale_by_adam_lowp(0.9, 0.95, 1e-8, "float32"), \
+        scale_by_adam_lowp(0.9, 0.95, 1e-8, "bfloat16")
+    sr, so, sl = ref.init(params), ours.init(params), low.init(params)
+    for g in grads:
+        ur, sr = ref.update(g, sr)
+        uo, so = ours.update(g, so)
+        ul, sl = low.update(g, sl)
+        np.testing.assert_allclose(np.asarray(uo["w"]), np.asarray(ur["w"]), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(ul["w"]), np.asarray(ur["w"]), rtol=2e-2, atol=1e-3)
+    assert sl.mu["w"].dtype == jnp.bfloat16 and sl.nu["w"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("balance", ["aux_free", "none"])
+def test_total_loss_is_ce_plus_weighted_terms(balance):
+    """total = CE + λ·MTP + α·L_bal (the α term only when balancing uses a loss)."""
+    from dsv3_jax.train.step import denominators, make_loss_fn
+    run = load_run_config("tiny", ["num_layers=1", "first_k_dense=0", "remat=none", f"balance={balance}",
+                                   "balance_alpha=0.5", "mtp_weight=0.3"])
+    cfg = run.model
+    model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0))
+    graphdef, params, bias, rest = nnx.split(model, nnx.Param, RouterBias, ...)
+    rng = np.random.default_rng(0)
+    B, S = 2, 12
+    tok = rng.integers(3, cfg.vocab_size, (B, S + 1)).astype(np.int32)
+    batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "segment_ids": np.ones((B, S), np.int32),
+             "positions": np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy(),
+             "loss_mask": np.ones((B, S), np.int32)}
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    fn = jax.jit(make_loss_fn(graphdef, cfg, run.train))
+    total, aux = fn(params, bias, rest, batch, denominators(batch, cfg.num_mtp_layers), jnp.float32(0))
+    want = aux["ce"] + 0.3 * aux["mtp"] + (0.5 * aux["balance"] if balance == "aux_free" else 0.0)
+    np.testing.assert_allclose(float(total), float(want), rtol=1e-6)
+    assert float(aux["balance"]) >= 2.0 - 1e-5   # Σ f·P ≥ 1 per router (MoE layer + MTP block)

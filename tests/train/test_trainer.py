@@ -49,8 +49,8 @@ def test_short_run_lowers_loss_and_checkpoint_loads(make_run, tmp_path):
     assert last < first - 0.5, (first, last)
     assert recs[11]["eval_loss"] > res["eval_loss"]
     assert all(r["finite"] for r in recs) and res["skipped"] == 0
-    # every logged term is present and the balance term is the Σ f·P of 2 routers (main MoE + MTP) ≥ 2·1
-    assert recs[-1]["mtp"] > 0 and recs[-1]["balance"] >= 2.0 and len(recs[-1]["imbalance"]) == 1
+    # every logged term is present; the balance term sums Σ f·P (≈ 1 when even) over 2 routers (MoE + MTP)
+    assert recs[-1]["mtp"] > 0 and recs[-1]["balance"] > 1.5 and len(recs[-1]["imbalance"]) == 1
     # the aux-loss-free bias moved, by multiples of γ
     assert recs[-1]["bias_absmean"][0] > 0
     # the checkpoint is the M2 format: load_checkpoint gives the trained variables, bias included
