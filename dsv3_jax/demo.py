@@ -28,26 +28,19 @@ def unigram_entropy(batches) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def greedy(forward, state, tokenizer, prompt: str, length: int, new_tokens: int = 48) -> str:
-    ids = tokenizer.encode(prompt)
-    ids = [tokenizer.bos_id] + ids
-    for _ in range(new_tokens):
-        window = ids[-length:]
-        buf = np.full((1, length), tokenizer.pad_id, np.int32)
-        buf[0, :len(window)] = window
-        logits = forward(state, buf).logits
-        nxt = int(np.asarray(logits[0, len(window) - 1]).argmax())
-        if nxt == tokenizer.eos_id:
-            break
-        ids.append(nxt)
-    return tokenizer.decode(ids[1:])
+def continuation(model, tokenizer, prompt: str, new_tokens: int = 48):
+    """Greedy continuation with the latent KV cache and MTP speculative decoding (dsv3 generate)."""
+    from .inference import Generator
+    ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+    res = Generator(model)([ids], max_new_tokens=new_tokens, stop_tokens=[tokenizer.eos_id], speculative="mtp")
+    out = [t for t in res.tokens[0] if t != tokenizer.eos_id]
+    return tokenizer.decode(out), res
 
 
 def main(argv=None) -> int:
     import jax
     from .checkpoint.orbax_io import load_checkpoint
     from .data import load_tokenizer, make_dataset
-    from .model import make_forward
     from .train import load_run_config, train
 
     overrides = list(sys.argv[1:] if argv is None else argv)
@@ -84,9 +77,9 @@ def main(argv=None) -> int:
     if res.get("bias_absmean"):
         print("router bias |b| mean    " + "  ".join(f"{x:.4f}" for x in res["bias_absmean"]))
     print(f"throughput              {res['tokens_per_s']:,.0f} tokens/s, estimated MFU {res['mfu']:.1%}")
-    forward, state = make_forward(model, mtp=False)
-    text = greedy(forward, state, tok, PROMPT, run.data.seq_len)
-    print(f"\n== greedy continuation of {PROMPT!r} ==\n{text}")
+    text, gen = continuation(model, tok, PROMPT)
+    print(f"\n== greedy continuation of {PROMPT!r} (MTP speculative decoding: {gen.acceptance_rate:.0%} of "
+          f"drafts accepted, {gen.tokens_per_step:.2f} tokens/step) ==\n{PROMPT}{text}")
     return 0
 
 

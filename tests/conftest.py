@@ -1,7 +1,8 @@
 """Test setup: 8 fake CPU devices (before the first jax use) and exact fp32 matmuls."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# LLVM -O0 for XLA:CPU code generation halves compile time, which dominates these tiny tests.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

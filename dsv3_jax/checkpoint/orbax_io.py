@@ -179,7 +179,7 @@ def load_checkpoint(path: str | os.PathLike, mesh=None, rules: Optional[Rules] =
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-    path = Path(path)
+    path = Path(path).resolve()  # Orbax needs absolute paths
     meta = read_marker(path)
     cfg = load_config(meta["config"], overrides)
     params_dir = path / meta.get("params", PARAMS_DIR)

@@ -11,6 +11,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ..config import ModelConfig
 
@@ -75,7 +76,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (self.scale[...].astype(jnp.float32) * xf).astype(self.compute_dtype)
+        return checkpoint_name((self.scale[...].astype(jnp.float32) * xf).astype(self.compute_dtype), "norm")
 
 
 class MLP(nnx.Module):

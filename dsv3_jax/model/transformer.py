@@ -47,17 +47,14 @@ def _stacked_blocks(cfg: ModelConfig, n: int, moe: bool, rngs: nnx.Rngs) -> Bloc
     return make(rngs)
 
 
-_REMAT_SAVE = {  # names tagged with checkpoint_name in the model
-    "save_dots_except_mla_up": ("mla_down", "attn_out"),  # SPEC §8: recompute norms + MLA up-projections
-}
-
-
 def _remat_policy(name: str):
     if name == "full":
         return jax.checkpoint_policies.nothing_saveable
     if name == "save_dots":
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    return jax.checkpoint_policies.save_only_these_names(*_REMAT_SAVE[name])
+    # SPEC §8: keep everything but the RMSNorm outputs and the MLA up-projections (tagged with
+    # checkpoint_name "norm" / "mla_up"), which the backward pass recomputes.
+    return jax.checkpoint_policies.save_anything_except_these_names("norm", "mla_up")
 
 
 def run_stack(blocks: Block, h, cos, sin, segment_ids, valid, remat: str, scan: bool = True):

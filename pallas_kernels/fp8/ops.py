@@ -23,6 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ..dispatch import resolve_backend as _resolve
 from . import pallas_gpu, pallas_tpu, reference as ref
 from .reference import BLOCK, pad_axis
 
@@ -38,22 +39,8 @@ def _gpu_has_fp8() -> bool:
 
 
 def resolve_backend(backend: str, interpret: bool = False) -> str:
-    """The concrete GEMM implementation: ``reference``, ``pallas_gpu`` or ``pallas_tpu``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}.")
-    platform = jax.default_backend()
-    if backend == "auto":
-        if platform == "gpu" and _gpu_has_fp8():
-            return "pallas_gpu"
-        return "pallas_tpu" if platform == "tpu" else "reference"
-    if backend == "pallas":
-        if platform in ("gpu", "tpu"):
-            return f"pallas_{platform}"
-        if not interpret:
-            raise ValueError(f"backend='pallas' has no kernel for platform {platform!r}; pass interpret=True "
-                             "to run the kernel in the Pallas interpreter, or use backend='reference'.")
-        return "pallas_gpu"
-    return backend
+    """The concrete GEMM implementation: ``reference``, ``pallas_gpu`` (FP8 tensor cores only) or ``pallas_tpu``."""
+    return _resolve(backend, interpret, BACKENDS, gpu_supported=_gpu_has_fp8)
 
 
 # ---- quantizers -------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from ..dispatch import resolve_backend as _resolve
 from . import blockwise, pallas_gpu, pallas_tpu, reference as ref
 
 BACKENDS = ("auto", "reference", "blockwise", "pallas", "pallas_gpu", "pallas_tpu")
@@ -31,19 +32,7 @@ BACKENDS = ("auto", "reference", "blockwise", "pallas", "pallas_gpu", "pallas_tp
 
 def resolve_backend(backend: str, interpret: bool = False) -> str:
     """The concrete implementation: ``reference``, ``blockwise``, ``pallas_gpu`` or ``pallas_tpu``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}.")
-    platform = jax.default_backend()
-    if backend == "auto":
-        return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "reference")
-    if backend == "pallas":
-        if platform in ("gpu", "tpu"):
-            return f"pallas_{platform}"
-        if not interpret:
-            raise ValueError(f"backend='pallas' has no kernel for platform {platform!r}; pass interpret=True "
-                             "to run the kernel in the Pallas interpreter, or use backend='reference'.")
-        return "pallas_gpu"
-    return backend
+    return _resolve(backend, interpret, BACKENDS)
 
 
 def _pow2(n: int) -> int:

@@ -258,7 +258,8 @@ def test_roundtrip_bf16_and_fp8_export(src, tmp_path):
 
 
 def test_restore_onto_8_device_mesh(orb):
-    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    import sharding
+    mesh = sharding.make_mesh("fsdp=8")  # restored with the project's logical-axis rules
     _, plain = dsv3.load_checkpoint(orb, overrides=["compute_dtype=float32"])
     seen = []
 
@@ -269,7 +270,7 @@ def test_restore_onto_8_device_mesh(orb):
     _, sharded = dsv3.load_checkpoint(orb, mesh=mesh, rules=rules, overrides=["compute_dtype=float32"])
     assert seen and all(len(a) == len(dict(mapping.param_shapes(CFG))[p]) for p, a in seen)
     emb = sharded.embed[...]
-    assert emb.sharding.spec == jax.sharding.PartitionSpec(None, "x")  # 48 % 8 == 0, 300 % 8 != 0
+    assert emb.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")  # 'embed' → fsdp; 48 % 8 == 0
     assert len(emb.addressable_shards) == 8 and emb.addressable_shards[0].data.shape == (300, 6)
     experts = sharded.moe_layers.mlp.experts.gate[...]
     assert experts.sharding.spec[0] is None and len({s.device for s in experts.addressable_shards}) == 8
