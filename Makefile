@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+JOBS ?= 2   # pytest-xdist workers: XLA compiles are single-threaded, so one per core
 
 .PHONY: setup test test-all demo bench clean
 
@@ -16,10 +17,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) $(PYTEST_ARGS)
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) -m "" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python -m dsv3_jax.demo
