@@ -22,6 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--speculative", choices=("mtp",), help="draft with the MTP module, verify with the main model")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (token_ids, text, steps, acceptance_rate) instead of streaming")
+    p.add_argument("--mesh", help="run on a device mesh, e.g. data=2,expert=4 (expert-parallel MoE)")
+    p.add_argument("--ep-strategy", default="allgather", choices=("allgather", "ragged_a2a", "a2a_capacity"))
     p.add_argument("overrides", nargs="*", metavar="key=value", help="runtime config overrides, e.g. compute_dtype=float32")
     p.set_defaults(func=cmd_generate)
 
@@ -58,8 +60,12 @@ def cmd_generate(args) -> int:
     if not stops and tok is not None:
         eos = tok.token_to_id("<｜end▁of▁sentence｜>")
         stops = [eos] if eos is not None else []
-    _, model = load_checkpoint(args.checkpoint, overrides=args.overrides)
-    gen = Generator(model)
+    mesh = None
+    if args.mesh:
+        from sharding import make_mesh
+        mesh = make_mesh(args.mesh)
+    _, model = load_checkpoint(args.checkpoint, mesh=mesh, overrides=args.overrides)
+    gen = Generator(model, mesh=mesh, ep_strategy=args.ep_strategy)
     streamed: list[int] = []
 
     def on_token(_: int, t: int) -> None:

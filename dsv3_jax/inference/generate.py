@@ -55,9 +55,18 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_k: i
 class Generator:
     """Compiled prefill / decode / verify steps of one model (functional over ``nnx.split``)."""
 
-    def __init__(self, model: DeepSeekV3):
+    def __init__(self, model: DeepSeekV3, mesh=None, ep_strategy: str = "allgather"):
+        """With a ``mesh`` (``sharding.make_mesh``), parameters are placed by the sharding rules and
+        the MoE layers run expert-parallel; batches are padded to a multiple of the batch shards."""
         self.cfg = model.cfg
+        self.mesh = mesh
+        if mesh is not None:
+            from sharding import expert_parallel
+            expert_parallel.enable(model, mesh, ep_strategy)
         self.graphdef, self.state = nnx.split(model)
+        if mesh is not None:
+            from sharding import shard_state
+            self.state = shard_state(self.state, mesh)
         g = self.graphdef
 
         @jax.jit
@@ -110,13 +119,23 @@ class Generator:
         if speculative and temperature > 0:
             raise GenerationError("MTP speculative decoding is greedy-only here (fix: temperature=0, "
                                   "or drop speculative for sampling).")
+        n_real = len(prompts)
+        if self.mesh is not None:  # pad the batch to a multiple of the batch shards (extra rows dropped)
+            from sharding import batch_sharding
+            spec = batch_sharding(self.mesh, 1).spec[0]
+            shards = int(np.prod([self.mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec or ())]))
+            prompts = prompts + [prompts[-1]] * (-len(prompts) % shards)
+            lengths = np.array([len(p) for p in prompts], np.int32)
         B, P = len(prompts), int(lengths.max())
         tokens = np.zeros((B, P), np.int32)
         for b, p in enumerate(prompts):
             tokens[b, :len(p)] = p
         check_tokens(tokens, cfg.vocab_size, "prompt tokens")
+        if self.mesh is not None:
+            from sharding import batch_sharding
+            tokens = jax.device_put(tokens, batch_sharding(self.mesh))
         cache = init_cache(cfg, B, total + 2, mtp=bool(speculative))
-        logits, hidden, cache = self.prefill(self.state, jnp.asarray(tokens), cache)
+        logits, hidden, cache = self.prefill(self.state, tokens, cache)
         rows = jnp.arange(B)
         last = jnp.asarray(lengths - 1)
         key = jax.random.key(seed)
@@ -124,6 +143,7 @@ class Generator:
         nxt = sample(logits[rows, last], sub, temperature, top_k, top_p)
         out: list[list[int]] = [[] for _ in range(B)]
         done = np.zeros(B, bool)
+        done[n_real:] = True  # padding rows of a sharded batch
         stops = set(int(s) for s in stop_tokens)
 
         def emit(b: int, t: int) -> None:
@@ -147,7 +167,7 @@ class Generator:
                 key, sub = jax.random.split(key)
                 nxt = sample(logits[:, 0], sub, temperature, top_k, top_p)
                 pos, steps = pos + 1, steps + 1
-            return GenerateResult(out, steps)
+            return GenerateResult(out[:n_real], steps)
 
         # MTP drafts for the prompt: position i combines h_i with t_{i+1} (the sampled token at the end).
         shifted = jnp.asarray(tokens).at[:, :-1].set(jnp.asarray(tokens)[:, 1:])
@@ -170,7 +190,7 @@ class Generator:
             pos = pos + jnp.where(ok, 2, 1)
             draft = new_draft
             steps += 1
-        return GenerateResult(out, steps, accepted / max(1, proposed))
+        return GenerateResult(out[:n_real], steps, accepted / max(1, proposed))
 
 
 def generate(model_or_checkpoint, prompts: Sequence[Sequence[int]], **kw) -> GenerateResult:

@@ -27,6 +27,8 @@ def test_generate_json_matches_python_api(checkpoint, capsys):
     assert out["token_ids"] == want and 0 <= out["acceptance_rate"] <= 1
     assert main(args[:-1]) == 0  # streaming ids to stdout
     assert capsys.readouterr().out.split() == [str(t) for t in want]
+    assert main(args + ["--mesh", "expert=8"]) == 0  # sharded: same tokens
+    assert json.loads(capsys.readouterr().out)["token_ids"] == want
 
 
 def test_generate_bad_input(checkpoint, capsys, tmp_path):
