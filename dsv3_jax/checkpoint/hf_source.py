@@ -90,7 +90,7 @@ class _TorchReader:
         return t.numpy()
 
     def release(self, name):
-        pass
+        """Nothing to release: a torch state dict is already fully loaded (mmap'ed by torch)."""
 
     def close(self):
         self._t = {}
