@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="HF model directory (config.json + safetensors) or a .bin/.pt state dict")
     c.add_argument("dst", help="output checkpoint directory (must not exist unless --overwrite)")
     c.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="stored parameter dtype")
-    c.add_argument("--keep-fp8", action="store_true", help="store e4m3 weights + scales (not implemented yet)")
+    c.add_argument("--keep-fp8", action="store_true", help="store linear weights as e4m3 + 128x128 block scales (FP8 sources bit for bit): half the size of bf16; inference only")
     c.add_argument("--no-mtp", action="store_true", help="drop the MTP module (model.layers.{num_layers}.*)")
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     c.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -87,6 +87,9 @@ class ModelConfig:
     remat: str = "save_dots_except_mla_up"  # "none" | "full" | "save_dots" | "save_dots_except_mla_up"
     scan_layers: bool = True
     quant: str = "none"  # "none" | "fp8": every Linear's three GEMMs in FP8 (SPEC §6, pallas_kernels.fp8)
+    # Store linear weights as the release does (e4m3 + 128×128 block scales, SPEC §6): half the
+    # memory of bf16, for inference (``dsv3 convert hf-to-orbax --keep-fp8``). Not trainable.
+    fp8_weights: bool = False
 
     # ---- derived ---------------------------------------------------------------------------
     @property

@@ -22,9 +22,12 @@ exchanges move ``≤ topk_group`` copies of a token instead of ``K`` or ``n_shar
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import Optional
 
 import jax
+import numpy as np
 from flax import nnx
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
@@ -46,6 +49,7 @@ class ExpertParallel:
     block: int = 128
     capacity_factor: float = 1.25
     emulate_ragged: Optional[bool] = None  # None: emulate on CPU only
+    quant: str = "none"  # "fp8": the local expert GEMMs in FP8 (SPEC §6), as on one device
 
     @property
     def n_expert_shards(self) -> int:
@@ -74,7 +78,8 @@ def enable(model, mesh: Mesh, strategy: str = "allgather", rules: Rules = DEFAUL
                         "(fix: keep 'expert' in the 'batch' rule).")
     if capacity_factor <= 0:
         raise MeshError(f"capacity_factor={capacity_factor} must be > 0 (fix: use e.g. 1.25).")
-    ep = ExpertParallel(mesh, strategy, batch_axes, cfg.moe_impl, cfg.moe_block_size, capacity_factor, emulate_ragged)
+    ep = ExpertParallel(mesh, strategy, batch_axes, cfg.moe_impl, cfg.moe_block_size, capacity_factor, emulate_ragged,
+                        cfg.quant)
     iter_modules = getattr(nnx, "iter_modules", None) or (lambda m: m.iter_modules())
     for _, module in iter_modules(model):
         if isinstance(module, MoE):
@@ -92,7 +97,8 @@ def _local_expert_sum(x, experts, weights, w_gate, w_up, w_down, ep: ExpertParal
     slot_expert = jnp.where(mine, experts, e_loc)  # e_loc = the null expert (zero weights)
     order, sizes = sort_by_expert(slot_expert, e_loc + 1)
     pad = lambda w: jnp.concatenate([w, jnp.zeros((1,) + w.shape[1:], w.dtype)])  # noqa: E731
-    y_sorted = expert_ffn(x[order // K], sizes, pad(w_gate), pad(w_up), pad(w_down), impl=ep.impl, block=ep.block)
+    y_sorted = expert_ffn(x[order // K], sizes, pad(w_gate), pad(w_up), pad(w_down), impl=ep.impl, block=ep.block,
+                          quant=ep.quant)
     y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True).reshape(N, K, D)
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), jnp.where(mine, weights, 0.0))
 
@@ -207,3 +213,69 @@ def moe_forward(ep: ExpertParallel, cfg, x: jax.Array, router_kernel: jax.Array,
     out, weights, experts, scores, dropped = fn(x, router_kernel, dummy_bias, w_gate, w_up, w_down)
     flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
     return out, Routing(flat(weights), flat(experts), flat(scores)), dropped
+
+
+# ---- communication volume (benchmarks/expert_parallel.py, notebooks/expert_parallel.ipynb) ----------
+
+_COLLECTIVE = re.compile(r"= (.*?) (all-gather|reduce-scatter|all-to-all|all-reduce|ragged-all-to-all)(?:-start)?\(")
+_HLO_SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
+_HLO_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+              "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1}
+
+
+def collective_bytes(hlo_text: str) -> int:
+    """Result bytes of every collective (all-gather, reduce-scatter, all-to-all, all-reduce,
+    ragged-all-to-all) in a compiled per-device HLO module (``jit(f).lower(...).compile().as_text()``).
+    Result sizes include the device's own chunk and any router-statistics reductions."""
+    total = 0
+    for types, _ in _COLLECTIVE.findall(hlo_text):
+        for dtype, dims in _HLO_SHAPE.findall(types):
+            total += math.prod(int(d) for d in dims.split(",") if d) * _HLO_BYTES.get(dtype, 4)
+    return total
+
+
+def shards_per_token(experts, n_experts: int, n_shards: int) -> np.ndarray:
+    """How many distinct expert shards hold each token's experts: ``experts [T, K]`` → ``[T]``
+    (experts are split over the shards in equal contiguous ranges, as ``enable`` does)."""
+    shard = np.asarray(experts).reshape(-1, np.shape(experts)[-1]) // (n_experts // n_shards)
+    s = np.sort(shard, axis=-1)
+    return 1 + (np.diff(s, axis=-1) != 0).sum(-1)
+
+
+def exchange_bytes_per_token(experts, *, n_experts: int, n_shards: int, hidden: int, dtype_bytes: int = 4,
+                             capacity_factor: float = 1.25, source_shard=None,
+                             tokens_per_shard: Optional[int] = None) -> dict[str, float]:
+    """Mean bytes per token and MoE layer that cross between expert shards (sent and received; a
+    device's own chunk excluded), for the routing ``experts [T, K]`` (global expert ids), per strategy
+    as this module implements it:
+
+    * ``allgather``: every peer's tokens (hidden ``dtype_bytes`` + K int32 ids + K fp32 gates) come in,
+      fp32 partial outputs go out in the reduce-scatter: ``(n-1)(D·b + 8K + 4D)``, whatever the routing.
+    * ``a2a_capacity``: a dense ``all_to_all`` of ``cap = min(T_s, ceil(cf·T_s·K/n))`` rows to each of
+      the ``n-1`` other shards and back: ``(n-1)·cap/T_s·(D·b + 8K + 4D)``, whatever the routing.
+    * ``ragged_a2a``: one copy of a token to each *other* shard holding one of its experts, the fp32
+      partial sum back: ``others·(D·b + 8K + 4D)`` (GPU/TPU ``ragged_all_to_all``; the CPU emulation pads
+      every chunk to ``T_s`` rows and moves what ``allgather`` moves).
+    * ``minimum``: the hidden vector to each other shard and the result back, nothing else:
+      ``others·2·D·b``.
+
+    ``others`` counts the shards other than the token's own; ``source_shard [T]`` says where each
+    token lives (default: contiguous equal blocks, the batch layout over the ``expert`` axis).
+    ``tokens_per_shard`` ``T_s`` defaults to ``T // n_shards``.
+    """
+    experts = np.asarray(experts).reshape(-1, np.shape(experts)[-1])
+    T, K = experts.shape
+    n, D, b = n_shards, hidden, dtype_bytes
+    if n_experts % n:
+        raise MeshError(f"{n_experts} experts cannot be split over {n} shards (fix: use a divisor of {n_experts}).")
+    if source_shard is None:
+        source_shard = np.arange(T) * n // T
+    per_shard = n_experts // n
+    dest = experts // per_shard                                                 # [T, K]
+    reached = (dest[:, :, None] == np.arange(n)).any(1)                        # [T, n]
+    others = float((reached & (np.arange(n)[None, :] != np.asarray(source_shard)[:, None])).sum(1).mean())
+    t_s = tokens_per_shard or max(1, T // n)
+    cap = min(t_s, -(-int(capacity_factor * t_s * K) // n))
+    row = D * b + 8 * K + 4 * D                                                 # out (hidden + ids + gates) and back (fp32)
+    return {"allgather": float((n - 1) * row), "a2a_capacity": (n - 1) * cap / t_s * row,
+            "ragged_a2a": others * row, "minimum": others * 2 * D * b}

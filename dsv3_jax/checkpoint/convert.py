@@ -115,10 +115,11 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
 
     Memory: about two write groups of ``group_bytes`` output bytes (one being written while the
     next is assembled) plus Orbax's buffers; a routed-expert projection of one layer is the
-    smallest group, so for the 671B release the bound is ~1/3 of a layer."""
-    if keep_fp8:
-        raise CheckpointError("--keep-fp8 is not implemented yet (the model has no FP8 parameter storage); "
-                              "convert without it to get dequantised weights.")
+    smallest group, so for the 671B release the bound is ~1/3 of a layer.
+
+    ``keep_fp8``: the linear weights SPEC §6 runs in FP8 are stored as e4m3 + 128×128 block scales
+    (``fp8_weights`` in the stored config): FP8 source tensors are copied bit for bit (transposed into
+    our layout), others are quantised like the release. ``dtype`` then applies to the rest."""
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype!r}: must be one of {list(DTYPES)}.")
     src = Path(src)
@@ -131,7 +132,8 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
             print(f"note: {src} has no MTP weights (model.layers.{cfg.num_layers}.*); converting without MTP.",
                   file=sys.stderr)
             include_mtp = False
-        stored_cfg = cfg.replace(param_dtype=dtype, num_mtp_layers=cfg.num_mtp_layers if include_mtp else 0)
+        stored_cfg = cfg.replace(param_dtype=dtype, num_mtp_layers=cfg.num_mtp_layers if include_mtp else 0,
+                                 fp8_weights=keep_fp8)
         # 1. Check names and shapes of everything before writing anything.
         mapping.check_names(cfg, source.names, include_mtp)
         shapes = mapping.param_shapes(stored_cfg)
@@ -149,9 +151,20 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
         from concurrent.futures import ThreadPoolExecutor
         t0 = time.time()
 
+        def scale_path(path: tuple):  # FP8-stored weight → its block scales (None: stored as float)
+            sp = mapping.fp8_scale_path(path)
+            return sp if keep_fp8 and sp in shapes else None
+
         def fill(arrays: dict, pc: mapping.Piece) -> int:
             key, sub = orbax_io.disk_path(pc.path, pc.index)
             piece_shape = shapes[pc.path][len(pc.index):]
+            sp = scale_path(pc.path)
+            if sp is not None:  # --keep-fp8: the release's bits, transposed; float sources quantised like it
+                w8, s_inv = source.get_fp8(pc.hf_name) if source.is_fp8(pc.hf_name) else \
+                    fp8.quantize(source.get(pc.hf_name, np.float32))
+                arrays[key][sub], arrays[orbax_io.disk_path(sp, pc.index)[0]][sub] = \
+                    mapping.to_ours_fp8(w8, s_inv, piece_shape)
+                return source.nbytes(pc.hf_name)
             w = source.get(pc.hf_name, np.float32)
             if pc.transform == mapping.LINEAR and len(piece_shape) == 2:
                 arrays[key][sub] = w.T  # transpose and cast in one pass
@@ -175,11 +188,13 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
                 for group in _groups(units, out_bytes, group_bytes):
                     arrays: dict[tuple, np.ndarray] = {}
                     for pc in group:
-                        key, _ = orbax_io.disk_path(pc.path, pc.index)
-                        if key not in arrays:  # the model's dtype: --dtype; the router bias stays fp32 (SPEC §6)
-                            full = shapes[pc.path]
-                            arrays[key] = np.empty(full[1:] if (orbax_io.stack_len(pc.path) and pc.index) else full,
-                                                   dtypes[pc.path])
+                        per_layer = bool(orbax_io.stack_len(pc.path) and pc.index)
+                        # the model's dtype: --dtype (e4m3 with --keep-fp8); the router bias stays fp32 (SPEC §6)
+                        for path in (pc.path, scale_path(pc.path)):
+                            k = path and orbax_io.disk_path(path, pc.index)[0]
+                            if path is not None and k not in arrays:
+                                full = shapes[path]
+                                arrays[k] = np.empty(full[1:] if per_layer else full, dtypes[path])
                     for n in pool.map(lambda pc: fill(arrays, pc), group):
                         bar.update(n)
                     if pending is not None:
@@ -248,9 +263,15 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, fp8_weights: 
             files.append((name, list(shard)))
             shard, shard_bytes = {}, 0
 
-        def emit(name: str, w: np.ndarray):
+        out_dtype = DTYPES["bfloat16"] if meta.get("dtype") == "bfloat16" else np.dtype(np.float32)
+
+        def emit(name: str, w: np.ndarray, scale_inv: Optional[np.ndarray] = None):
             nonlocal shard_bytes
-            if fp8_weights and _fp8_eligible(name) and w.ndim == 2:
+            if scale_inv is not None and not fp8_weights:  # FP8-stored checkpoint exported as float
+                w, scale_inv = fp8.dequantize(w, scale_inv, dtype=out_dtype, name=name), None
+            if scale_inv is not None:  # stored FP8 goes out bit for bit
+                tensors = {name: w, name + "_scale_inv": scale_inv}
+            elif fp8_weights and _fp8_eligible(name) and w.ndim == 2:
                 q, s = fp8.quantize(np.asarray(w, np.float32))
                 tensors = {name: q, name + "_scale_inv": s}
             else:
@@ -261,14 +282,26 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, fp8_weights: 
             shard.update(tensors)
             shard_bytes += size
 
+        def scale_path(path: tuple):
+            sp = mapping.fp8_scale_path(path)
+            return sp if cfg.fp8_weights and sp in shapes else None
+
         for _, plist in units:
-            keys = {orbax_io.disk_path(pc.path, pc.index if on_disk_layer else ())[0] for pc in plist}
+            keys = {orbax_io.disk_path(p, pc.index if on_disk_layer else ())[0]
+                    for pc in plist for p in (pc.path, scale_path(pc.path)) if p is not None}
             arrays = orbax_io.read_params(src, keys)
             for pc in plist:
                 key, sub = orbax_io.disk_path(pc.path, pc.index if on_disk_layer else ())
                 piece = arrays[key][sub]
-                w = mapping.to_hf(pc, piece, mapping.kernel_in_ndim(pc.path))
-                emit(pc.hf_name, w)
+                sp = scale_path(pc.path)
+                if sp is not None:
+                    w, s_inv = mapping.to_hf_fp8(piece, arrays[orbax_io.disk_path(sp, pc.index if on_disk_layer
+                                                                                  else ())[0]][sub],
+                                                 mapping.kernel_in_ndim(pc.path))
+                    emit(pc.hf_name, w, s_inv)
+                else:
+                    w = mapping.to_hf(pc, piece, mapping.kernel_in_ndim(pc.path))
+                    emit(pc.hf_name, w)
                 bar.update(w.size * 4)
             if plist[0].path[0] == "mtp":  # the release stores embedding and head again in the MTP layer
                 top = orbax_io.read_params(src, [("embed",), ("lm_head",)])

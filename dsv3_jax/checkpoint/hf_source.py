@@ -280,6 +280,25 @@ class HFSource:
         e.reader.release(e.raw)
         return out
 
+    def get_fp8(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Owned copies of an FP8 tensor as stored: e4m3 ``[out, in]`` and its float32
+        ``weight_scale_inv`` ``[ceil(out/128), ceil(in/128)]`` (for ``--keep-fp8``)."""
+        e, s_name = self._entries[name], self.scales[name]
+        try:
+            w8 = np.array(self._raw(name)).view(fp8.E4M3)
+            s = np.array(self._raw(s_name), np.float32)
+        except (OSError, ValueError) as err:
+            if isinstance(err, (SafetensorsError, CheckpointError)):
+                raise
+            raise CheckpointError(f"{getattr(e.reader, 'path', '?')}: reading {name!r} failed ({err}).") from None
+        if w8.ndim != 2 or s.shape != fp8.scale_shape(w8.shape):
+            raise fp8.FP8FormatError(f"{name}: weight_scale_inv has shape {s.shape}, but a {w8.shape} weight in "
+                                     f"128x128 blocks needs {fp8.scale_shape(w8.shape) if w8.ndim == 2 else '2-D'} "
+                                     "(fix: re-export the shard).")
+        e.reader.release(e.raw)
+        self._entries[s_name].reader.release(self._entries[s_name].raw)
+        return w8, s
+
     def close(self) -> None:
         for r in self._readers:
             r.close()

@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Mapping, Optional
 import numpy as np
 
 from ..config import ModelConfig
+from . import fp8
 
 Path = tuple  # e.g. ("moe_layers", "attn", "q_b_proj", "kernel")
 
@@ -129,6 +130,25 @@ def to_hf(piece: Piece, our_slice: np.ndarray, in_ndim: int) -> np.ndarray:
     return our_slice
 
 
+def fp8_scale_path(path: Path) -> Path:
+    """Where the block scales of an FP8-stored weight live (``fp8_weights``): ``.../kernel_scale``
+    beside a Linear's ``kernel``, ``experts/<proj>_scale`` beside a routed expert weight."""
+    return path[:-1] + ((f"{path[-1]}_scale",) if len(path) > 1 and path[-2] == "experts" else ("kernel_scale",))
+
+
+def to_ours_fp8(w8: np.ndarray, scale_inv: np.ndarray, piece_shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Release FP8 ``weight [out, in]`` + ``weight_scale_inv [ob, ib]`` → our e4m3 slice (``[in, out]``
+    reshaped like the kernel) and scales ``[ib, ob]``: a transpose, nothing re-quantised."""
+    return np.ascontiguousarray(w8.T).reshape(piece_shape), np.ascontiguousarray(np.asarray(scale_inv, np.float32).T)
+
+
+def to_hf_fp8(q_slice: np.ndarray, s_slice: np.ndarray, in_ndim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of ``to_ours_fp8``: our e4m3 slice and scales → release ``weight`` and ``weight_scale_inv``."""
+    s = q_slice.shape
+    q = q_slice.reshape(int(np.prod(s[:in_ndim])), -1)
+    return np.ascontiguousarray(q.T), np.ascontiguousarray(s_slice.T)
+
+
 def kernel_in_ndim(path: Path) -> int:
     """How many leading dims of a (de-stacked) kernel are inputs: o_proj is ``[H, Dv, D]``."""
     return 2 if path[-2:] == ("o_proj", "kernel") else 1
@@ -236,12 +256,19 @@ def hf_to_params(get: Callable[[str], np.ndarray] | Mapping[str, np.ndarray], cf
     out: dict[Path, np.ndarray] = {}
     for p in plist:
         full = shapes[p.path]
+        scale_path = fp8_scale_path(p.path) if cfg.fp8_weights else None
+        fp8_stored = scale_path in shapes
         if p.path not in out:
-            out[p.path] = np.zeros(full, dtype)
+            out[p.path] = np.zeros(full, fp8.E4M3 if fp8_stored else dtype)
+            if fp8_stored:
+                out[scale_path] = np.zeros(shapes[scale_path], np.float32)
         piece_shape = full[len(p.index):]
         w = np.asarray(get(p.hf_name))
         check_shape(p, tuple(w.shape), piece_shape)
-        out[p.path][p.index] = to_ours(p, w.astype(dtype), piece_shape)
+        if fp8_stored:  # FP8 storage: quantised like the release (exact for release-quantised weights)
+            out[p.path][p.index], out[scale_path][p.index] = to_ours_fp8(*fp8.quantize(w), piece_shape)
+        else:
+            out[p.path][p.index] = to_ours(p, w.astype(dtype), piece_shape)
     return out
 
 

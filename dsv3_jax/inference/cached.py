@@ -65,7 +65,7 @@ def mla_cached(attn: MLA, x, cos, sin, positions, ckv, krope):
     b = jnp.arange(x.shape[0])[:, None]
     ckv = ckv.at[b, positions].set(c_kv.astype(ckv.dtype))
     krope = krope.at[b, positions].set(k_rope.astype(krope.dtype))
-    w = attn.kv_b_proj.kernel[...].astype(q.dtype)                  # [L, H, Dn + Dv]
+    w = attn.kv_b_proj.weight(q.dtype)                               # [L, H, Dn + Dv]
     w_k, w_v = w[..., :cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
     q_lat = jnp.einsum("bshn,lhn->bshl", q_nope, w_k)
     if x.shape[1] == 1:  # one new token per sequence: the decode kernel (pallas_kernels.mla.decode)

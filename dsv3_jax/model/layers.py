@@ -21,6 +21,38 @@ class RouterBias(nnx.Variable):
     the training loop from global expert loads, never by the optimizer (it is not an ``nnx.Param``)."""
 
 
+class FP8Scale(nnx.Variable):
+    """Block scales of an FP8-stored weight (``fp8_weights``, SPEC §6): the weight is ``q * scale``
+    per 128×128 block of its flattened ``[in, out]`` matrix (the release's ``weight_scale_inv``,
+    transposed with the weight). Not an ``nnx.Param``: FP8 storage is for inference."""
+
+
+FP8_BLOCK = 128
+
+
+def fp8_storage(shape: Sequence[int], n_lead: int, n_in: int, axes: Sequence[str | None]
+                ) -> tuple[nnx.Param, FP8Scale]:
+    """An e4m3 weight ``[*lead, *in, *out]`` and its scales ``[*lead, ceil(K/128), ceil(N/128)]``
+    (``K``/``N`` the flattened in/out sizes). Leading (expert) axes of the scales shard like the weight's."""
+    lead, ins, outs = shape[:n_lead], shape[n_lead:n_lead + n_in], shape[n_lead + n_in:]
+    kb, nb = -(-math.prod(ins) // FP8_BLOCK), -(-math.prod(outs) // FP8_BLOCK)
+    q = nnx.Param(jnp.zeros(tuple(shape), jnp.float8_e4m3fn), out_sharding=tuple(axes), eager_sharding=False)
+    s = FP8Scale(jnp.ones((*lead, kb, nb), jnp.float32), out_sharding=tuple(axes[:n_lead]) + (None, None),
+                 eager_sharding=False)
+    return q, s
+
+
+def dequantize_fp8(q: jax.Array, scale: jax.Array, n_in: int, dtype) -> jax.Array:
+    """``q [*lead, *in, *out]`` e4m3 × block ``scale [*lead, Kb, Nb]`` → ``dtype``, same shape.
+    The product is formed in fp32 (exact: e4m3 × fp32 scale), as ``checkpoint.fp8.dequantize``."""
+    n_lead = scale.ndim - 2
+    lead = q.shape[:n_lead]
+    k = math.prod(q.shape[n_lead:n_lead + n_in])
+    n = math.prod(q.shape[n_lead + n_in:])
+    s = jnp.repeat(jnp.repeat(scale, FP8_BLOCK, axis=-2)[..., :k, :], FP8_BLOCK, axis=-1)[..., :n]
+    return (q.reshape(*lead, k, n).astype(jnp.float32) * s).astype(dtype).reshape(q.shape)
+
+
 def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
@@ -48,20 +80,38 @@ class Linear(nnx.Module):
                  axes: Sequence[str | None], cfg: ModelConfig, rngs: nnx.Rngs):
         self.in_shape = (in_features,) if isinstance(in_features, int) else tuple(in_features)
         self.out_shape = (out_features,) if isinstance(out_features, int) else tuple(out_features)
-        self.kernel = param(rngs, self.in_shape + self.out_shape, axes, std=cfg.init_std, dtype=cfg.param_dtype)
+        self.fp8_weights = cfg.fp8_weights
+        if cfg.fp8_weights:  # release-format storage (SPEC §6), e.g. from `convert --keep-fp8`
+            self.kernel, self.kernel_scale = fp8_storage(self.in_shape + self.out_shape, 0, len(self.in_shape), axes)
+        else:
+            self.kernel = param(rngs, self.in_shape + self.out_shape, axes, std=cfg.init_std, dtype=cfg.param_dtype)
         self.compute_dtype = dtype_of(cfg.compute_dtype)
         self.quant = cfg.quant
 
+    def weight(self, dtype=None) -> jax.Array:
+        """The kernel as ``dtype`` (FP8 storage dequantised; default: the compute dtype)."""
+        dtype = dtype or self.compute_dtype
+        if self.fp8_weights:
+            return dequantize_fp8(self.kernel[...], self.kernel_scale[...], len(self.in_shape), dtype)
+        return self.kernel[...].astype(dtype)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = len(self.in_shape)
+        k, n = math.prod(self.in_shape), math.prod(self.out_shape)
+        if self.fp8_weights and self.quant == "fp8":
+            # FP8 inference on the stored weights as released: 1×128 activation tiles × the
+            # checkpoint's 128×128 blocks, fp32 promotion per K block (SPEC §6); no re-quantisation.
+            from pallas_kernels.fp8 import matmul, quantize_activation
+            xq, xs = quantize_activation(x.astype(self.compute_dtype).reshape(*x.shape[:x.ndim - n_in], k))
+            y = matmul(xq, xs, self.kernel[...].reshape(k, n).T, self.kernel_scale[...].T,
+                       out_dtype=self.compute_dtype)
+            return y.reshape(*y.shape[:-1], *self.out_shape)
         if self.quant == "fp8":  # SPEC §6: forward, dgrad and wgrad GEMMs in FP8 on the fp32 master weight
             from pallas_kernels.fp8 import linear as fp8_linear
-            k, n = math.prod(self.in_shape), math.prod(self.out_shape)
             y = fp8_linear(x.astype(self.compute_dtype).reshape(*x.shape[:x.ndim - n_in], k),
                            self.kernel[...].reshape(k, n))
             return y.reshape(*y.shape[:-1], *self.out_shape)
-        w = self.kernel[...].astype(self.compute_dtype)
-        return jax.lax.dot_general(x.astype(self.compute_dtype), w,
+        return jax.lax.dot_general(x.astype(self.compute_dtype), self.weight(),
                                    ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
 
 

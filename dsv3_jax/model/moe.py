@@ -12,7 +12,7 @@ from flax import nnx
 
 from ..config import ModelConfig
 from .grouped_gemm import expert_ffn, sort_by_expert
-from .layers import MLP, RouterBias, dtype_of, param
+from .layers import MLP, RouterBias, dequantize_fp8, dtype_of, fp8_storage, param
 
 
 class Routing(NamedTuple):
@@ -81,13 +81,29 @@ class Router(nnx.Module):
 
 
 class Experts(nnx.Module):
-    """Stacked routed expert weights ``[E, D, I]`` / ``[E, I, D]``."""
+    """Stacked routed expert weights ``[E, D, I]`` / ``[E, I, D]`` (with ``fp8_weights``: e4m3 plus
+    per-expert 128×128 block scales ``gate_scale``/``up_scale``/``down_scale``, SPEC §6)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate = param(rngs, (E, D, I), ("expert", "embed", "moe_mlp"), std=cfg.init_std, dtype=cfg.param_dtype)
-        self.up = param(rngs, (E, D, I), ("expert", "embed", "moe_mlp"), std=cfg.init_std, dtype=cfg.param_dtype)
-        self.down = param(rngs, (E, I, D), ("expert", "moe_mlp", "embed"), std=cfg.init_std, dtype=cfg.param_dtype)
+        self.fp8_weights = cfg.fp8_weights
+        for name, shape, axes in (("gate", (E, D, I), ("expert", "embed", "moe_mlp")),
+                                  ("up", (E, D, I), ("expert", "embed", "moe_mlp")),
+                                  ("down", (E, I, D), ("expert", "moe_mlp", "embed"))):
+            if cfg.fp8_weights:
+                q, s = fp8_storage(shape, 1, 1, axes)
+                setattr(self, name, q)
+                setattr(self, f"{name}_scale", s)
+            else:
+                setattr(self, name, param(rngs, shape, axes, std=cfg.init_std, dtype=cfg.param_dtype))
+
+    def weights(self, dtype=None) -> list[jax.Array]:
+        """``[gate, up, down]`` as ``dtype`` (FP8 storage dequantised in fp32; ``None``: the stored
+        dtype, or fp32 for FP8 storage — what the FP8 training path quantizes)."""
+        if self.fp8_weights:
+            return [dequantize_fp8(getattr(self, n)[...], getattr(self, f"{n}_scale")[...], 1, dtype or jnp.float32)
+                    for n in ("gate", "up", "down")]
+        return [w[...] if dtype is None else w[...].astype(dtype) for w in (self.gate, self.up, self.down)]
 
 
 class MoE(nnx.Module):
@@ -106,9 +122,8 @@ class MoE(nnx.Module):
         order, group_sizes = sort_by_expert(routing.experts, cfg.n_routed_experts)
         cdt = dtype_of(cfg.compute_dtype)
         x_sorted = x.astype(cdt)[order // K]
-        ex = self.experts
         # FP8 (SPEC §6) quantizes the fp32 master weights and returns fp32 weight gradients.
-        ws = [w[...] if cfg.quant == "fp8" else w[...].astype(cdt) for w in (ex.gate, ex.up, ex.down)]
+        ws = self.experts.weights(None if cfg.quant == "fp8" else cdt)
         y_sorted = expert_ffn(x_sorted, group_sizes, *ws, impl=cfg.moe_impl, block=cfg.moe_block_size,
                               quant=cfg.quant)
         y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True).reshape(T, K, -1)
@@ -125,10 +140,10 @@ class MoE(nnx.Module):
         else:  # expert-parallel over a mesh (sharding/expert_parallel.py)
             from sharding.expert_parallel import moe_forward
             cdt = dtype_of(self.cfg.compute_dtype)
-            ex, r = self.experts, self.router
+            r = self.router
             out, routing, dropped = moe_forward(
                 self.ep, self.cfg, x.astype(cdt), r.kernel[...], None if r.bias is None else r.bias[...],
-                ex.gate[...].astype(cdt), ex.up[...].astype(cdt), ex.down[...].astype(cdt))
+                *self.experts.weights(None if self.cfg.quant == "fp8" else cdt))
         if self.shared is not None:
             out = out + self.shared(x)
         return out, router_stats(routing, B, S, self.cfg.n_routed_experts, valid)._replace(dropped=dropped)

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..data import make_dataset
 from ..data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from ..config import ConfigError
 from ..info import model_info
 from ..model import DeepSeekV3
 from ..model.layers import RouterBias
@@ -96,6 +97,10 @@ class Trainer:
         from sharding.rules import DEFAULT_RULES
         self.run, self.log = run, log
         cfg, t, d = run.model, run.train, run.data
+        if cfg.fp8_weights:
+            raise ConfigError("model.fp8_weights=true stores weights as e4m3 for inference and cannot be trained "
+                              "(fix: set model.fp8_weights=false — FP8 training is model.quant=fp8 on fp32 master "
+                              "weights — or convert the checkpoint without --keep-fp8).")
         self.out = Path(t.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         check_writable(self.ckpt_dir, 1 << 20)  # before any work; the size check follows below

@@ -44,11 +44,13 @@ def _grouped_fwd(xb, w, block_expert, out_dtype, backend, interpret, pow2_scale)
     wq, ws = jax.vmap(lambda m: ref.quantize_weight(m, pow2_scale=pow2_scale))(jnp.swapaxes(w, 1, 2))  # [E, N, K]
     wq_b, ws_b = wq[block_expert], ws[block_expert]
     y = _block_gemm(xq, xs, wq_b, _rows(ws_b, wq.shape[1]), out_dtype, backend, interpret)
-    return y, (xq, xs, wq, ws, block_expert, jnp.zeros((0,), xb.dtype), jnp.zeros((0,), w.dtype))
+    return y, (ref.to_bits(xq), xs, ref.to_bits(wq), ws, block_expert, jnp.zeros((0,), xb.dtype),
+               jnp.zeros((0,), w.dtype))
 
 
 def _grouped_bwd(out_dtype, backend, interpret, pow2_scale, res, dy):
     xq, xs, wq, ws, block_expert, x_like, w_like = res
+    xq, wq = ref.from_bits(xq), ref.from_bits(wq)
     num_experts, k = wq.shape[0], xq.shape[-1]
     dyq, dys = ref.quantize_activation(dy, pow2_scale=pow2_scale)                     # along N
     wq_b, ws_b = wq[block_expert], ws[block_expert]

@@ -122,12 +122,14 @@ def _linear_fwd(x2, w, out_dtype, backend, interpret, pow2_scale):
     xq, xs = ref.quantize_activation(x2, pow2_scale=pow2_scale)      # 1×128 along K
     wq, ws = ref.quantize_weight(w.T, pow2_scale=pow2_scale)          # [N, K], 128×128
     y = gemm(xq, xs, wq, ref.weight_scale_rows(ws, wq.shape[0]), out_dtype=out_dtype)
-    # Residuals in FP8 (SPEC §6): the quantized activation and weight, plus dtype witnesses.
-    return y, (xq, xs, wq, ws, jnp.zeros((0,), x2.dtype), jnp.zeros((0,), w.dtype))
+    # Residuals in FP8 (SPEC §6): the quantized activation and weight (as uint8 bits, see
+    # ``reference.to_bits``), plus dtype witnesses.
+    return y, (ref.to_bits(xq), xs, ref.to_bits(wq), ws, jnp.zeros((0,), x2.dtype), jnp.zeros((0,), w.dtype))
 
 
 def _linear_bwd(out_dtype, backend, interpret, pow2_scale, res, dy):
     xq, xs, wq, ws, x_like, w_like = res
+    xq, wq = ref.from_bits(xq), ref.from_bits(wq)
     gemm = functools.partial(gemm_rowscaled, backend=backend, interpret=interpret)
     k = xq.shape[1]
     # dgrad: dx [M, K] = dy [M, N] @ W.T — dy in 1×128 tiles along N, the weight's 128×128 blocks

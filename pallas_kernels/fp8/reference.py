@@ -104,6 +104,17 @@ def dequantize_weight(q: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.
     return (q.astype(jnp.float32) * s).astype(dtype)
 
 
+def to_bits(q: jax.Array) -> jax.Array:
+    """e4m3 → its uint8 bits, for custom_vjp residuals: jax 0.10 returns NaN primal outputs when a
+    float8 residual passes through ``jax.checkpoint`` with a save-anything policy (the model's
+    default remat); the same bytes as uint8 are handled correctly. ``from_bits`` undoes it."""
+    return jax.lax.bitcast_convert_type(q, jnp.uint8)
+
+
+def from_bits(b: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(b, E4M3)
+
+
 def weight_scale_rows(ws: jax.Array, n: int) -> jax.Array:
     """Block scales ``[ceil(N/128), Kb]`` → one row per output ``[N, Kb]`` (each row of a 128×128
     block shares its block's scale), the form the GEMM kernels take for both operands."""

@@ -169,12 +169,8 @@ def test_dequantize_partial_blocks():
     assert np.abs(fp8.dequantize(q, s) - w).max() <= np.abs(w).max() / 16  # e4m3: 3 mantissa bits
 
 
-def test_fp8_checkpoint_equals_transformers_on_dequantised_weights(tmp_path):
-    """Release-style FP8 (128×128 blocks, e4m3, weight_scale_inv), hidden 160 so blocks are partial,
-    sharded with an index; transformers runs the dequantised weights."""
-    from transformers import DeepseekV3ForCausalLM
-    cfg = dsv3.load_config({**BASE, "hidden_size": 160, "moe_intermediate_size": 136})
-    state = hf_state(hf_model(cfg, seed=3))
+def quantize_like_release(state: dict) -> tuple[dict, dict]:
+    """(release FP8 tensors with ``weight_scale_inv``, the same dequantised) for an HF state."""
     quant, deq = {}, {}
     for name, w in state.items():
         if convert._fp8_eligible(name) and w.ndim == 2:
@@ -183,6 +179,25 @@ def test_fp8_checkpoint_equals_transformers_on_dequantised_weights(tmp_path):
             deq[name] = fp8.dequantize(q, s)
         else:
             quant[name] = deq[name] = w.astype(np.float32)
+    return quant, deq
+
+
+def hf_from_tensors(cfg, tensors: dict, directory: Path):
+    """transformers' model loaded from ``tensors`` (the reference on given weights)."""
+    from transformers import DeepseekV3ForCausalLM
+    directory.mkdir()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(cfg.to_hf()))
+    return DeepseekV3ForCausalLM.from_pretrained(directory, dtype="float32", attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def fp8_src(tmp_path_factory):
+    """Release-style FP8 (128×128 blocks, e4m3, weight_scale_inv), hidden 160 so blocks are partial,
+    sharded with an index; plus transformers on the dequantised weights and the quantised tensors."""
+    tmp_path = tmp_path_factory.mktemp("fp8src")
+    cfg = dsv3.load_config({**BASE, "hidden_size": 160, "moe_intermediate_size": 136})
+    quant, deq = quantize_like_release(hf_state(hf_model(cfg, seed=3)))
     assert any(v.dtype == fp8.E4M3 for v in quant.values())
     src = tmp_path / "fp8"
     src.mkdir()
@@ -193,17 +208,88 @@ def test_fp8_checkpoint_equals_transformers_on_dequantised_weights(tmp_path):
     (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
         n: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, n in enumerate(names)}}))
     (src / "config.json").write_text(json.dumps(cfg.to_hf()))
-    ref_dir = tmp_path / "deq"
-    ref_dir.mkdir()
-    save_file(deq, ref_dir / "model.safetensors", metadata={"format": "pt"})
-    (ref_dir / "config.json").write_text(json.dumps(cfg.to_hf()))
-    ref = DeepseekV3ForCausalLM.from_pretrained(ref_dir, dtype="float32", attn_implementation="eager").eval()
+    return src, hf_from_tensors(cfg, deq, tmp_path / "deq"), quant, deq
 
+
+def test_fp8_checkpoint_equals_transformers_on_dequantised_weights(fp8_src, tmp_path):
+    src, ref, _, _ = fp8_src
     dst = tmp_path / "orb"
     convert.hf_to_orbax(src, dst, dtype="float32", progress=False)
     toks = tokens(seed=4)
     got = score_logits(dst, toks, tmp_path)
     assert np.abs(got - hf_logits(ref, toks)).max() <= TOL
+
+
+def test_keep_fp8_stores_release_bits_and_serves(fp8_src, tmp_path):
+    """--keep-fp8: e4m3 + scales copied bit for bit; the model dequantises them exactly (logits equal
+    transformers on the dequantised weights), runs them through the FP8 GEMM with quant=fp8, and
+    orbax-to-hf --fp8 gives the source tensors back unchanged."""
+    src, ref, quant, deq = fp8_src
+    dst = tmp_path / "orb8"
+    assert cli.main(["convert", "hf-to-orbax", str(src), str(dst), "--keep-fp8", "--dtype", "float32",
+                     "--quiet"]) == 0
+    cfg = orbax_io.checkpoint_config(dst)
+    assert cfg.fp8_weights
+    stored = orbax_io.read_params(dst)
+    name = "model.layers.1.mlp.experts.3.down_proj.weight"
+    w = stored[("moe_layers", "0", "mlp", "experts", "down")][3]
+    s = stored[("moe_layers", "0", "mlp", "experts", "down_scale")][3]
+    assert w.dtype == fp8.E4M3 and w.tobytes() == np.ascontiguousarray(quant[name].T).tobytes()
+    np.testing.assert_array_equal(s, quant[name + "_scale_inv"].T)
+    q = stored[("moe_layers", "0", "attn", "q_b_proj", "kernel")]
+    assert q.dtype == fp8.E4M3 and q.shape == (cfg.q_lora_rank, cfg.num_heads, cfg.qk_head_dim)
+    for k in (("embed",), ("lm_head",), ("moe_layers", "0", "mlp", "router", "kernel")):
+        assert stored[k].dtype == np.float32, k  # SPEC §6: kept in high precision
+    f32_bytes = sum(v.nbytes for v in orbax_io.read_params(dst).values() if v.dtype != fp8.E4M3)
+    assert sum(v.nbytes for v in stored.values()) < f32_bytes + sum(
+        v.size for v in stored.values() if v.dtype == fp8.E4M3) + 1
+
+    toks = tokens(seed=4)
+    want = hf_logits(ref, toks)
+    assert np.abs(score_logits(dst, toks, tmp_path) - want).max() <= TOL
+    # restored into shards on an 8-device mesh (batch 2 over expert), experts (and their scales) expert-parallel
+    assert np.abs(score_logits(dst, toks, tmp_path, "--mesh", "expert=2,tensor=4") - want).max() <= TOL
+    # quant=fp8 on the stored FP8 weights (no re-quantisation) ≈ quant=fp8 on the dequantised float
+    # checkpoint: re-quantising release blocks (amax at 448) gives back the same bits up to a 1-ulp
+    # scale rounding, while FP8 activations move the logits by ~1 (random tiny model)
+    got8 = score_logits(dst, toks, tmp_path, "quant=fp8")
+    dst32 = tmp_path / "orb32"
+    convert.hf_to_orbax(src, dst32, dtype="float32", progress=False)
+    got8_f = score_logits(dst32, toks, tmp_path, "quant=fp8")
+    assert np.abs(got8 - want).max() > 0.1  # activations really went through e4m3
+    assert np.abs(got8 - got8_f).max() <= 1e-2 and np.median(np.abs(got8 - got8_f)) <= 1e-5
+
+    hf8, hf32 = tmp_path / "hf8", tmp_path / "hf32"
+    assert cli.main(["convert", "orbax-to-hf", str(dst), str(hf8), "--fp8", "--quiet"]) == 0
+    back = {}
+    for f in hf8.glob("*.safetensors"):
+        back.update(load_file(f))
+    assert back.keys() == quant.keys()
+    for k, v in quant.items():
+        assert back[k].dtype == v.dtype and back[k].tobytes() == v.tobytes(), k
+    convert.orbax_to_hf(dst, hf32, progress=False)  # without --fp8: dequantised floats
+    out = {}
+    for f in hf32.glob("*.safetensors"):
+        out.update(load_file(f))
+    np.testing.assert_array_equal(out[name], deq[name])
+
+
+def test_keep_fp8_quantises_float_sources_and_is_inference_only(src, tmp_path):
+    dst = tmp_path / "q"
+    convert.hf_to_orbax(src[0], dst, dtype="float32", keep_fp8=True, progress=False)
+    # float weights are quantised exactly like the release: equal to transformers on those weights
+    main = {k: v for k, v in src[2].items() if not k.startswith(f"model.layers.{CFG.num_layers}.")}
+    ref = hf_from_tensors(CFG, quantize_like_release(main)[1], tmp_path / "deq")
+    toks = tokens(seed=6)
+    got = score_logits(dst, toks, tmp_path)
+    assert np.abs(got - hf_logits(ref, toks)).max() <= TOL
+    assert np.abs(got - hf_logits(src[1], toks)).max() > 10 * TOL  # and they did change
+    from dsv3_jax.config import ConfigError
+    from dsv3_jax.train.config import load_run_config
+    from dsv3_jax.train.trainer import Trainer
+    run = load_run_config("demo", ["model.fp8_weights=true", f"train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="fp8_weights"):
+        Trainer(run)
 
 
 # ---- Orbax → HF → Orbax, sharded restore -------------------------------------------------------
