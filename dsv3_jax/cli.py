@@ -42,10 +42,11 @@ def cmd_info(args) -> int:
 
 
 def _mesh_memory(cfg, spec: str, moment_bytes: int) -> dict:
-    """Per-device bytes of fp32 params and AdamW moments under the sharding rules, for a mesh of any
-    size (abstract shapes only: no devices needed)."""
+    """Per-device bytes of the model's variables (at their dtypes) and AdamW moments under the
+    sharding rules, for a mesh of any size (abstract shapes only: no devices needed)."""
     import math
-    from sharding import MeshConfig, per_device_elements
+    from flax import nnx
+    from sharding import MeshConfig, per_device_bytes, per_device_elements
     from .info import abstract_state
     mc = MeshConfig.parse(spec)
     sizes = {a: getattr(mc, a) for a in ("data", "fsdp", "expert", "tensor")}
@@ -53,9 +54,11 @@ def _mesh_memory(cfg, spec: str, moment_bytes: int) -> dict:
         raise ConfigError(f"--mesh {spec}: give every axis size explicitly for `info` (no device count to fill -1).")
     if cfg.n_routed_experts % sizes["expert"]:
         raise ConfigError(f"--mesh {spec}: {cfg.n_routed_experts} experts do not divide over expert={sizes['expert']}.")
-    n = per_device_elements(abstract_state(cfg), sizes)
-    return {"axes": sizes, "devices": math.prod(sizes.values()), "param_bytes_per_device": 4 * n,
-            "optimizer_bytes_per_device": 2 * moment_bytes * n}
+    state = abstract_state(cfg)
+    # FP8-stored weights (fp8_weights) are inference-only: no optimizer state
+    trainable = 0 if cfg.fp8_weights else per_device_elements(state, sizes, kind=nnx.Param)
+    return {"axes": sizes, "devices": math.prod(sizes.values()), "param_bytes_per_device": per_device_bytes(state, sizes),
+            "optimizer_bytes_per_device": 2 * moment_bytes * trainable}
 
 
 def cmd_convert(args) -> int:

@@ -29,7 +29,9 @@ def model_info(cfg: ModelConfig, seq_len: int = 4096) -> dict[str, Any]:
       backward, plus causal attention ``3 × 2 × H × (Dqk + Dv) × seq_len / 2`` per layer
       (scores and weighted sum; the mean causal context is seq_len/2). MTP excluded.
     """
-    flat = list(nnx.to_flat_state(abstract_state(cfg)))
+    from .model.layers import FP8Scale
+    # FP8 block scales (``fp8_weights``) are storage, not parameters: counts match the float model
+    flat = [(k, v) for k, v in nnx.to_flat_state(abstract_state(cfg)) if not isinstance(v, FP8Scale)]
     mtp = [(k, v) for k, v in flat if k[0] == "mtp"]
     main = [(k, v) for k, v in flat if k[0] != "mtp"]
     total, n_mtp = _count(main), _count(mtp)

@@ -1,8 +1,12 @@
 """Logical axis → mesh axis rules: a parallelism layout is a rules change, not a model change.
 
-Default layout (issue M3): experts over ``expert``; other large weight dims over ``fsdp``; heads and
-FFN widths over ``tensor``; the batch over (``data``, ``fsdp``, ``expert``). A mesh axis is used at
-most once per array, and only where it divides the dimension (otherwise that dim is replicated).
+Default layout (issue M3): experts over ``expert``; other large weight dims over ``fsdp`` — and, in
+weights that have no expert dim, over ``expert`` too: outside the routed experts the expert axis is
+data-parallel (the batch is split over it), so sharding attention, dense-FFN, embedding and head
+weights across it is ZeRO-3 instead of 64 replicas; heads and FFN widths over ``tensor``; the batch
+over (``data``, ``fsdp``, ``expert``). A mesh axis is used at most once per array (in an expert
+weight the expert dim takes ``expert`` first), and only where it divides the dimension (otherwise
+that dim is replicated).
 """
 from __future__ import annotations
 
@@ -18,10 +22,10 @@ Rules = Mapping[str, Optional[str | tuple]]
 DEFAULT_RULES: dict[str, Optional[str | tuple]] = {
     "layers": None,
     "vocab": "tensor",
-    "embed": "fsdp",
+    "embed": ("fsdp", "expert"),
     "heads": "tensor",
     "qk_dim": None, "v_dim": None, "qkv_dim": None,
-    "q_lora": None, "kv_lora": None,
+    "q_lora": ("fsdp", "expert"), "kv_lora": ("fsdp", "expert"),
     "mlp": "tensor",
     "expert": "expert",
     "moe_mlp": "tensor",
@@ -93,17 +97,31 @@ def rules_fn(mesh: Mesh, rules: Rules = DEFAULT_RULES):
     return fn
 
 
-def per_device_elements(state: nnx.State, mesh: Mesh | Mapping[str, int], rules: Rules = DEFAULT_RULES) -> int:
-    """Elements of ``state`` on one device under the rules, from abstract shapes only (a dim split
-    ``n`` ways holds ``ceil(dim/n)``)."""
+def _local_elements(var, sizes: Mapping[str, int], rules: Rules) -> int:
+    """Elements of one variable on one device (a dim split ``n`` ways holds ``ceil(dim/n)``)."""
+    axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+    spec = spec_for(axes, var.shape, sizes, rules)
+    n = 1
+    for dim, part in zip(var.shape, tuple(spec) + (None,) * (len(var.shape) - len(spec))):
+        parts = (part,) if isinstance(part, str) else tuple(part or ())
+        n *= -(-dim // int(np.prod([sizes[a] for a in parts]))) if parts else dim
+    return n
+
+
+def _variables(state: nnx.State):
+    return jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def per_device_elements(state: nnx.State, mesh: Mesh | Mapping[str, int], rules: Rules = DEFAULT_RULES,
+                        kind: type = nnx.Variable) -> int:
+    """Elements of the ``kind`` variables of ``state`` on one device under the rules, from abstract
+    shapes only (e.g. ``kind=nnx.Param``: what the optimizer keeps moments for)."""
     sizes = mesh.shape if hasattr(mesh, "shape") else mesh
-    total = 0
-    for var in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
-        axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
-        spec = spec_for(axes, var.shape, sizes, rules)
-        n = 1
-        for dim, part in zip(var.shape, tuple(spec) + (None,) * (len(var.shape) - len(spec))):
-            parts = (part,) if isinstance(part, str) else tuple(part or ())
-            n *= -(-dim // int(np.prod([sizes[a] for a in parts]))) if parts else dim
-        total += n
-    return total
+    return sum(_local_elements(v, sizes, rules) for v in _variables(state) if isinstance(v, kind))
+
+
+def per_device_bytes(state: nnx.State, mesh: Mesh | Mapping[str, int], rules: Rules = DEFAULT_RULES) -> int:
+    """Bytes of ``state`` on one device under the rules, each variable at its own dtype (fp32 master
+    weights, or e4m3 + fp32 scales with ``fp8_weights``)."""
+    sizes = mesh.shape if hasattr(mesh, "shape") else mesh
+    return sum(_local_elements(v, sizes, rules) * np.dtype(v.dtype).itemsize for v in _variables(state))
