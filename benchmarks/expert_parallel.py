@@ -7,6 +7,8 @@ minimum the actual routing needs, and forward step time (issue M3).
   *other* shard holding one of its experts, and the partial result sent back (2 · D · bytes each).
 On CPU the ragged strategy runs over a padded all-to-all emulation, so its HLO bytes are padded;
 on GPU/TPU ``ragged_all_to_all`` moves the real counts (≈ min_bytes plus routing metadata).
+* ``model_bytes``: bytes per token and layer crossing between shards under each strategy, from the
+  routing (``sharding.expert_parallel.exchange_bytes_per_token``; own chunk excluded, so below hlo_bytes).
 Also: how many shards a token reaches with group-limited routing (n_group = 8 = one group per
 shard, topk_group = 2) vs unrestricted top-k.
 """
@@ -15,8 +17,6 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-
-import re  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -33,26 +33,6 @@ N_DEV = 8
 BATCH, SEQ = 16, 128
 BASE = ["num_layers=2", "first_k_dense=1", "num_mtp_layers=0", "hidden_size=128", "n_routed_experts=32",
         "num_experts_per_tok=8", "moe_intermediate_size=64", "compute_dtype=float32", "moe_block_size=64"]
-_COLL = re.compile(r"= (.*?) (all-gather|reduce-scatter|all-to-all|all-reduce|ragged-all-to-all)(?:-start)?\(")
-_SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
-_BYTES = {"f32": 4, "s32": 4, "bf16": 2, "f16": 2, "u32": 4, "pred": 1, "s8": 1}
-
-
-def collective_bytes(hlo: str) -> int:
-    """Bytes of the results of every collective in the (per-device) compiled module."""
-    total = 0
-    for types, _ in _COLL.findall(hlo):
-        for dtype, dims in _SHAPE.findall(types):
-            n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-            total += n * _BYTES.get(dtype, 4)
-    return total
-
-
-def shards_reached(experts: np.ndarray, n_experts: int) -> np.ndarray:
-    per_shard = n_experts // N_DEV
-    return np.array([len(set((row // per_shard).tolist())) for row in experts.reshape(-1, experts.shape[-1])])
-
-
 def main() -> None:
     for label, groups in (("group_limited", ["n_group=8", "topk_group=2"]), ("no_group_limit", ["n_group=1", "topk_group=1"])):
         cfg = dsv3.load_config("tiny", BASE + groups)
@@ -66,13 +46,14 @@ def main() -> None:
         h = emb + layer0.attn(layer0.attn_norm(emb), *dsv3.model.rope.rope_angles(cfg, jnp.broadcast_to(jnp.arange(SEQ), (BATCH, SEQ))))
         routing = layer0.mlp.router(layer0.mlp_norm(h).reshape(-1, cfg.hidden_size))
         experts = np.asarray(routing.experts)
-        reached = shards_reached(experts, cfg.n_routed_experts)
-        own = np.repeat(np.arange(N_DEV), BATCH * SEQ // N_DEV)  # token t lives on shard t // (T/N)
-        others = np.array([len(set((row // (cfg.n_routed_experts // N_DEV)).tolist()) - {o})
-                           for row, o in zip(experts, own)])
-        min_bytes_per_token = 2 * cfg.hidden_size * 4 * others.mean()
-        # ragged_all_to_all with real counts: hidden + K expert ids/weights out, hidden back
-        ragged_real = others.mean() * (2 * cfg.hidden_size * 4 + cfg.num_experts_per_tok * 8)
+        reached = expert_parallel.shards_per_token(experts, cfg.n_routed_experts, N_DEV)
+        # token t lives on shard t // (T/N) (the default source_shard); fp32 activations
+        model_bytes = expert_parallel.exchange_bytes_per_token(
+            experts, n_experts=cfg.n_routed_experts, n_shards=N_DEV, hidden=cfg.hidden_size, dtype_bytes=4,
+            capacity_factor=1.25)
+        min_bytes_per_token = model_bytes["minimum"]
+        # ragged_all_to_all with real counts: hidden + K expert ids/weights out, fp32 result back
+        ragged_real = model_bytes["ragged_a2a"]
         fns, rows = {}, {}
         for strategy in expert_parallel.STRATEGIES:
             mesh = sharding.make_mesh(f"expert={N_DEV}")
@@ -82,13 +63,13 @@ def main() -> None:
             tok = jax.device_put(tokens, sharding.batch_sharding(mesh))
             graphdef = nnx.graphdef(model)
             lowered = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, mtp=False)).lower(state, tok)
-            hlo_bytes = collective_bytes(lowered.compile().as_text())
+            hlo_bytes = expert_parallel.collective_bytes(lowered.compile().as_text())
             out = forward(state, tok)
             dropped = float(out.router.dropped.sum()) / (BATCH * SEQ * cfg.num_experts_per_tok)
             fns[strategy] = (lambda f=forward, s=state, t=tok: f(s, t).logits)
             tokens_per_device = BATCH * SEQ // N_DEV
             rows[strategy] = {"hlo_bytes_per_token_layer": hlo_bytes / tokens_per_device / cfg.num_moe_layers,
-                              "dropped_fraction": dropped}
+                              "model_bytes_per_token_layer": model_bytes[strategy], "dropped_fraction": dropped}
         times = time_interleaved(fns, warmup=1, repeats=5, sync={k: jax.block_until_ready for k in fns})
         for strategy, r in rows.items():
             emit({"bench": "expert_parallel", "routing": label, "strategy": strategy, "devices": N_DEV,

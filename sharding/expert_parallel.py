@@ -245,9 +245,9 @@ def shards_per_token(experts, n_experts: int, n_shards: int) -> np.ndarray:
 def exchange_bytes_per_token(experts, *, n_experts: int, n_shards: int, hidden: int, dtype_bytes: int = 4,
                              capacity_factor: float = 1.25, source_shard=None,
                              tokens_per_shard: Optional[int] = None) -> dict[str, float]:
-    """Mean bytes per token and MoE layer that cross between expert shards (sent and received; a
-    device's own chunk excluded), for the routing ``experts [T, K]`` (global expert ids), per strategy
-    as this module implements it:
+    """Mean bytes per token and MoE layer that cross between expert shards (each byte counted once:
+    the token's row out and its result back; a device's own chunk excluded), for the routing
+    ``experts [T, K]`` (global expert ids), per strategy as this module implements it:
 
     * ``allgather``: every peer's tokens (hidden ``dtype_bytes`` + K int32 ids + K fp32 gates) come in,
       fp32 partial outputs go out in the reduce-scatter: ``(n-1)(D·b + 8K + 4D)``, whatever the routing.
