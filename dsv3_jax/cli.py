@@ -25,11 +25,11 @@ def _add_mesh_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_info(args) -> int:
-    from .info import format_info, model_info
+    from .info import format_info, mesh_memory, model_info
     cfg = load_config(args.config, args.overrides)
     info = model_info(cfg, seq_len=args.seq_len)
     if args.mesh:
-        info["mesh"] = _mesh_memory(cfg, args.mesh, args.moment_bytes)
+        info["mesh"] = mesh_memory(cfg, args.mesh, args.moment_bytes)
     if args.json:
         print(json.dumps(info))
     else:
@@ -39,26 +39,6 @@ def cmd_info(args) -> int:
             print(f"mesh {m['axes']} ({m['devices']} devices): params {m['param_bytes_per_device'] / 2**30:.2f} GiB "
                   f"+ optimizer {m['optimizer_bytes_per_device'] / 2**30:.2f} GiB per device")
     return 0
-
-
-def _mesh_memory(cfg, spec: str, moment_bytes: int) -> dict:
-    """Per-device bytes of the model's variables (at their dtypes) and AdamW moments under the
-    sharding rules, for a mesh of any size (abstract shapes only: no devices needed)."""
-    import math
-    from flax import nnx
-    from sharding import MeshConfig, per_device_bytes, per_device_elements
-    from .info import abstract_state
-    mc = MeshConfig.parse(spec)
-    sizes = {a: getattr(mc, a) for a in ("data", "fsdp", "expert", "tensor")}
-    if -1 in sizes.values():
-        raise ConfigError(f"--mesh {spec}: give every axis size explicitly for `info` (no device count to fill -1).")
-    if cfg.n_routed_experts % sizes["expert"]:
-        raise ConfigError(f"--mesh {spec}: {cfg.n_routed_experts} experts do not divide over expert={sizes['expert']}.")
-    state = abstract_state(cfg)
-    # FP8-stored weights (fp8_weights) are inference-only: no optimizer state
-    trainable = 0 if cfg.fp8_weights else per_device_elements(state, sizes, kind=nnx.Param)
-    return {"axes": sizes, "devices": math.prod(sizes.values()), "param_bytes_per_device": per_device_bytes(state, sizes),
-            "optimizer_bytes_per_device": 2 * moment_bytes * trainable}
 
 
 def cmd_convert(args) -> int:

@@ -3,11 +3,11 @@ nothing is allocated), as ``dsv3 info`` prints them (SPEC §1)."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 from flax import nnx
 
-from .config import ModelConfig, to_dict
+from .config import ConfigError, ModelConfig, to_dict
 
 
 def abstract_state(cfg: ModelConfig):
@@ -55,6 +55,28 @@ def model_info(cfg: ModelConfig, seq_len: int = 4096) -> dict[str, Any]:
         "layers": {"dense": cfg.first_k_dense, "moe": cfg.num_moe_layers, "mtp": cfg.num_mtp_layers},
         "model": to_dict(cfg),
     }
+
+
+def mesh_memory(cfg: ModelConfig, mesh: str | Mapping[str, int], moment_bytes: int = 2) -> dict[str, Any]:
+    """Per-device bytes of the model's variables (each at its dtype) and of the AdamW moments
+    (``moment_bytes`` per element, two per trainable parameter) under ``sharding/rules.py``, for a mesh
+    of any size given as ``"expert=64,fsdp=4"`` or ``{"expert": 64, "fsdp": 4}`` (abstract shapes only:
+    no devices needed). ``fp8_weights`` models are inference-only: no optimizer state."""
+    from sharding import MeshConfig, per_device_bytes, per_device_elements
+    if isinstance(mesh, str):
+        mc = MeshConfig.parse(mesh)
+        sizes = {a: getattr(mc, a) for a in ("data", "fsdp", "expert", "tensor")}
+    else:
+        sizes = {a: int(mesh.get(a, 1)) for a in ("data", "fsdp", "expert", "tensor")}
+    if -1 in sizes.values():
+        raise ConfigError(f"mesh {mesh}: give every axis size explicitly (no device count to fill -1).")
+    if cfg.num_moe_layers and cfg.n_routed_experts % sizes["expert"]:
+        raise ConfigError(f"mesh {mesh}: {cfg.n_routed_experts} experts do not divide over expert={sizes['expert']} "
+                          f"(fix: choose an expert axis size that divides {cfg.n_routed_experts}).")
+    state = abstract_state(cfg)
+    trainable = 0 if cfg.fp8_weights else per_device_elements(state, sizes, kind=nnx.Param)
+    return {"axes": sizes, "devices": math.prod(sizes.values()), "param_bytes_per_device": per_device_bytes(state, sizes),
+            "optimizer_bytes_per_device": 2 * moment_bytes * trainable}
 
 
 def _human(n: float) -> str:

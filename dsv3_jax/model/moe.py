@@ -29,12 +29,18 @@ class RouterStats(NamedTuple):
     seq_probs:  [B, E] per-sequence Σ_t s'_{i,t} with s' = s / Σ_j s_j — the P_i (differentiable).
     seq_tokens: [B]    valid tokens per sequence (T of the balance loss).
     dropped:    []     token-slots dropped (always 0 except for the opt-in ``a2a_capacity`` strategy).
+    experts:    [B, S, K] int32 the experts each token was sent to (for looking at routing; padding too).
+    gates:      [B, S, K] fp32  their gate values g (normalised, × routed_scaling_factor).
+
+    The model output stacks these over MoE layers (a leading ``[L]`` axis on every field).
     """
     counts: jax.Array
     seq_counts: jax.Array
     seq_probs: jax.Array
     seq_tokens: jax.Array
     dropped: jax.Array
+    experts: jax.Array
+    gates: jax.Array
 
 
 def route(logits: jax.Array, bias: Optional[jax.Array], cfg: ModelConfig) -> Routing:
@@ -156,6 +162,8 @@ def router_stats(routing: Routing, B: int, S: int, E: int, valid: Optional[jax.A
     s = routing.scores.reshape(B, S, E)
     s_norm = s / s.sum(-1, keepdims=True)
     seq_counts = chosen.sum(1)
+    K = routing.experts.shape[-1]
     return RouterStats(counts=seq_counts.sum(0), seq_counts=seq_counts,
                        seq_probs=(s_norm * valid[..., None]).sum(1), seq_tokens=valid.sum(1),
-                       dropped=jnp.zeros((), jnp.int32))
+                       dropped=jnp.zeros((), jnp.int32), experts=routing.experts.reshape(B, S, K),
+                       gates=routing.weights.reshape(B, S, K))

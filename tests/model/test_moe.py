@@ -97,6 +97,22 @@ def test_grouped_gemm_equals_per_expert_loop(impl):
     np.testing.assert_allclose(np.asarray(stats.seq_probs.sum(-1)), [37, 37], rtol=1e-5)
 
 
+def test_model_output_carries_per_token_routing():
+    """``out.router.experts/gates`` [L, B, S, K]: what each MoE layer chose for each token (for
+    exploring routing without reaching into the model); consistent with the counts and the router."""
+    cfg = dsv3.load_config("tiny")
+    model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.RandomState(3).randint(0, cfg.vocab_size, (2, 9)))
+    out = model(tokens)
+    L, K, E = cfg.num_moe_layers, cfg.num_experts_per_tok, cfg.n_routed_experts
+    ex, g = np.asarray(out.router.experts), np.asarray(out.router.gates)
+    assert ex.shape == g.shape == (L, 2, 9, K) and ex.dtype == np.int32
+    for layer in range(L):
+        np.testing.assert_array_equal(np.bincount(ex[layer].ravel(), minlength=E), np.asarray(out.router.counts[layer]))
+    np.testing.assert_allclose(g.sum(-1), cfg.routed_scaling_factor, rtol=1e-5)  # normalised top-k × scale
+    assert out.mtp_router.experts.shape == (cfg.num_mtp_layers, 2, 9, K)
+
+
 def test_router_stats_skip_padding():
     cfg = dsv3.load_config("tiny")
     moe = MoE(cfg, nnx.Rngs(0))
