@@ -4,11 +4,15 @@ Prompts of different lengths are right-padded into one batch; every sequence kee
 position, so a step writes each sequence's new token at its own cache position. With
 ``speculative="mtp"`` the MTP module drafts the token after next and the main model verifies it in
 the same step (two tokens per step when the draft is right); greedy output is identical to plain
-greedy decoding.
+greedy decoding. With sampling (temperature > 0) the draft is sampled from the MTP head's filtered
+distribution q and kept with probability min(1, p/q) under the main model's p, else replaced by a
+sample of max(p − q, 0) (speculative sampling, Leviathan et al. 2023; Chen et al. 2023): the output
+is distributed exactly as plain sampling with the same temperature / top-k / top-p.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -35,11 +39,9 @@ class GenerateResult:
         return sum(map(len, self.tokens)) / max(1, self.steps * len(self.tokens))
 
 
-def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_k: int = 0,
-           top_p: float = 1.0) -> jax.Array:
-    """``logits: [B, V]`` → ``[B]`` int32: greedy at temperature 0, else top-k / nucleus sampling."""
-    if temperature <= 0:
-        return jnp.argmax(logits, -1).astype(jnp.int32)
+def filter_logits(logits: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """``logits: [B, V]`` → fp32 logits of the sampling distribution: divided by ``temperature``,
+    -inf outside the ``top_k`` largest and outside the nucleus of mass ``top_p``."""
     logits = logits.astype(jnp.float32) / temperature
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
@@ -49,7 +51,33 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_k: i
         cum = jnp.cumsum(jax.nn.softmax(srt, -1), -1)
         cutoff = jnp.take_along_axis(srt, jnp.sum(cum < top_p, -1, keepdims=True), -1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits).astype(jnp.int32)
+    return logits
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0) -> jax.Array:
+    """``logits: [B, V]`` → ``[B]`` int32: greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature <= 0:
+        return jnp.argmax(logits, -1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+
+
+def speculative_accept(key: jax.Array, p_logits: jax.Array, q_logits: jax.Array, draft: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
+    """The speculative-sampling rule for one drafted token. ``p_logits`` (target) and ``q_logits``
+    (the distribution ``draft [B]`` was sampled from) are filtered logits ``[B, V]``. Keeps the draft
+    with probability ``min(1, p(d)/q(d))``, else draws from ``max(p − q, 0)`` renormalised; the
+    returned token ``[B]`` is distributed exactly as ``p``. Returns ``(token, accepted)``."""
+    p, q = jax.nn.softmax(p_logits, -1), jax.nn.softmax(q_logits, -1)
+    pd = jnp.take_along_axis(p, draft[:, None], -1)[:, 0]
+    qd = jnp.take_along_axis(q, draft[:, None], -1)[:, 0]
+    k_u, k_r = jax.random.split(key)
+    accepted = jax.random.uniform(k_u, pd.shape) * qd < pd
+    residual = jnp.maximum(p - q, 0.0)
+    # p == q leaves no residual mass, but then every draft is accepted; fall back to p to stay finite
+    residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p)
+    other = jax.random.categorical(k_r, jnp.log(residual)).astype(jnp.int32)
+    return jnp.where(accepted, draft, other), accepted
 
 
 class Generator:
@@ -93,8 +121,23 @@ class Generator:
             new_draft = jnp.where(ok, jnp.argmax(mtp_logits[:, 1], -1), jnp.argmax(mtp_logits[:, 0], -1))
             return a1, a2, ok, new_draft.astype(jnp.int32), cache
 
+        @functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
+        def spec_sample_step(state, nxt, draft, q_logits, pos, cache, key, *, temperature, top_k, top_p):
+            """Speculative sampling: verify the sampled ``draft`` (drawn from ``q_logits``) at ``pos+1``."""
+            two = pos[:, None] + jnp.arange(2, dtype=jnp.int32)
+            logits, h, cache = self.step(state, jnp.stack([nxt, draft], 1), two, cache)
+            f = functools.partial(filter_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+            k_acc, k_next, k_draft = jax.random.split(key, 3)
+            a1, ok = speculative_accept(k_acc, f(logits[:, 0]), q_logits, draft)
+            a2 = jax.random.categorical(k_next, f(logits[:, 1])).astype(jnp.int32)  # used only if ok
+            mtp_logits, cache = self.mtp(state, h, jnp.stack([a1, a2], 1), two, cache)
+            new_q = jnp.where(ok[:, None], f(mtp_logits[:, 1]), f(mtp_logits[:, 0]))
+            new_draft = jax.random.categorical(k_draft, new_q).astype(jnp.int32)
+            return a1, a2, ok, new_draft, new_q, cache
+
         self.prefill, self.step, self.mtp = prefill, step, mtp
-        self.spec_step = spec_step  # calls self.mtp at trace time, so a substituted draft head is honoured
+        # both call self.mtp at trace time, so a substituted draft head is honoured
+        self.spec_step, self.spec_sample_step = spec_step, spec_sample_step
 
     def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] = (),
@@ -116,9 +159,6 @@ class Generator:
             raise GenerationError(f"speculative={speculative!r}: only 'mtp' (or none) is supported.")
         if speculative and not cfg.num_mtp_layers:
             raise GenerationError("speculative='mtp' needs a model with an MTP module (num_mtp_layers >= 1).")
-        if speculative and temperature > 0:
-            raise GenerationError("MTP speculative decoding is greedy-only here (fix: temperature=0, "
-                                  "or drop speculative for sampling).")
         n_real = len(prompts)
         if self.mesh is not None:  # pad the batch to a multiple of the batch shards (extra rows dropped)
             from sharding import batch_sharding
@@ -174,18 +214,30 @@ class Generator:
         shifted = shifted.at[rows, last].set(nxt)
         positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
         mtp_logits, cache = self.mtp(self.state, hidden, shifted, positions, cache)
-        draft = jnp.argmax(mtp_logits[rows, last], -1).astype(jnp.int32)
+        sampling = temperature > 0
+        if sampling:
+            q_logits = filter_logits(mtp_logits[rows, last], temperature, top_k, top_p)
+            key, sub = jax.random.split(key)
+            draft = jax.random.categorical(sub, q_logits).astype(jnp.int32)
+        else:
+            draft = jnp.argmax(mtp_logits[rows, last], -1).astype(jnp.int32)
         while True:
             for b, t in enumerate(np.asarray(nxt)):
                 emit(b, int(t))
             if done.all():
                 break
-            a1, a2, ok, new_draft, cache = self.spec_step(self.state, nxt, draft, pos, cache)
+            if sampling:
+                key, sub = jax.random.split(key)
+                a1, a2, ok, new_draft, q_logits, cache = self.spec_sample_step(
+                    self.state, nxt, draft, q_logits, pos, cache, sub,
+                    temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+            else:
+                a1, a2, ok, new_draft, cache = self.spec_step(self.state, nxt, draft, pos, cache)
             live = ~done
             proposed += int(live.sum())
             accepted += int((np.asarray(ok) & live).sum())
             for b in np.nonzero(np.asarray(ok))[0]:
-                emit(int(b), int(a1[b]))               # the verified draft
+                emit(int(b), int(a1[b]))               # the verified draft (then a2 follows as nxt)
             nxt = jnp.where(ok, a2, a1)
             pos = pos + jnp.where(ok, 2, 1)
             draft = new_draft

@@ -99,6 +99,45 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny):
     assert a == gen([[1, 2, 3]], max_new_tokens=6, temperature=1.0, top_p=0.9, seed=7).tokens
 
 
+def test_speculative_accept_preserves_the_target_distribution():
+    """The rejection rule on its own: drafts drawn from q, kept with min(1, p/q), else resampled
+    from max(p − q, 0) — the kept-or-replaced token is distributed as p (200k trials, 5σ bound), and
+    the acceptance rate is Σ min(p, q) (the theory)."""
+    from dsv3_jax.inference.generate import speculative_accept
+    p = jnp.array([0.5, 0.2, 0.2, 0.1, 0.0])
+    q = jnp.array([0.1, 0.1, 0.3, 0.3, 0.2])
+    n = 200_000
+    kd, ka = jax.random.split(jax.random.key(0))
+    logp, logq = jnp.broadcast_to(jnp.log(p), (n, 5)), jnp.broadcast_to(jnp.log(q), (n, 5))
+    draft = jax.random.categorical(kd, logq).astype(jnp.int32)
+    tok, ok = jax.jit(speculative_accept)(ka, logp, logq, draft)
+    freq = np.bincount(np.asarray(tok), minlength=5) / n
+    np.testing.assert_allclose(freq, p, atol=5 * np.sqrt(0.25 / n))
+    assert abs(float(ok.mean()) - float(jnp.minimum(p, q).sum())) < 5 * np.sqrt(0.25 / n)
+    assert freq[4] == 0  # never emits a token the target excludes (top-k / top-p)
+
+
+def test_speculative_sampling_has_the_target_conditionals(tiny):
+    """End to end with temperature and top-k: 512 copies of a prompt, two tokens each. The second
+    token went through the MTP draft + speculative accept/resample; given the first, its frequencies
+    match the main model's own filtered distribution p(· | prompt, t1)."""
+    from dsv3_jax.inference.generate import filter_logits
+    cfg, model, gen = tiny
+    prompt, n, T, K = [3, 1, 4, 1, 5], 512, 1.5, 3
+    res = gen([prompt] * n, max_new_tokens=2, temperature=T, top_k=K, speculative="mtp", seed=11)
+    toks = np.array(res.tokens)
+    assert toks.shape == (n, 2) and res.acceptance_rate is not None
+    for t1 in np.unique(toks[:, 0]):
+        rows = toks[toks[:, 0] == t1, 1]
+        logits = model(jnp.asarray([prompt + [int(t1)]]), mtp=False).logits[:, -1]
+        p = np.asarray(jax.nn.softmax(filter_logits(logits, T, K)))[0]
+        freq = np.bincount(rows, minlength=cfg.vocab_size) / len(rows)
+        bound = 5 * np.sqrt(p * (1 - p) / len(rows)) + 1.5 / len(rows)
+        assert np.all(np.abs(freq - p) <= bound), (t1, len(rows), np.nonzero(freq)[0], np.nonzero(p)[0])
+    assert gen([prompt] * 4, max_new_tokens=5, temperature=T, top_k=K, speculative="mtp", seed=2).tokens == \
+        gen([prompt] * 4, max_new_tokens=5, temperature=T, top_k=K, speculative="mtp", seed=2).tokens  # seeded
+
+
 def test_stop_tokens(tiny):
     _, _, gen = tiny
     first = gen([[1, 2, 3]], max_new_tokens=6).tokens[0]
@@ -113,8 +152,6 @@ def test_bad_requests(tiny, tmp_path):
         gen([[1] * 1000], max_new_tokens=100)
     with pytest.raises(dsv3.TokenRangeError, match="prompt tokens contain id 512"):
         gen([[1, 512]])
-    with pytest.raises(GenerationError, match="greedy-only"):
-        gen([[1]], speculative="mtp", temperature=0.5)
     with pytest.raises(Exception, match="not a dsv3 checkpoint|does not exist|no such"):
         dsv3.generate(str(tmp_path / "missing"), [[1, 2]])
 
