@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 import pallas_kernels.fp8 as fp8
 from pallas_kernels.fp8 import pallas_gpu, pallas_tpu, reference as ref
+from tests.kernels.lowering import cuda_target
 from dsv3_jax.checkpoint import fp8 as ckpt_fp8
 
 # e4m3: 3 mantissa bits → round-to-nearest relative error ≤ 2^-4 in the normal range; below it
@@ -163,14 +164,15 @@ def test_kernels_lower_for_cuda_and_tpu():
     """``jax.export`` lowers each kernel for its platform on this CPU machine: the Triton kernel to a
     Triton-IR custom call (the power-of-2 and dtype checks of the Pallas Triton lowering pass), the
     Mosaic kernel to a TPU custom call (block-shape tiling checks pass). Compiling them needs the device."""
-    from jax import export
-    S, e4 = jax.ShapeDtypeStruct, jnp.float8_e4m3fn
-    gpu = jax.jit(lambda *a: pallas_gpu.matmul_padded(*a, out_dtype=jnp.bfloat16, bm=64))
-    ex = export.export(gpu, platforms=["cuda"], disabled_checks=[
-        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-        S((128, 384), e4), S((3, 128), jnp.float32), S((256, 384), e4), S((3, 256), jnp.float32))
-    assert "xla.gpu.triton" in ex.mlir_module()
-    tpu = jax.jit(lambda *a: pallas_tpu.matmul_padded(*a, out_dtype=jnp.bfloat16, bm=256, bn=256, ks=4))
-    ex = export.export(tpu, platforms=["tpu"])(
-        S((256, 1024), e4), S((8, 256, 1), jnp.float32), S((256, 1024), e4), S((8, 1, 256), jnp.float32))
-    assert "tpu_custom_call" in ex.mlir_module()
+    with cuda_target():
+        from jax import export
+        S, e4 = jax.ShapeDtypeStruct, jnp.float8_e4m3fn
+        gpu = jax.jit(lambda *a: pallas_gpu.matmul_padded(*a, out_dtype=jnp.bfloat16, bm=64))
+        ex = export.export(gpu, platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+            S((128, 384), e4), S((3, 128), jnp.float32), S((256, 384), e4), S((3, 256), jnp.float32))
+        assert "xla.gpu.triton" in ex.mlir_module()
+        tpu = jax.jit(lambda *a: pallas_tpu.matmul_padded(*a, out_dtype=jnp.bfloat16, bm=256, bn=256, ks=4))
+        ex = export.export(tpu, platforms=["tpu"])(
+            S((256, 1024), e4), S((8, 256, 1), jnp.float32), S((256, 1024), e4), S((8, 1, 256), jnp.float32))
+        assert "tpu_custom_call" in ex.mlir_module()

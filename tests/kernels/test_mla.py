@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 import pallas_kernels.mla as mla
 from pallas_kernels.mla import ops, pallas_gpu, pallas_tpu
+from tests.kernels.lowering import cuda_target
 
 KERNELS = ["pallas_gpu", "pallas_tpu"]
 
@@ -267,34 +268,35 @@ def test_kernels_lower_for_cuda_and_tpu():
     """``jax.export`` lowers each kernel for its platform at V3 shapes on this CPU machine: Triton
     kernels to Triton custom calls (power-of-2 / dtype checks of the Pallas Triton lowering), Mosaic
     kernels to TPU custom calls (block-shape tiling checks). Running them needs the device."""
-    from jax import export
-    S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
-    triton = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    b, h, sp = 1, 2, 256
-    pre = (S((b, h, sp, 128), bf), S((b, h, sp, 64), bf), S((b, h, sp, 128), bf), S((b, h, sp, 64), bf),
-           S((b, h, sp, 128), bf), S((b, sp), jnp.int32), S((b, sp), jnp.int32))
-    for kern, plat, marker, block in ((pallas_gpu, "cuda", "xla.gpu.triton", 64), (pallas_tpu, "tpu", "tpu_custom_call", 128)):
-        fn = jax.jit(lambda qa, qb, ka, kb, v, qs, ks, kern=kern, block=block: kern.prefill_fwd(
-            [qa, qb], [ka, kb], v, qs, ks, scale=0.1, causal=True, block_q=block, block_k=block))
-        ex = export.export(fn, platforms=[plat], disabled_checks=triton if plat == "cuda" else [])(*pre)
-        assert marker in ex.mlir_module()
-    f32 = jnp.float32
-    bwd = jax.jit(lambda qa, qb, ka, kb, v, qs, ks, do, lse, delta: pallas_gpu.prefill_bwd(
-        [qa, qb], [ka, kb], v, qs, ks, do, lse, delta, scale=0.1, causal=True))
-    ex = export.export(bwd, platforms=["cuda"], disabled_checks=triton)(
-        *pre, S((b, h, sp, 128), bf), S((b, h, sp), f32), S((b, h, sp), f32))
-    assert "xla.gpu.triton" in ex.mlir_module()
-    bwd = jax.jit(lambda qa, qb, ka, kb, v, qs, ks, do, lse, delta: pallas_tpu.prefill_bwd(
-        [qa, qb], [ka, kb], v, qs, ks, do, lse, delta, scale=0.1, causal=True))
-    ex = export.export(bwd, platforms=["tpu"])(*pre, S((b, h, sp, 128), bf), S((b, h, sp), f32), S((b, h, sp), f32))
-    assert "tpu_custom_call" in ex.mlir_module()
-    n_pages, page, hd = 16, 64, 64
-    dec = (S((2, hd, 512), bf), S((2, hd, 64), bf), S((n_pages, page, 512), bf), S((n_pages, page, 64), bf),
-           S((2, 8), jnp.int32), S((2,), jnp.int32))
-    gpu = jax.jit(lambda *a: pallas_gpu.decode_partial(*a, scale=0.1, num_splits=2, block_h=64, pages_per_block=1))
-    assert "xla.gpu.triton" in export.export(gpu, platforms=["cuda"], disabled_checks=triton)(*dec).mlir_module()
-    small_pages = (*dec[:2], S((37, 16, 512), bf), S((37, 16, 64), bf), S((2, 24), jnp.int32), dec[5])  # 4 per block
-    gpu = jax.jit(lambda *a: pallas_gpu.decode_partial(*a, scale=0.1, num_splits=3, block_h=64, pages_per_block=4))
-    assert "xla.gpu.triton" in export.export(gpu, platforms=["cuda"], disabled_checks=triton)(*small_pages).mlir_module()
-    tpu = jax.jit(lambda *a: pallas_tpu.decode_partial(*a, scale=0.1, num_splits=2))
-    assert "tpu_custom_call" in export.export(tpu, platforms=["tpu"])(*dec).mlir_module()
+    with cuda_target():
+        from jax import export
+        S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+        triton = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+        b, h, sp = 1, 2, 256
+        pre = (S((b, h, sp, 128), bf), S((b, h, sp, 64), bf), S((b, h, sp, 128), bf), S((b, h, sp, 64), bf),
+               S((b, h, sp, 128), bf), S((b, sp), jnp.int32), S((b, sp), jnp.int32))
+        for kern, plat, marker, block in ((pallas_gpu, "cuda", "xla.gpu.triton", 64), (pallas_tpu, "tpu", "tpu_custom_call", 128)):
+            fn = jax.jit(lambda qa, qb, ka, kb, v, qs, ks, kern=kern, block=block: kern.prefill_fwd(
+                [qa, qb], [ka, kb], v, qs, ks, scale=0.1, causal=True, block_q=block, block_k=block))
+            ex = export.export(fn, platforms=[plat], disabled_checks=triton if plat == "cuda" else [])(*pre)
+            assert marker in ex.mlir_module()
+        f32 = jnp.float32
+        bwd = jax.jit(lambda qa, qb, ka, kb, v, qs, ks, do, lse, delta: pallas_gpu.prefill_bwd(
+            [qa, qb], [ka, kb], v, qs, ks, do, lse, delta, scale=0.1, causal=True))
+        ex = export.export(bwd, platforms=["cuda"], disabled_checks=triton)(
+            *pre, S((b, h, sp, 128), bf), S((b, h, sp), f32), S((b, h, sp), f32))
+        assert "xla.gpu.triton" in ex.mlir_module()
+        bwd = jax.jit(lambda qa, qb, ka, kb, v, qs, ks, do, lse, delta: pallas_tpu.prefill_bwd(
+            [qa, qb], [ka, kb], v, qs, ks, do, lse, delta, scale=0.1, causal=True))
+        ex = export.export(bwd, platforms=["tpu"])(*pre, S((b, h, sp, 128), bf), S((b, h, sp), f32), S((b, h, sp), f32))
+        assert "tpu_custom_call" in ex.mlir_module()
+        n_pages, page, hd = 16, 64, 64
+        dec = (S((2, hd, 512), bf), S((2, hd, 64), bf), S((n_pages, page, 512), bf), S((n_pages, page, 64), bf),
+               S((2, 8), jnp.int32), S((2,), jnp.int32))
+        gpu = jax.jit(lambda *a: pallas_gpu.decode_partial(*a, scale=0.1, num_splits=2, block_h=64, pages_per_block=1))
+        assert "xla.gpu.triton" in export.export(gpu, platforms=["cuda"], disabled_checks=triton)(*dec).mlir_module()
+        small_pages = (*dec[:2], S((37, 16, 512), bf), S((37, 16, 64), bf), S((2, 24), jnp.int32), dec[5])  # 4 per block
+        gpu = jax.jit(lambda *a: pallas_gpu.decode_partial(*a, scale=0.1, num_splits=3, block_h=64, pages_per_block=4))
+        assert "xla.gpu.triton" in export.export(gpu, platforms=["cuda"], disabled_checks=triton)(*small_pages).mlir_module()
+        tpu = jax.jit(lambda *a: pallas_tpu.decode_partial(*a, scale=0.1, num_splits=2))
+        assert "tpu_custom_call" in export.export(tpu, platforms=["tpu"])(*dec).mlir_module()
