@@ -152,8 +152,7 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
         t0 = time.time()
 
         def scale_path(path: tuple):  # FP8-stored weight → its block scales (None: stored as float)
-            sp = mapping.fp8_scale_path(path)
-            return sp if keep_fp8 and sp in shapes else None
+            return mapping.stored_scale_path(stored_cfg, path, shapes)
 
         def fill(arrays: dict, pc: mapping.Piece) -> int:
             key, sub = orbax_io.disk_path(pc.path, pc.index)
@@ -283,8 +282,7 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, fp8_weights: 
             shard_bytes += size
 
         def scale_path(path: tuple):
-            sp = mapping.fp8_scale_path(path)
-            return sp if cfg.fp8_weights and sp in shapes else None
+            return mapping.stored_scale_path(cfg, path, shapes)
 
         for _, plist in units:
             keys = {orbax_io.disk_path(p, pc.index if on_disk_layer else ())[0]

@@ -136,6 +136,15 @@ def fp8_scale_path(path: Path) -> Path:
     return path[:-1] + ((f"{path[-1]}_scale",) if len(path) > 1 and path[-2] == "experts" else ("kernel_scale",))
 
 
+def stored_scale_path(cfg: ModelConfig, path: Path, shapes: Mapping[Path, tuple]) -> Optional[Path]:
+    """The block scales' path when ``cfg`` stores parameter ``path`` in FP8 (``fp8_weights``), else None
+    (``shapes``: ``param_shapes(cfg)``; weights SPEC §6 keeps in high precision have no scales)."""
+    if not cfg.fp8_weights:
+        return None
+    sp = fp8_scale_path(path)
+    return sp if sp in shapes else None
+
+
 def to_ours_fp8(w8: np.ndarray, scale_inv: np.ndarray, piece_shape: tuple) -> tuple[np.ndarray, np.ndarray]:
     """Release FP8 ``weight [out, in]`` + ``weight_scale_inv [ob, ib]`` → our e4m3 slice (``[in, out]``
     reshaped like the kernel) and scales ``[ib, ob]``: a transpose, nothing re-quantised."""
@@ -256,8 +265,8 @@ def hf_to_params(get: Callable[[str], np.ndarray] | Mapping[str, np.ndarray], cf
     out: dict[Path, np.ndarray] = {}
     for p in plist:
         full = shapes[p.path]
-        scale_path = fp8_scale_path(p.path) if cfg.fp8_weights else None
-        fp8_stored = scale_path in shapes
+        scale_path = stored_scale_path(cfg, p.path, shapes)
+        fp8_stored = scale_path is not None
         if p.path not in out:
             out[p.path] = np.zeros(full, fp8.E4M3 if fp8_stored else dtype)
             if fp8_stored:
