@@ -27,15 +27,13 @@ class FP8Scale(nnx.Variable):
     transposed with the weight). Not an ``nnx.Param``: FP8 storage is for inference."""
 
 
-FP8_BLOCK = 128
-
-
 def fp8_storage(shape: Sequence[int], n_lead: int, n_in: int, axes: Sequence[str | None]
                 ) -> tuple[nnx.Param, FP8Scale]:
     """An e4m3 weight ``[*lead, *in, *out]`` and its scales ``[*lead, ceil(K/128), ceil(N/128)]``
     (``K``/``N`` the flattened in/out sizes). Leading (expert) axes of the scales shard like the weight's."""
+    from pallas_kernels.fp8 import BLOCK
     lead, ins, outs = shape[:n_lead], shape[n_lead:n_lead + n_in], shape[n_lead + n_in:]
-    kb, nb = -(-math.prod(ins) // FP8_BLOCK), -(-math.prod(outs) // FP8_BLOCK)
+    kb, nb = -(-math.prod(ins) // BLOCK), -(-math.prod(outs) // BLOCK)
     q = nnx.Param(jnp.zeros(tuple(shape), jnp.float8_e4m3fn), out_sharding=tuple(axes), eager_sharding=False)
     s = FP8Scale(jnp.ones((*lead, kb, nb), jnp.float32), out_sharding=tuple(axes[:n_lead]) + (None, None),
                  eager_sharding=False)
@@ -43,14 +41,16 @@ def fp8_storage(shape: Sequence[int], n_lead: int, n_in: int, axes: Sequence[str
 
 
 def dequantize_fp8(q: jax.Array, scale: jax.Array, n_in: int, dtype) -> jax.Array:
-    """``q [*lead, *in, *out]`` e4m3 × block ``scale [*lead, Kb, Nb]`` → ``dtype``, same shape.
-    The product is formed in fp32 (exact: e4m3 × fp32 scale), as ``checkpoint.fp8.dequantize``."""
+    """``q [*lead, *in, *out]`` e4m3 × block ``scale [*lead, Kb, Nb]`` → ``dtype``, same shape: the
+    flattened ``[K, N]`` matrix is ``pallas_kernels.fp8.dequantize_weight``'s 128×128 block layout."""
+    from pallas_kernels.fp8 import dequantize_weight
     n_lead = scale.ndim - 2
     lead = q.shape[:n_lead]
     k = math.prod(q.shape[n_lead:n_lead + n_in])
-    n = math.prod(q.shape[n_lead + n_in:])
-    s = jnp.repeat(jnp.repeat(scale, FP8_BLOCK, axis=-2)[..., :k, :], FP8_BLOCK, axis=-1)[..., :n]
-    return (q.reshape(*lead, k, n).astype(jnp.float32) * s).astype(dtype).reshape(q.shape)
+    deq = lambda q2, s: dequantize_weight(q2, s, dtype=jnp.dtype(dtype))  # noqa: E731
+    for _ in range(n_lead):
+        deq = jax.vmap(deq)
+    return deq(q.reshape(*lead, k, -1), scale).reshape(q.shape)
 
 
 def dtype_of(name: str) -> jnp.dtype:
