@@ -11,18 +11,20 @@ import math
 import os
 import types
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
+from .errors import ConfigError
+
 __all__ = [
-    "ConfigError", "RopeScaling", "ModelConfig", "load_config", "config_dir", "list_configs",
+    "ConfigError", "RopeScaling", "ModelConfig", "RuntimeConfig", "load_config", "load_runtime",
+    "split_overrides", "model_config_from_stored", "config_dir", "list_configs",
 ]
 
 
-class ConfigError(ValueError):
-    """A config value is wrong; the message says which field, what value, and how to fix it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,16 +79,9 @@ class ModelConfig:
     norm_topk_prob: bool = True
     # MTP (SPEC §5)
     num_mtp_layers: int = 1
-    # Numerics and execution (DESIGN.md dtype policy)
+    # Storage (what a checkpoint holds; execution choices are in RuntimeConfig)
     init_std: float = 0.006
     param_dtype: str = "float32"
-    compute_dtype: str = "bfloat16"
-    attention_impl: str = "auto"  # pallas_kernels.mla backend: "auto" | "reference" | "blockwise" | "pallas"
-    moe_impl: str = "auto"  # "auto" | "ragged" (jax.lax.ragged_dot) | "blocked" (block-padded GEMM)
-    moe_block_size: int = 128
-    remat: str = "save_dots_except_mla_up"  # "none" | "full" | "save_dots" | "save_dots_except_mla_up"
-    scan_layers: bool = True
-    quant: str = "none"  # "none" | "fp8": every Linear's three GEMMs in FP8 (SPEC §6, pallas_kernels.fp8)
     # Store linear weights as the release does (e4m3 + 128×128 block scales, SPEC §6): half the
     # memory of bf16, for inference (``dsv3 convert hf-to-orbax --keep-fp8``). Not trainable.
     fp8_weights: bool = False
@@ -202,6 +197,39 @@ class ModelConfig:
         return out
 
 
+RUNTIME_DOC = "execution settings (RuntimeConfig), never stored in checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """How a model runs, as opposed to what it is (``ModelConfig``): kernels, dtypes of the
+    computation, rematerialisation, FP8 GEMMs and the expert-parallel strategy. Never written into a
+    checkpoint, so the same checkpoint can be scored in fp32, trained with ``quant='fp8'`` or served
+    expert-parallel without conversion (docs/design.md "Config split")."""
+
+    compute_dtype: Optional[str] = None  # None: the parameters' dtype (a float32 checkpoint computes in float32)
+    attention_impl: str = "auto"  # pallas_kernels.mla backend: "auto" | "reference" | "blockwise" | "pallas"
+    moe_impl: str = "auto"        # "auto" | "ragged" (jax.lax.ragged_dot) | "blocked" (block-padded GEMM)
+    moe_block_size: int = 0       # rows per block of the blocked GEMM; 0: from the expected rows per expert
+    remat: str = "save_dots_except_mla_up"  # "none" | "full" | "save_dots" | "save_dots_except_mla_up"
+    scan_layers: bool = True
+    quant: str = "none"           # "none" | "fp8": every Linear's three GEMMs in FP8 (SPEC §6)
+    # expert parallelism, used when the model is built for a mesh (DeepSeekV3(..., mesh=mesh))
+    ep_strategy: str = "allgather"  # "allgather" | "ragged_a2a" | "a2a_capacity"
+    capacity_factor: float = 1.25   # a2a_capacity only
+    emulate_ragged: Optional[bool] = None  # None: emulate ragged_all_to_all on CPU only
+
+    def resolved(self, cfg: "ModelConfig") -> "RuntimeConfig":
+        """Concrete values for ``cfg``: ``compute_dtype=None`` becomes the parameters' dtype."""
+        return self if self.compute_dtype else dataclasses.replace(self, compute_dtype=cfg.param_dtype)
+
+    def replace(self, **kw) -> "RuntimeConfig":
+        return validate_runtime(dataclasses.replace(self, **kw))
+
+
+RUNTIME_FIELDS = frozenset(f.name for f in dataclasses.fields(RuntimeConfig))
+
+
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN attention temperature ``0.1·mscale·ln(s) + 1`` (SPEC §3)."""
     if scale <= 1:
@@ -216,11 +244,14 @@ _CHOICES = {
     "scoring_func": ("sigmoid", "softmax"),
     "topk_method": ("noaux_tc", "group_limited_greedy", "greedy"),
     "param_dtype": ("float32", "bfloat16", "float16"),
-    "compute_dtype": ("float32", "bfloat16", "float16"),
+}
+_RUNTIME_CHOICES = {
+    "compute_dtype": (None, "float32", "bfloat16", "float16"),
     "moe_impl": ("auto", "ragged", "blocked"),
     "attention_impl": ("auto", "reference", "blockwise", "pallas"),
     "remat": ("none", "full", "save_dots", "save_dots_except_mla_up"),
     "quant": ("none", "fp8"),
+    "ep_strategy": ("allgather", "ragged_a2a", "a2a_capacity"),
 }
 
 
@@ -228,19 +259,33 @@ def _fail(field: str, value: Any, why: str, fix: str) -> None:
     raise ConfigError(f"{field}={value!r}: {why} (fix: {fix}).")
 
 
+def _check_choices(cfg, choices_by_field: Mapping[str, tuple], prefix: str = "") -> None:
+    for f, choices in choices_by_field.items():
+        v = getattr(cfg, f)
+        if v not in choices:
+            names = [c for c in choices if c is not None]
+            close = difflib.get_close_matches(str(v), names, n=1)
+            _fail(prefix + f, v, f"must be one of {names}", f"use {close[0]!r}" if close else f"pick one of {names}")
+
+
+def validate_runtime(rt: RuntimeConfig) -> RuntimeConfig:
+    _check_choices(rt, _RUNTIME_CHOICES)
+    if rt.moe_block_size < 0:
+        _fail("moe_block_size", rt.moe_block_size, "cannot be negative", "use 0 (automatic) or e.g. 128")
+    if not rt.capacity_factor > 0:
+        _fail("capacity_factor", rt.capacity_factor, "must be > 0", "use e.g. 1.25")
+    return rt
+
+
 def validate(cfg: ModelConfig) -> ModelConfig:
     positive = ["vocab_size", "hidden_size", "num_layers", "num_heads", "kv_lora_rank",
                 "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
-                "num_experts_per_tok", "n_group", "topk_group", "moe_block_size"]
+                "num_experts_per_tok", "n_group", "topk_group"]
     for f in positive:
         v = getattr(cfg, f)
         if v <= 0:
             _fail(f, v, "must be a positive integer", f"set {f} to a value > 0")
-    for f, choices in _CHOICES.items():
-        v = getattr(cfg, f)
-        if v not in choices:
-            close = difflib.get_close_matches(str(v), choices, n=1)
-            _fail(f, v, f"must be one of {list(choices)}", f"use {close[0]!r}" if close else f"pick one of {list(choices)}")
+    _check_choices(cfg, _CHOICES)
     if cfg.q_lora_rank is not None and cfg.q_lora_rank <= 0:
         _fail("q_lora_rank", cfg.q_lora_rank, "must be positive or null", "use null to disable q-LoRA")
     if cfg.qk_rope_head_dim % 2:
@@ -290,10 +335,15 @@ def validate(cfg: ModelConfig) -> ModelConfig:
 # loading: YAML file + key=value overrides, cast to field types
 # ---------------------------------------------------------------------------------------------
 def config_dir() -> Path:
-    """Directory of the shipped YAML configs (``configs/`` at the repository root)."""
+    """Directory of the shipped YAML configs: ``$DSV3_CONFIG_DIR`` when set; else the package data
+    ``dsv3_jax/configs/`` of an installed wheel (pyproject.toml maps the top-level ``configs/`` there);
+    else ``configs/`` at the root of a repository checkout (editable install or ``PYTHONPATH``)."""
     env = os.environ.get("DSV3_CONFIG_DIR")
     if env:
         return Path(env)
+    shipped = resources.files("dsv3_jax") / "configs"
+    if shipped.is_dir():
+        return Path(str(shipped))
     return Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -303,8 +353,8 @@ def list_configs() -> list[str]:
 
 def _resolve_path(name_or_path: str | os.PathLike) -> Path:
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.exists():
+    if p.suffix in (".yaml", ".yml") or p.is_file():   # a path; anything else is a NAME in config_dir()
+        if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist (fix: check the path).")
         return p
     cand = config_dir() / f"{name_or_path}.yaml"
@@ -372,6 +422,9 @@ def _build(cls, data: Mapping[str, Any], prefix: str = ""):
     types_ = _field_types(cls)
     kw = {}
     for key, value in data.items():
+        if cls is ModelConfig and key in RUNTIME_FIELDS:
+            raise ConfigError(f"{prefix}{key} is one of the {RUNTIME_DOC}, not part of the model architecture "
+                              f"(fix: pass it as runtime.{key}=..., or RuntimeConfig({key}=...) in Python).")
         if key not in types_:
             close = difflib.get_close_matches(key, list(types_), n=1)
             hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {sorted(types_)}"
@@ -431,3 +484,45 @@ def _to_dict(cfg) -> dict:
 def to_dict(cfg: ModelConfig) -> dict:
     """Plain nested dict (YAML/JSON-safe) — what checkpoints store."""
     return _to_dict(cfg)
+
+
+def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``key=value`` overrides → (model overrides, runtime overrides). A key goes to the runtime when
+    it is spelled ``runtime.FIELD`` or names a ``RuntimeConfig`` field (``compute_dtype=float32``)."""
+    model, runtime = [], []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        head = key.split(".")[0]
+        (runtime if head == "runtime" or key in RUNTIME_FIELDS else model).append(item)
+    return model, runtime
+
+
+def load_runtime(overrides: Sequence[str] | Mapping[str, Any] = (),
+                 base: Optional[RuntimeConfig | Mapping[str, Any]] = None) -> RuntimeConfig:
+    """A ``RuntimeConfig`` from ``base`` (a config or a mapping, e.g. a run config's ``runtime:``
+    section) and ``key=value`` overrides (``quant=fp8`` or ``runtime.quant=fp8``), cast and validated."""
+    if isinstance(base, RuntimeConfig):
+        data: dict = _to_dict(base)
+    elif base is None:
+        data = {}
+    elif isinstance(base, Mapping):
+        data = dict(base)
+    else:
+        raise ConfigError(f"runtime: expected a mapping of RuntimeConfig fields, got {base!r}.")
+    items = overrides.items() if isinstance(overrides, Mapping) else (_parse_override(o) for o in overrides)
+    for key, value in items:
+        keys = key.split(".") if isinstance(key, str) else list(key)
+        if keys and keys[0] == "runtime":
+            keys = keys[1:]
+        if len(keys) != 1:
+            raise ConfigError(f"runtime override {'.'.join(keys)!r}: runtime fields are not nested "
+                              "(fix: write runtime.FIELD=VALUE, e.g. runtime.quant=fp8).")
+        data[keys[0]] = value
+    return validate_runtime(_build(RuntimeConfig, data, prefix="runtime."))
+
+
+def model_config_from_stored(data: Mapping[str, Any]) -> ModelConfig:
+    """The ``ModelConfig`` a checkpoint stored. Checkpoints written before the config split also hold
+    execution settings (``compute_dtype``, ``remat``, ...); they are dropped — the runtime is chosen
+    when the checkpoint is loaded, never by the file."""
+    return load_config({k: v for k, v in data.items() if k not in RUNTIME_FIELDS})

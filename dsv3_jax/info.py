@@ -7,11 +7,15 @@ from typing import Any, Mapping
 
 from flax import nnx
 
-from .config import ConfigError, ModelConfig, to_dict
+from sharding import DEFAULT_RULES, MeshConfig, Rules
+
+from .config import ModelConfig, to_dict
+from .errors import MeshError
+from .model import DeepSeekV3
+from .model.layers import FP8Scale
 
 
 def abstract_state(cfg: ModelConfig):
-    from .model import DeepSeekV3
     return nnx.state(nnx.eval_shape(lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(0))))
 
 
@@ -29,11 +33,10 @@ def model_info(cfg: ModelConfig, seq_len: int = 4096) -> dict[str, Any]:
       backward, plus causal attention ``3 × 2 × H × (Dqk + Dv) × seq_len / 2`` per layer
       (scores and weighted sum; the mean causal context is seq_len/2). MTP excluded.
     """
-    from .model.layers import FP8Scale
     # FP8 block scales (``fp8_weights``) are storage, not parameters: counts match the float model
     flat = [(k, v) for k, v in nnx.to_flat_state(abstract_state(cfg)) if not isinstance(v, FP8Scale)]
-    mtp = [(k, v) for k, v in flat if k[0] == "mtp"]
-    main = [(k, v) for k, v in flat if k[0] != "mtp"]
+    mtp = [(k, v) for k, v in flat if k[0] == DeepSeekV3.MTP]
+    main = [(k, v) for k, v in flat if k[0] != DeepSeekV3.MTP]
     total, n_mtp = _count(main), _count(mtp)
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     unused = cfg.num_moe_layers * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
@@ -57,25 +60,29 @@ def model_info(cfg: ModelConfig, seq_len: int = 4096) -> dict[str, Any]:
     }
 
 
-def mesh_memory(cfg: ModelConfig, mesh: str | Mapping[str, int], moment_bytes: int = 2) -> dict[str, Any]:
+def mesh_memory(cfg: ModelConfig, mesh: str | Mapping[str, int], moment_bytes: int = 2,
+                rules: Rules = DEFAULT_RULES) -> dict[str, Any]:
     """Per-device bytes of the model's variables (each at its dtype) and of the AdamW moments
     (``moment_bytes`` per element, two per trainable parameter) under ``sharding/rules.py``, for a mesh
     of any size given as ``"expert=64,fsdp=4"`` or ``{"expert": 64, "fsdp": 4}`` (abstract shapes only:
     no devices needed). ``fp8_weights`` models are inference-only: no optimizer state."""
-    from sharding import MeshConfig, per_device_bytes, per_device_elements
     if isinstance(mesh, str):
         mc = MeshConfig.parse(mesh)
         sizes = {a: getattr(mc, a) for a in ("data", "fsdp", "expert", "tensor")}
     else:
         sizes = {a: int(mesh.get(a, 1)) for a in ("data", "fsdp", "expert", "tensor")}
     if -1 in sizes.values():
-        raise ConfigError(f"mesh {mesh}: give every axis size explicitly (no device count to fill -1).")
+        raise MeshError(f"mesh {mesh}: give every axis size explicitly (no device count to fill -1).")
+    bad = {a: n for a, n in sizes.items() if n < 1}
+    if bad:
+        raise MeshError(f"mesh {mesh}: axis sizes must be positive integers, got {bad} (fix: e.g. expert=8).")
     if cfg.num_moe_layers and cfg.n_routed_experts % sizes["expert"]:
-        raise ConfigError(f"mesh {mesh}: {cfg.n_routed_experts} experts do not divide over expert={sizes['expert']} "
+        raise MeshError(f"mesh {mesh}: {cfg.n_routed_experts} experts do not divide over expert={sizes['expert']} "
                           f"(fix: choose an expert axis size that divides {cfg.n_routed_experts}).")
     state = abstract_state(cfg)
-    trainable = 0 if cfg.fp8_weights else per_device_elements(state, sizes, kind=nnx.Param)
-    return {"axes": sizes, "devices": math.prod(sizes.values()), "param_bytes_per_device": per_device_bytes(state, sizes),
+    trainable = 0 if cfg.fp8_weights else rules.per_device_elements(state, sizes, kind=nnx.Param)
+    return {"axes": sizes, "devices": math.prod(sizes.values()),
+            "param_bytes_per_device": rules.per_device_bytes(state, sizes),
             "optimizer_bytes_per_device": 2 * moment_bytes * trainable}
 
 

@@ -1,6 +1,7 @@
-"""Meshes, logical-axis rules and expert parallelism (issue M3)."""
-from .mesh import AXES, MeshConfig, MeshError, make_mesh
-from .rules import DEFAULT_RULES, rules_fn, batch_sharding, check_batch, per_device_bytes, per_device_elements, shard_state, spec_for, state_shardings
+"""Meshes, the logical-axis rules and expert-parallel collectives (issue M3). Below the model:
+nothing here imports ``dsv3_jax``."""
+from .errors import Dsv3Error, MeshError
+from .mesh import AXES, MeshConfig, make_mesh
+from .rules import DEFAULT_RULES, Rules
 
-__all__ = ["AXES", "MeshConfig", "MeshError", "make_mesh", "DEFAULT_RULES", "rules_fn", "batch_sharding", "check_batch",
-           "per_device_bytes", "per_device_elements", "shard_state", "spec_for", "state_shardings"]
+__all__ = ["AXES", "Dsv3Error", "MeshConfig", "MeshError", "make_mesh", "DEFAULT_RULES", "Rules"]

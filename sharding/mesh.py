@@ -9,11 +9,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from .errors import MeshError
+
 AXES = ("data", "fsdp", "expert", "tensor")
-
-
-class MeshError(ValueError):
-    """The requested mesh does not fit the devices or the model."""
 
 
 @dataclasses.dataclass(frozen=True)

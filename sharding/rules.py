@@ -1,5 +1,10 @@
 """Logical axis → mesh axis rules: a parallelism layout is a rules change, not a model change.
 
+``Rules`` is the one place that maps the logical axis names every parameter carries (``embed``,
+``heads``, ``expert``, …) and the activation axes (``batch``) to mesh axes. Trainer, checkpoint
+loader, generator and expert parallelism all ask the same object: ``rules.shardings(state, mesh)``,
+``rules.batch_sharding(mesh)``, ``rules.batch_axes(mesh)``.
+
 Default layout (issue M3): experts over ``expert``; other large weight dims over ``fsdp`` — and, in
 weights that have no expert dim, over ``expert`` too: outside the routed experts the expert axis is
 data-parallel (the batch is split over it), so sharding attention, dense-FFN, embedding and head
@@ -10,16 +15,154 @@ that dim is replicated).
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+import dataclasses
+import math
+from typing import Iterable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-Rules = Mapping[str, Optional[str | tuple]]
+from .errors import MeshError
 
-DEFAULT_RULES: dict[str, Optional[str | tuple]] = {
+MeshLike = Mesh | Mapping[str, int]
+
+
+def _sizes(mesh: MeshLike) -> Mapping[str, int]:
+    return mesh.shape if hasattr(mesh, "shape") else mesh
+
+
+def _targets(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """An immutable, hashable table ``logical axis → mesh axes`` (tried in order; each mesh axis is
+    used once per array and only where it divides the dimension). Build with ``Rules.of(mapping)``
+    or ``DEFAULT_RULES.with_(embed="fsdp")``."""
+
+    table: tuple[tuple[str, tuple[str, ...]], ...]
+
+    @classmethod
+    def of(cls, mapping: Mapping[str, Optional[str | Sequence[str]]]) -> "Rules":
+        if isinstance(mapping, Rules):
+            return mapping
+        table = []
+        for name, value in mapping.items():
+            targets = _targets(value)
+            if len(set(targets)) != len(targets):
+                raise MeshError(f"sharding rule {name!r} -> {value!r} names a mesh axis twice "
+                                "(fix: list each mesh axis once).")
+            table.append((str(name), targets))
+        return cls(tuple(table))
+
+    def with_(self, **changes: Optional[str | Sequence[str]]) -> "Rules":
+        """These rules with some logical axes mapped differently."""
+        return Rules.of({**self.as_dict(), **changes})
+
+    def as_dict(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.table)
+
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        return self.as_dict()[name]
+
+    def get(self, name: Optional[str]) -> tuple[str, ...]:
+        return self.as_dict().get(name, ()) if name is not None else ()
+
+    # ---- parameters -------------------------------------------------------------------------
+    def spec(self, axes: Sequence[Optional[str]], shape: Sequence[int], mesh: MeshLike) -> P:
+        """PartitionSpec of an array with logical ``axes`` and ``shape`` (``mesh`` may be a Mesh or just
+        its axis sizes, e.g. for a pod-sized layout computed on a laptop)."""
+        sizes = _sizes(mesh)
+        used: set[str] = set()
+        out = []
+        for name, dim in zip(axes, shape):
+            chosen, size = [], 1
+            for t in self.get(name):
+                n = sizes.get(t, 1)
+                if t in used or n == 1 or dim % (size * n):
+                    continue
+                chosen.append(t)
+                size *= n
+            used.update(chosen)
+            out.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+        return P(*out)
+
+    def variable_spec(self, var: nnx.Variable, mesh: MeshLike) -> P:
+        axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+        return self.spec(axes, var.shape, mesh)
+
+    def shardings(self, state: nnx.State, mesh: Mesh) -> nnx.State:
+        """NamedShardings for every variable of a (possibly abstract) state, from its logical axes.
+        Leaves that are not ``nnx.Variable`` (e.g. optimizer step counters) are replicated."""
+        def one(x):
+            if isinstance(x, nnx.Variable):
+                return x.replace(NamedSharding(mesh, self.variable_spec(x, mesh)))
+            return NamedSharding(mesh, P())
+        return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    def place(self, state: nnx.State, mesh: Mesh) -> nnx.State:
+        """Put a concrete state on ``mesh`` in this layout."""
+        return jax.device_put(state, self.shardings(state, mesh))
+
+    def restore_fn(self, mesh: Mesh):
+        """``(path, shape, logical_axes) -> PartitionSpec`` for restoring arrays that are not Variables."""
+        def fn(path, shape, logical_axes):
+            return self.spec(logical_axes or (None,) * len(shape), shape, mesh)
+        return fn
+
+    # ---- activations ------------------------------------------------------------------------
+    def batch_axes(self, mesh: MeshLike) -> tuple[str, ...]:
+        """Mesh axes (of size > 1) the batch dimension is split over."""
+        sizes = _sizes(mesh)
+        return tuple(a for a in self.get("batch") if sizes.get(a, 1) > 1)
+
+    def batch_shards(self, mesh: MeshLike) -> int:
+        sizes = _sizes(mesh)
+        return math.prod(sizes[a] for a in self.batch_axes(mesh))
+
+    def batch_sharding(self, mesh: Mesh, ndim: int = 2) -> NamedSharding:
+        axes = self.batch_axes(mesh)
+        return NamedSharding(mesh, P(axes if axes else None, *([None] * (ndim - 1))))
+
+    def check_batch(self, batch_size: int, mesh: MeshLike, what: str = "batch size") -> None:
+        n = self.batch_shards(mesh)
+        if batch_size % n:
+            raise MeshError(f"{what} {batch_size} is not divisible by the {n} batch shards of mesh axes "
+                            f"{self.batch_axes(mesh)} (fix: use a multiple of {n}, or a mesh with fewer "
+                            "data/fsdp/expert shards).")
+
+    # ---- memory from shapes alone (dsv3 info --mesh) ------------------------------------------
+    def _local_elements(self, var, sizes: Mapping[str, int]) -> int:
+        spec = self.variable_spec(var, sizes)
+        n = 1
+        for dim, part in zip(var.shape, tuple(spec) + (None,) * (len(var.shape) - len(spec))):
+            parts = _targets(part)
+            n *= -(-dim // int(np.prod([sizes[a] for a in parts]))) if parts else dim
+        return n
+
+    def per_device_elements(self, state: nnx.State, mesh: MeshLike, kind: type = nnx.Variable) -> int:
+        """Elements of the ``kind`` variables of ``state`` on one device, from abstract shapes only
+        (e.g. ``kind=nnx.Param``: what the optimizer keeps moments for)."""
+        sizes = _sizes(mesh)
+        return sum(self._local_elements(v, sizes) for v in _variables(state) if isinstance(v, kind))
+
+    def per_device_bytes(self, state: nnx.State, mesh: MeshLike) -> int:
+        """Bytes of ``state`` on one device, each variable at its own dtype (fp32 master weights, or
+        e4m3 + fp32 scales with ``fp8_weights``)."""
+        sizes = _sizes(mesh)
+        return sum(self._local_elements(v, sizes) * np.dtype(v.dtype).itemsize for v in _variables(state))
+
+
+def _variables(state: nnx.State) -> Iterable[nnx.Variable]:
+    return jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+DEFAULT_RULES = Rules.of({
     "layers": None,
     "vocab": "tensor",
     "embed": ("fsdp", "expert"),
@@ -35,93 +178,4 @@ DEFAULT_RULES: dict[str, Optional[str | tuple]] = {
     # activations
     "batch": ("data", "fsdp", "expert"),
     "seq": None,
-}
-
-
-def spec_for(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh | Mapping[str, int],
-             rules: Rules = DEFAULT_RULES) -> P:
-    """PartitionSpec of an array with logical ``axes`` and ``shape`` (``mesh`` may be a Mesh or just
-    its axis sizes, e.g. for a pod-sized layout computed on a laptop)."""
-    sizes = mesh.shape if hasattr(mesh, "shape") else mesh
-    used: set[str] = set()
-    out = []
-    for name, dim in zip(axes, shape):
-        target = rules.get(name) if name is not None else None
-        targets = (target,) if isinstance(target, str) else tuple(target or ())
-        chosen = []
-        size = 1
-        for t in targets:
-            n = sizes.get(t, 1)
-            if t in used or n == 1 or dim % (size * n):
-                continue
-            chosen.append(t)
-            size *= n
-        used.update(chosen)
-        out.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
-    return P(*out)
-
-
-def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES):
-    """NamedShardings for every variable of a (possibly abstract) state, from its ``out_sharding`` axes."""
-    def one(var):
-        axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
-        return var.replace(NamedSharding(mesh, spec_for(axes, var.shape, mesh, rules)))
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES) -> NamedSharding:
-    target = rules["batch"]
-    axes = tuple(a for a in ((target,) if isinstance(target, str) else target) if mesh.shape.get(a, 1) > 1)
-    return NamedSharding(mesh, P(axes if axes else None, *([None] * (ndim - 1))))
-
-
-def check_batch(batch_size: int, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> None:
-    spec = batch_sharding(mesh, 1, rules).spec[0]
-    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    if batch_size % n:
-        raise ValueError(f"batch size {batch_size} is not divisible by the {n} batch shards of mesh axes {axes} "
-                         f"(fix: use a batch size that is a multiple of {n}).")
-
-
-def shard_state(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.State:
-    """Place a concrete state on ``mesh`` according to the rules."""
-    shardings = state_shardings(state, mesh, rules)
-    return jax.tree.map(lambda v, s: jax.device_put(v, s), state, shardings)
-
-
-def rules_fn(mesh: Mesh, rules: Rules = DEFAULT_RULES):
-    """The rules as a callable ``(path, shape, logical_axes) -> PartitionSpec`` (checkpoint restore)."""
-    def fn(path, shape, logical_axes):
-        return spec_for(logical_axes or (None,) * len(shape), shape, mesh, rules)
-    return fn
-
-
-def _local_elements(var, sizes: Mapping[str, int], rules: Rules) -> int:
-    """Elements of one variable on one device (a dim split ``n`` ways holds ``ceil(dim/n)``)."""
-    axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
-    spec = spec_for(axes, var.shape, sizes, rules)
-    n = 1
-    for dim, part in zip(var.shape, tuple(spec) + (None,) * (len(var.shape) - len(spec))):
-        parts = (part,) if isinstance(part, str) else tuple(part or ())
-        n *= -(-dim // int(np.prod([sizes[a] for a in parts]))) if parts else dim
-    return n
-
-
-def _variables(state: nnx.State):
-    return jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def per_device_elements(state: nnx.State, mesh: Mesh | Mapping[str, int], rules: Rules = DEFAULT_RULES,
-                        kind: type = nnx.Variable) -> int:
-    """Elements of the ``kind`` variables of ``state`` on one device under the rules, from abstract
-    shapes only (e.g. ``kind=nnx.Param``: what the optimizer keeps moments for)."""
-    sizes = mesh.shape if hasattr(mesh, "shape") else mesh
-    return sum(_local_elements(v, sizes, rules) for v in _variables(state) if isinstance(v, kind))
-
-
-def per_device_bytes(state: nnx.State, mesh: Mesh | Mapping[str, int], rules: Rules = DEFAULT_RULES) -> int:
-    """Bytes of ``state`` on one device under the rules, each variable at its own dtype (fp32 master
-    weights, or e4m3 + fp32 scales with ``fp8_weights``)."""
-    sizes = mesh.shape if hasattr(mesh, "shape") else mesh
-    return sum(_local_elements(v, sizes, rules) * np.dtype(v.dtype).itemsize for v in _variables(state))
+})

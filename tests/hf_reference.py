@@ -44,9 +44,10 @@ def hf_state(model) -> dict[str, np.ndarray]:
     return mapping.unfuse_transformers_experts(sd)
 
 
-def our_model(cfg: dsv3.ModelConfig, state: dict[str, np.ndarray], include_mtp: bool = False):
+def our_model(cfg: dsv3.ModelConfig, state: dict[str, np.ndarray], include_mtp: bool = False,
+              runtime: dsv3.RuntimeConfig | None = None):
     from flax import nnx
-    model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0))
+    model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0), runtime=runtime)
     flat = mapping.hf_to_params(state, cfg, include_mtp=include_mtp, names=set(state))
     mapping.load_params(model, flat)
     return model

@@ -22,7 +22,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..config import ModelConfig, load_config, to_dict
+from sharding.rules import DEFAULT_RULES, Rules
+
+from ..config import ModelConfig, RuntimeConfig, load_runtime, model_config_from_stored, to_dict
 from .hf_source import CheckpointError
 
 MARKER = "dsv3_checkpoint.json"
@@ -31,7 +33,6 @@ FORMAT = "dsv3-jax-checkpoint"
 VERSION = 1
 
 # rules(path, shape, logical_axes) -> PartitionSpec; sharding/rules.py will provide the real one.
-Rules = Callable[[tuple, tuple, tuple], Any]
 
 
 # ---- layout ------------------------------------------------------------------------------------
@@ -52,11 +53,13 @@ def disk_path(path: tuple, index: tuple = ()) -> tuple[tuple[str, ...], tuple]:
     return tuple(map(str, path)), tuple(index)
 
 
-def abstract_state(cfg: ModelConfig):
+def abstract_state(cfg: ModelConfig, runtime: Optional[RuntimeConfig] = None, mesh=None,
+                   rules: Optional[Rules] = None):
     """``(graphdef, abstract state, [(path, Variable)])`` of the model (nothing allocated)."""
     from flax import nnx
     from ..model import DeepSeekV3
-    abstract = nnx.eval_shape(lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(0), runtime=runtime, mesh=mesh,
+                                                 rules=rules or DEFAULT_RULES))
     graphdef, state = nnx.split(abstract)
     flat = [(tuple(k), v) for k, v in nnx.to_flat_state(state)]
     return graphdef, state, flat
@@ -121,15 +124,8 @@ def read_marker(path: str | os.PathLike) -> dict:
     return meta
 
 
-def checkpoint_config(path: str | os.PathLike, overrides: Sequence[str] | Mapping = ()) -> ModelConfig:
-    return load_config(read_marker(path)["config"], overrides)
-
-
-# ---- sharding ----------------------------------------------------------------------------------
-def default_rules(mesh) -> Rules:
-    """The project's logical-axis rules (``sharding/rules.py``) as a restore-time callable."""
-    from sharding.rules import rules_fn
-    return rules_fn(mesh)
+def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
+    return model_config_from_stored(read_marker(path)["config"])
 
 
 # ---- loading -----------------------------------------------------------------------------------
@@ -165,14 +161,14 @@ def _tree_metadata(params: Path) -> dict:
 
 
 def load_checkpoint(path: str | os.PathLike, mesh=None, rules: Optional[Rules] = None,
-                    overrides: Sequence[str] | Mapping = ()):
+                    runtime: Optional[RuntimeConfig | Sequence[str] | Mapping] = None):
     """Load a checkpoint written by ``dsv3 convert hf-to-orbax`` (or ``save_checkpoint``).
 
-    Returns ``(config, model)``. With a ``mesh``, every parameter is restored straight into its
-    sharded layout (Orbax reads only each device's shard); ``rules(path, shape, logical_axes)``
-    gives the ``PartitionSpec`` (default: the largest dim divisible by the mesh size, else
-    replicated). ``overrides`` are ``key=value`` config overrides for runtime fields
-    (e.g. ``compute_dtype=float32``).
+    Returns ``(config, model)``. With a ``mesh``, the model is built for it (MoE layers expert-parallel)
+    and every parameter is restored straight into the layout of ``rules`` (default
+    ``sharding.DEFAULT_RULES``; Orbax reads only each device's shard). ``runtime``: how the model
+    runs — a ``RuntimeConfig`` or ``key=value`` overrides (``compute_dtype=bfloat16``); by default
+    it computes in the stored parameters' dtype.
     """
     import jax
     import jax.numpy as jnp
@@ -181,12 +177,14 @@ def load_checkpoint(path: str | os.PathLike, mesh=None, rules: Optional[Rules] =
 
     path = Path(path).resolve()  # Orbax needs absolute paths
     meta = read_marker(path)
-    cfg = load_config(meta["config"], overrides)
+    cfg = model_config_from_stored(meta["config"])
+    if not isinstance(runtime, RuntimeConfig):
+        runtime = load_runtime(runtime or ())
+    rules = rules or DEFAULT_RULES
     params_dir = path / meta.get("params", PARAMS_DIR)
-    graphdef, state, flat = abstract_state(cfg)
+    graphdef, state, flat = abstract_state(cfg, runtime, mesh, rules)
     stacked_layout = meta.get("layout", "per_layer") == "stacked"
     if mesh is not None:
-        rules = rules or default_rules(mesh)
         shard = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
     else:
         dev = SingleDeviceSharding(jax.devices()[0])
@@ -197,7 +195,7 @@ def load_checkpoint(path: str | os.PathLike, mesh=None, rules: Optional[Rules] =
     plan = []  # (path, var, target sharding, [disk keys] or disk key)
     for p, var in flat:
         shape, dtype = tuple(var.get_value().shape), var_dtype(var)
-        spec = rules(p, shape, logical_axes(var)) if mesh is not None else P()
+        spec = rules.spec(logical_axes(var), shape, mesh) if mesh is not None else P()
         target = shard(spec)
         if stack_len(p) and not stacked_layout:
             sub_spec = P(*tuple(spec)[1:]) if len(tuple(spec)) and tuple(spec)[0] is None else P()
@@ -235,5 +233,5 @@ def load_checkpoint(path: str | os.PathLike, mesh=None, rules: Optional[Rules] =
     return cfg, model
 
 
-__all__ = ["load_checkpoint", "read_params", "read_marker", "write_marker", "default_rules",
+__all__ = ["load_checkpoint", "read_params", "read_marker", "write_marker",
            "disk_path", "stack_len", "checkpoint_config", "MARKER", "PARAMS_DIR"]

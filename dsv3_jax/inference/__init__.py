@@ -1,6 +1,7 @@
-"""Inference: latent-cache generation and MTP speculative decoding (SPEC §2, §5)."""
-from .cached import LatentCache, ModelCache, cache_bytes_per_token, init_cache, model_cached, mtp_cached
-from .generate import GenerateResult, GenerationError, Generator, generate, sample
+"""Generation over the model's latent cache (prefill + decode, sampling, MTP speculation)."""
+from ..errors import GenerationError
+from ..model import LatentCache, ModelCache, init_cache
+from .generate import GenerateResult, Generator, generate, sample
 
-__all__ = ["LatentCache", "ModelCache", "cache_bytes_per_token", "init_cache", "model_cached", "mtp_cached",
-           "GenerateResult", "GenerationError", "Generator", "generate", "sample"]
+__all__ = ["GenerateResult", "GenerationError", "Generator", "LatentCache", "ModelCache", "generate", "init_cache",
+           "sample"]

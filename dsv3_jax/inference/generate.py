@@ -20,12 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..model import DeepSeekV3, check_tokens
-from .cached import init_cache, mtp_cached, model_cached
-
-
-class GenerationError(ValueError):
-    """Bad generation request (empty prompt, too long for the context, ...)."""
+from ..checkpoint.orbax_io import load_checkpoint
+from ..errors import GenerationError
+from ..model import DeepSeekV3, check_tokens, init_cache
 
 
 @dataclasses.dataclass
@@ -81,34 +78,39 @@ def speculative_accept(key: jax.Array, p_logits: jax.Array, q_logits: jax.Array,
 
 
 class Generator:
-    """Compiled prefill / decode / verify steps of one model (functional over ``nnx.split``)."""
+    """Compiled prefill / decode / verify steps of one model (functional over ``nnx.split``), all
+    through the model's own forward with its latent cache (``DeepSeekV3.__call__(..., cache=)``)."""
 
-    def __init__(self, model: DeepSeekV3, mesh=None, ep_strategy: str = "allgather"):
-        """With a ``mesh`` (``sharding.make_mesh``), parameters are placed by the sharding rules and
-        the MoE layers run expert-parallel; batches are padded to a multiple of the batch shards."""
+    def __init__(self, model: DeepSeekV3, mesh=None, ep_strategy: Optional[str] = None):
+        """A model built for a mesh (``load_checkpoint(..., mesh=)``, ``DeepSeekV3(..., mesh=)``) runs
+        with its parameters placed by its rules and its MoE layers expert-parallel; batches are padded
+        to a multiple of the batch shards. ``mesh``/``ep_strategy`` rebuild a model for another layout."""
+        if mesh is not None or ep_strategy is not None:
+            rt = model.runtime if ep_strategy is None else model.runtime.replace(ep_strategy=ep_strategy)
+            model = model.with_runtime(rt, mesh=mesh if mesh is not None else model.mesh)
         self.cfg = model.cfg
-        self.mesh = mesh
-        if mesh is not None:
-            from sharding import expert_parallel
-            expert_parallel.enable(model, mesh, ep_strategy)
+        self.mesh, self.rules = model.mesh, model.rules
         self.graphdef, self.state = nnx.split(model)
-        if mesh is not None:
-            from sharding import shard_state
-            self.state = shard_state(self.state, mesh)
+        if self.mesh is not None:
+            self.state = self.rules.place(self.state, self.mesh)
         g = self.graphdef
 
         @jax.jit
         def prefill(state, tokens, cache):
-            pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-            return model_cached(nnx.merge(g, state), tokens, pos, cache)
+            out = nnx.merge(g, state)(tokens, cache=cache)
+            return out.logits, out.hidden, out.cache
 
         @jax.jit
         def step(state, tokens, positions, cache):
-            return model_cached(nnx.merge(g, state), tokens, positions, cache)
+            out = nnx.merge(g, state)(tokens, positions=positions, cache=cache)
+            return out.logits, out.hidden, out.cache
 
         @jax.jit
         def mtp(state, hidden, next_tokens, positions, cache):
-            return mtp_cached(nnx.merge(g, state), hidden, next_tokens, positions, cache)
+            """The MTP draft head (depth 1) at ``positions`` (None: a prompt from position 0)."""
+            logits, _, cache = nnx.merge(g, state).mtp_forward(hidden, next_tokens[None], positions=positions,
+                                                               cache=cache)
+            return logits[0], cache
 
         @jax.jit
         def spec_step(state, nxt, draft, pos, cache):
@@ -161,9 +163,7 @@ class Generator:
             raise GenerationError("speculative='mtp' needs a model with an MTP module (num_mtp_layers >= 1).")
         n_real = len(prompts)
         if self.mesh is not None:  # pad the batch to a multiple of the batch shards (extra rows dropped)
-            from sharding import batch_sharding
-            spec = batch_sharding(self.mesh, 1).spec[0]
-            shards = int(np.prod([self.mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec or ())]))
+            shards = self.rules.batch_shards(self.mesh)
             prompts = prompts + [prompts[-1]] * (-len(prompts) % shards)
             lengths = np.array([len(p) for p in prompts], np.int32)
         B, P = len(prompts), int(lengths.max())
@@ -172,8 +172,7 @@ class Generator:
             tokens[b, :len(p)] = p
         check_tokens(tokens, cfg.vocab_size, "prompt tokens")
         if self.mesh is not None:
-            from sharding import batch_sharding
-            tokens = jax.device_put(tokens, batch_sharding(self.mesh))
+            tokens = jax.device_put(tokens, self.rules.batch_sharding(self.mesh))
         cache = init_cache(cfg, B, total + 2, mtp=bool(speculative))
         logits, hidden, cache = self.prefill(self.state, tokens, cache)
         rows = jnp.arange(B)
@@ -212,8 +211,7 @@ class Generator:
         # MTP drafts for the prompt: position i combines h_i with t_{i+1} (the sampled token at the end).
         shifted = jnp.asarray(tokens).at[:, :-1].set(jnp.asarray(tokens)[:, 1:])
         shifted = shifted.at[rows, last].set(nxt)
-        positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-        mtp_logits, cache = self.mtp(self.state, hidden, shifted, positions, cache)
+        mtp_logits, cache = self.mtp(self.state, hidden, shifted, None, cache)
         sampling = temperature > 0
         if sampling:
             q_logits = filter_logits(mtp_logits[rows, last], temperature, top_k, top_p)
@@ -252,6 +250,5 @@ def generate(model_or_checkpoint, prompts: Sequence[Sequence[int]], **kw) -> Gen
     if isinstance(model, tuple):
         model = model[1]
     elif not isinstance(model, DeepSeekV3):
-        from ..checkpoint.orbax_io import load_checkpoint
         model = load_checkpoint(model)[1]
     return Generator(model)(prompts, **kw)

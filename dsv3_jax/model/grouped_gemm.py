@@ -16,6 +16,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.fp8 import grouped_linear
+
+
+def auto_block_size(rows: int, n_experts: int) -> int:
+    """Rows per block of the blocked GEMM when none is configured: the expected rows per expert
+    rounded down to a power of two, within [8, 128] — small blocks waste little padding on small
+    batches, large ones keep the per-block weight gathers few on large batches."""
+    per_expert = max(1, rows // max(1, n_experts))
+    return int(min(128, max(8, 1 << (per_expert.bit_length() - 1))))
+
 
 def resolve_impl(impl: str) -> str:
     if impl != "auto":
@@ -70,7 +80,6 @@ def expert_ffn(x_sorted: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w
     ``quant='fp8'``: the three expert GEMMs (and their gradients) in FP8 on the blocked layout
     (``pallas_kernels.fp8.grouped_linear``, SPEC §6), whatever ``impl``."""
     if quant == "fp8":
-        from pallas_kernels.fp8 import grouped_linear
         layout = BlockLayout(group_sizes, x_sorted.shape[0], block)
         xb = layout.scatter(x_sorted)
         mm = lambda a, w: grouped_linear(a, w, layout.block_expert)  # noqa: E731

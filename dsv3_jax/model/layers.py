@@ -13,7 +13,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from ..config import ModelConfig
+from pallas_kernels import fp8
+
+from ..config import ModelConfig, RuntimeConfig
 
 
 class RouterBias(nnx.Variable):
@@ -31,7 +33,7 @@ def fp8_storage(shape: Sequence[int], n_lead: int, n_in: int, axes: Sequence[str
                 ) -> tuple[nnx.Param, FP8Scale]:
     """An e4m3 weight ``[*lead, *in, *out]`` and its scales ``[*lead, ceil(K/128), ceil(N/128)]``
     (``K``/``N`` the flattened in/out sizes). Leading (expert) axes of the scales shard like the weight's."""
-    from pallas_kernels.fp8 import BLOCK
+    BLOCK = fp8.BLOCK
     lead, ins, outs = shape[:n_lead], shape[n_lead:n_lead + n_in], shape[n_lead + n_in:]
     kb, nb = -(-math.prod(ins) // BLOCK), -(-math.prod(outs) // BLOCK)
     q = nnx.Param(jnp.zeros(tuple(shape), jnp.float8_e4m3fn), out_sharding=tuple(axes), eager_sharding=False)
@@ -43,11 +45,10 @@ def fp8_storage(shape: Sequence[int], n_lead: int, n_in: int, axes: Sequence[str
 def dequantize_fp8(q: jax.Array, scale: jax.Array, n_in: int, dtype) -> jax.Array:
     """``q [*lead, *in, *out]`` e4m3 × block ``scale [*lead, Kb, Nb]`` → ``dtype``, same shape: the
     flattened ``[K, N]`` matrix is ``pallas_kernels.fp8.dequantize_weight``'s 128×128 block layout."""
-    from pallas_kernels.fp8 import dequantize_weight
     n_lead = scale.ndim - 2
     lead = q.shape[:n_lead]
     k = math.prod(q.shape[n_lead:n_lead + n_in])
-    deq = lambda q2, s: dequantize_weight(q2, s, dtype=jnp.dtype(dtype))  # noqa: E731
+    deq = lambda q2, s: fp8.dequantize_weight(q2, s, dtype=jnp.dtype(dtype))  # noqa: E731
     for _ in range(n_lead):
         deq = jax.vmap(deq)
     return deq(q.reshape(*lead, k, -1), scale).reshape(q.shape)
@@ -77,7 +78,7 @@ class Linear(nnx.Module):
     """
 
     def __init__(self, in_features: int | Sequence[int], out_features: int | Sequence[int],
-                 axes: Sequence[str | None], cfg: ModelConfig, rngs: nnx.Rngs):
+                 axes: Sequence[str | None], cfg: ModelConfig, rt: RuntimeConfig, rngs: nnx.Rngs):
         self.in_shape = (in_features,) if isinstance(in_features, int) else tuple(in_features)
         self.out_shape = (out_features,) if isinstance(out_features, int) else tuple(out_features)
         self.fp8_weights = cfg.fp8_weights
@@ -85,8 +86,8 @@ class Linear(nnx.Module):
             self.kernel, self.kernel_scale = fp8_storage(self.in_shape + self.out_shape, 0, len(self.in_shape), axes)
         else:
             self.kernel = param(rngs, self.in_shape + self.out_shape, axes, std=cfg.init_std, dtype=cfg.param_dtype)
-        self.compute_dtype = dtype_of(cfg.compute_dtype)
-        self.quant = cfg.quant
+        self.compute_dtype = dtype_of(rt.compute_dtype)
+        self.quant = rt.quant
 
     def weight(self, dtype=None) -> jax.Array:
         """The kernel as ``dtype`` (FP8 storage dequantised; default: the compute dtype)."""
@@ -101,14 +102,12 @@ class Linear(nnx.Module):
         if self.fp8_weights and self.quant == "fp8":
             # FP8 inference on the stored weights as released: 1×128 activation tiles × the
             # checkpoint's 128×128 blocks, fp32 promotion per K block (SPEC §6); no re-quantisation.
-            from pallas_kernels.fp8 import matmul, quantize_activation
-            xq, xs = quantize_activation(x.astype(self.compute_dtype).reshape(*x.shape[:x.ndim - n_in], k))
-            y = matmul(xq, xs, self.kernel[...].reshape(k, n).T, self.kernel_scale[...].T,
+            xq, xs = fp8.quantize_activation(x.astype(self.compute_dtype).reshape(*x.shape[:x.ndim - n_in], k))
+            y = fp8.matmul(xq, xs, self.kernel[...].reshape(k, n).T, self.kernel_scale[...].T,
                        out_dtype=self.compute_dtype)
             return y.reshape(*y.shape[:-1], *self.out_shape)
         if self.quant == "fp8":  # SPEC §6: forward, dgrad and wgrad GEMMs in FP8 on the fp32 master weight
-            from pallas_kernels.fp8 import linear as fp8_linear
-            y = fp8_linear(x.astype(self.compute_dtype).reshape(*x.shape[:x.ndim - n_in], k),
+            y = fp8.linear(x.astype(self.compute_dtype).reshape(*x.shape[:x.ndim - n_in], k),
                            self.kernel[...].reshape(k, n))
             return y.reshape(*y.shape[:-1], *self.out_shape)
         return jax.lax.dot_general(x.astype(self.compute_dtype), self.weight(),
@@ -118,10 +117,10 @@ class Linear(nnx.Module):
 class RMSNorm(nnx.Module):
     """``x / sqrt(mean(x²) + eps) * scale``, computed in fp32 (as the reference implementations)."""
 
-    def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs, axis_name: str = "norm"):
+    def __init__(self, dim: int, cfg: ModelConfig, rt: RuntimeConfig, rngs: nnx.Rngs, axis_name: str = "norm"):
         self.scale = param(rngs, (dim,), (axis_name,), std=0.0, dtype=cfg.param_dtype, init="ones")
         self.eps = cfg.rms_norm_eps
-        self.compute_dtype = dtype_of(cfg.compute_dtype)
+        self.compute_dtype = dtype_of(rt.compute_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
@@ -132,10 +131,10 @@ class RMSNorm(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU FFN ``W2(silu(W1 x) * W3 x)`` (SPEC §4): dense layers and shared experts."""
 
-    def __init__(self, dim: int, hidden: int, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.gate_proj = Linear(dim, hidden, ("embed", "mlp"), cfg, rngs)
-        self.up_proj = Linear(dim, hidden, ("embed", "mlp"), cfg, rngs)
-        self.down_proj = Linear(hidden, dim, ("mlp", "embed"), cfg, rngs)
+    def __init__(self, dim: int, hidden: int, cfg: ModelConfig, rt: RuntimeConfig, rngs: nnx.Rngs):
+        self.gate_proj = Linear(dim, hidden, ("embed", "mlp"), cfg, rt, rngs)
+        self.up_proj = Linear(dim, hidden, ("embed", "mlp"), cfg, rt, rngs)
+        self.down_proj = Linear(hidden, dim, ("mlp", "embed"), cfg, rt, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,11 +1,12 @@
-"""Run configs: one YAML with ``model``, ``train`` and ``data`` sections, plus ``key=value`` overrides.
+"""Run configs: one YAML with ``model``, ``runtime``, ``train`` and ``data`` sections, plus ``key=value`` overrides.
 
     model: tiny            # a config name/path, or a mapping of ModelConfig fields
+    runtime: {remat: none} # RuntimeConfig: how the model runs (not stored in checkpoints)
     train: {steps: 300, lr: 3e-3, ...}     # TrainConfig below
     data:  {seq_len: 128, batch_size: 16}  # dsv3_jax.data.DataConfig
 
 Overrides use dotted keys (``train.lr=1e-3``, ``data.path=corpus/``, ``model.n_routed_experts=32``); a
-bare key is looked up in ``train``, then ``model``, then ``data`` (``steps=100``). A YAML without
+bare key is looked up in ``train``, then ``model``, ``runtime``, ``data`` (``steps=100``). A YAML without
 ``train``/``data`` sections is a plain model config (``--config tiny``). Values are cast and validated
 as ``dsv3_jax.config`` does, with errors that name the field, the value and the fix.
 """
@@ -19,7 +20,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from ..config import ConfigError, ModelConfig, _build, _parse_override, _resolve_path, _to_dict, load_config
+from ..config import (ConfigError, ModelConfig, RuntimeConfig, _build, _parse_override, _resolve_path, _to_dict,
+                      load_config, load_runtime)
 from ..data.pipeline import DataConfig
 
 BALANCE = ("aux_free", "aux_loss", "none")
@@ -67,9 +69,11 @@ class RunConfig:
     model: ModelConfig
     train: TrainConfig
     data: DataConfig
+    runtime: RuntimeConfig = RuntimeConfig()
 
     def to_dict(self) -> dict:
-        return {"model": _to_dict(self.model), "train": _to_dict(self.train), "data": _to_dict(self.data)}
+        return {"model": _to_dict(self.model), "runtime": _to_dict(self.runtime), "train": _to_dict(self.train),
+                "data": _to_dict(self.data)}
 
 
 def _fail(field: str, value: Any, why: str, fix: str) -> None:
@@ -108,7 +112,7 @@ def validate_train(t: TrainConfig, data: DataConfig) -> None:
         _fail("train.inject_nan_steps", t.inject_nan_steps, "must be a comma list of step numbers", "e.g. 3,4")
 
 
-_SECTIONS = ("model", "train", "data")
+_SECTIONS = ("model", "runtime", "train", "data")
 
 
 def load_run_config(name_or_path: str | os.PathLike | Mapping = "tiny",
@@ -139,26 +143,29 @@ def load_run_config(name_or_path: str | os.PathLike | Mapping = "tiny",
         model_src = base / model_src
     train_d = dict(raw.get("train") or {})
     data_d = dict(raw.get("data") or {})
+    runtime_src = raw.get("runtime") or {}
     model_over: list[str] = []
+    runtime_over: list[str] = []
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     data_fields = {f.name for f in dataclasses.fields(DataConfig)}
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    runtime_fields = {f.name for f in dataclasses.fields(RuntimeConfig)}
     for item in overrides:
         keys, value = _parse_override(item)
         section = keys[0] if len(keys) > 1 and keys[0] in _SECTIONS else None
         if section is None:
             head = keys[0]
             section = ("train" if head in train_fields else "model" if head in model_fields
-                       else "data" if head in data_fields else None)
+                       else "runtime" if head in runtime_fields else "data" if head in data_fields else None)
             if section is None:
-                allk = sorted(train_fields | model_fields | data_fields)
+                allk = sorted(train_fields | model_fields | runtime_fields | data_fields)
                 close = difflib.get_close_matches(head, allk, n=1)
                 raise ConfigError(f"unknown config key {'.'.join(keys)!r} "
-                                  f"({'did you mean ' + repr(close[0]) + '?' if close else 'use model./train./data. keys'}).")
+                                  f"({'did you mean ' + repr(close[0]) + '?' if close else 'use model./runtime./train./data. keys'}).")
         else:
             keys = keys[1:]
-        if section == "model":
-            model_over.append(f"{'.'.join(keys)}={item.split('=', 1)[1]}")
+        if section in ("model", "runtime"):
+            (model_over if section == "model" else runtime_over).append(f"{'.'.join(keys)}={item.split('=', 1)[1]}")
         else:
             if len(keys) != 1:
                 raise ConfigError(f"override {item!r}: {section} fields are not nested (fix: {section}.FIELD=VALUE).")
@@ -175,7 +182,7 @@ def load_run_config(name_or_path: str | os.PathLike | Mapping = "tiny",
             raise
         raise ConfigError(f"data: {e}") from None
     validate_train(train, data)
-    return RunConfig(model, train, data)
+    return RunConfig(model, train, data, load_runtime(runtime_over, base=runtime_src))
 
 
 __all__ = ["TrainConfig", "RunConfig", "load_run_config", "validate_train", "BALANCE"]

@@ -22,7 +22,11 @@ from flax import nnx
 
 from ..config import ModelConfig
 from .config import TrainConfig
+from ..model import DeepSeekV3
 from .losses import balance_loss_terms, concat_stats, mtp_targets, token_ce_sum
+
+
+MOE_STACK = DeepSeekV3.STACKS[1]  # the stack whose router counts drive the bias update
 
 
 def denominators(batch: dict, n_mtp: int) -> dict:
@@ -73,9 +77,9 @@ def bias_update(bias: nnx.State, counts: Optional[jax.Array], mtp_counts: Option
     """``b -= γ·sign(c − mean c)`` per layer (SPEC §4): over-loaded experts lose γ, under-loaded gain γ."""
     def one(path, b):
         keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
-        if keys[0] == "moe_layers":
+        if keys[0] == MOE_STACK:
             c = counts
-        elif keys[0] == "mtp":
+        elif keys[0] == DeepSeekV3.MTP:
             k = int(keys[1])
             c = mtp_counts[k:k + 1]
         else:
@@ -135,7 +139,7 @@ def make_train_step(graphdef, cfg: ModelConfig, t: TrainConfig, tx: optax.Gradie
             b = [x for x in jax.tree.leaves(new_state["bias"])]
             if b:
                 main_b = [x for p, x in jax.tree_util.tree_leaves_with_path(new_state["bias"])
-                          if getattr(p[0], "key", None) == "moe_layers"]
+                          if getattr(p[0], "key", None) == MOE_STACK]
                 if main_b:
                     metrics["bias_absmean"] = jnp.abs(main_b[0]).mean(-1)
                     metrics["bias_min"] = main_b[0].min(-1)

@@ -22,6 +22,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sharding import DEFAULT_RULES, make_mesh
+
 from ..data import make_dataset
 from ..data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from ..config import ConfigError
@@ -77,49 +79,35 @@ def _replicated(mesh):
     return NamedSharding(mesh, P())
 
 
-def _shardings_of(tree, mesh, rules):
-    """NamedShardings for a (possibly abstract) tree whose Variables carry logical axes; other leaves
-    (optimizer counters) are replicated."""
-    from sharding.rules import spec_for
-
-    def one(x):
-        if isinstance(x, nnx.Variable):
-            axes = x.get_metadata().get("out_sharding") or (None,) * len(x.shape)
-            return x.replace(NamedSharding(mesh, spec_for(axes, x.shape, mesh, rules)))
-        return _replicated(mesh)
-    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 class Trainer:
     def __init__(self, run: RunConfig, *, log=print):
-        from sharding import batch_sharding, check_batch, make_mesh
-        from sharding.expert_parallel import enable as enable_ep
-        from sharding.rules import DEFAULT_RULES
         self.run, self.log = run, log
         cfg, t, d = run.model, run.train, run.data
         if cfg.fp8_weights:
             raise ConfigError("model.fp8_weights=true stores weights as e4m3 for inference and cannot be trained "
-                              "(fix: set model.fp8_weights=false — FP8 training is model.quant=fp8 on fp32 master "
+                              "(fix: set model.fp8_weights=false — FP8 training is runtime.quant=fp8 on fp32 master "
                               "weights — or convert the checkpoint without --keep-fp8).")
         self.out = Path(t.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         check_writable(self.ckpt_dir, 1 << 20)  # before any work; the size check follows below
         # no --mesh: the 1×1×1×1 mesh on the first device (same code path); a pod passes e.g. data=-1,expert=8
         self.mesh = make_mesh(t.mesh) if t.mesh else make_mesh(None, devices=jax.devices()[:1])
-        check_batch(d.batch_size // t.grad_accum, self.mesh)
-        self.batch_sharding = batch_sharding(self.mesh)
+        self.rules = DEFAULT_RULES
+        self.rules.check_batch(d.batch_size // t.grad_accum, self.mesh, "micro-batch size (data.batch_size / "
+                                                                         "train.grad_accum)")
+        self.batch_sharding = self.rules.batch_sharding(self.mesh)
 
-        # model: abstract → expert parallel on the graph → state created directly in its shards
-        abstract = nnx.eval_shape(lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(t.seed)))
-        if cfg.num_moe_layers and self.mesh.shape.get("expert", 1) > 1:
-            enable_ep(abstract, self.mesh)
+        # model: built for the mesh (MoE layers expert-parallel) → state created directly in its shards
+        build = lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(t.seed), runtime=run.runtime, mesh=self.mesh,  # noqa: E731
+                                   rules=self.rules)
+        abstract = nnx.eval_shape(build)
         graphdef, a_params, a_bias, a_rest = nnx.split(abstract, nnx.Param, RouterBias, ...)
         self.graphdef = graphdef
-        sh = {k: _shardings_of(v, self.mesh, DEFAULT_RULES) for k, v in
+        sh = {k: self.rules.shardings(v, self.mesh) for k, v in
               (("params", a_params), ("bias", a_bias), ("rest", a_rest))}
 
         def init():
-            m = DeepSeekV3(cfg, rngs=nnx.Rngs(t.seed))
+            m = build()
             _, p, b, r = nnx.split(m, nnx.Param, RouterBias, ...)
             return {"params": p, "bias": b, "rest": r}
         if state_bytes(a_params, a_bias, a_rest) < EAGER_INIT_BYTES:
@@ -130,7 +118,7 @@ class Trainer:
         self.schedule = lr_schedule(t)
         self.tx = make_optimizer(t, model_state["params"])
         a_opt = jax.eval_shape(self.tx.init, model_state["params"])
-        sh["opt"] = _shardings_of(a_opt, self.mesh, DEFAULT_RULES)
+        sh["opt"] = self.rules.shardings(a_opt, self.mesh)
         opt = jax.jit(self.tx.init, out_shardings=sh["opt"])(model_state["params"])
         self.state = {**model_state, "opt": opt,
                       "applied": jax.device_put(jnp.zeros((), jnp.int32), _replicated(self.mesh))}
@@ -199,7 +187,7 @@ class Trainer:
             self.log(f"resumed from {self.ckpt_dir / str(latest)} (step {step})")
         _truncate_metrics(metrics_path, step)
         writer = _tensorboard(self.out / "tensorboard") if t.tensorboard else None
-        peak = measure_matmul_peak(jnp.dtype(run.model.compute_dtype)) * jax.device_count()
+        peak = measure_matmul_peak(jnp.dtype(run.runtime.resolved(run.model).compute_dtype)) * jax.device_count()
         tokens_per_step = d.batch_size * d.seq_len
         bar = _progress(t.steps, step, t.progress)
         last = {}

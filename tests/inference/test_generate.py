@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 import dsv3_jax as dsv3
-from dsv3_jax.inference import GenerationError, Generator, cache_bytes_per_token, init_cache, model_cached, mtp_cached
+from dsv3_jax.inference import GenerationError, Generator, init_cache
 
 TOL = 1e-4  # fp32; absorbed vs re-expanded attention differ only in summation order (~2e-7 seen)
 
@@ -18,33 +18,52 @@ def tiny():
     return cfg, model, Generator(model)
 
 
-def test_cached_decode_equals_full_forward_every_step(tiny):
-    """Prefill 6 tokens, then decode one at a time: every step's logits (absorbed attention over the
-    latent cache) equal a full forward (re-expanded per-head K/V) over the whole sequence; so do
-    the MTP logits."""
+@pytest.mark.parametrize("prefill", ["flash", "absorbed"])
+def test_cached_decode_equals_full_forward_every_step(tiny, prefill):
+    """Prefill 6 tokens through the model's own forward with a cache — as a prompt (no positions:
+    the flash prefill kernel) or as a chunk at explicit positions (absorbed attention against the
+    cache) — then decode one at a time: every step's logits equal a full forward over the whole
+    sequence without a cache; so do the MTP logits run over the cache."""
     cfg, model, _ = tiny
     seq = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 14)).astype(np.int32)
     full = model(seq)
-    cache = init_cache(cfg, 2, 16)
-    step = jax.jit(lambda m, t, p, c: model_cached(m, t, p, c))
-    logits, hidden, cache = step(model, jnp.asarray(seq[:, :6]), jnp.broadcast_to(jnp.arange(6), (2, 6)), cache)
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(full.logits[:, :6]), atol=TOL)
-    hiddens = [hidden]
+    cache = model.init_cache(2, 16)
+    step = jax.jit(lambda m, t, p, c: m(t, positions=p, cache=c))
+    first = (None if prefill == "flash" else jnp.broadcast_to(jnp.arange(6), (2, 6)))
+    out = step(model, jnp.asarray(seq[:, :6]), first, cache)
+    assert out.mtp_logits is None and out.cache is not None
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(full.logits[:, :6]), atol=TOL)
+    hiddens, cache = [out.hidden], out.cache
     for i in range(6, 14):
-        logits, hidden, cache = step(model, jnp.asarray(seq[:, i:i + 1]), jnp.full((2, 1), i), cache)
-        np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(full.logits[:, i]), atol=TOL)
-        hiddens.append(hidden)
+        out = step(model, jnp.asarray(seq[:, i:i + 1]), jnp.full((2, 1), i), cache)
+        np.testing.assert_allclose(np.asarray(out.logits[:, 0]), np.asarray(full.logits[:, i]), atol=TOL)
+        hiddens.append(out.hidden)
+        cache = out.cache
     hidden = jnp.concatenate(hiddens, 1)
-    nxt = jnp.asarray(np.concatenate([seq[:, 1:], np.zeros((2, 1), np.int32)], 1))
-    mtp_logits, _ = mtp_cached(model, hidden, nxt, jnp.broadcast_to(jnp.arange(14), (2, 14)), cache)
-    np.testing.assert_allclose(np.asarray(mtp_logits[:, :13]), np.asarray(full.mtp_logits[0, :, :13]), atol=TOL)
+    nxt = jnp.asarray(np.concatenate([seq[:, 1:], np.full((2, 1), -1, np.int32)], 1))[None]
+    mtp_logits, _, cache = model.mtp_forward(hidden, nxt, positions=jnp.broadcast_to(jnp.arange(14), (2, 14)),
+                                             cache=cache)
+    np.testing.assert_allclose(np.asarray(mtp_logits[0]), np.asarray(full.mtp_logits[0]), atol=TOL)
 
 
 def test_cache_bytes_match_info(tiny):
-    cfg, _, _ = tiny
-    cache = init_cache(cfg, 1, 4, dtype=jnp.bfloat16)
+    cfg, model, _ = tiny
+    cache = model.init_cache(1, 4, dtype=jnp.bfloat16)
     from dsv3_jax.info import model_info
-    assert cache_bytes_per_token(cache) == model_info(cfg)["kv_cache_bytes_per_token"]
+    assert cache.bytes_per_token() == model_info(cfg)["kv_cache_bytes_per_token"]
+
+
+def test_greedy_generation_equals_uncached_greedy(tiny):
+    """Generation through the cache (flash prefill, decode kernel) emits exactly the tokens of
+    greedy decoding by re-running the full uncached forward on the growing sequence."""
+    cfg, model, gen = tiny
+    prompt = [5, 17, 3, 99, 42]
+    got = gen([prompt], max_new_tokens=10).tokens[0]
+    fwd = jax.jit(lambda m, t: m(t, mtp=False).logits[:, -1])
+    seq = list(prompt)
+    for _ in range(10):
+        seq.append(int(jnp.argmax(fwd(model, jnp.asarray([seq], jnp.int32))[0])))
+    assert got == seq[len(prompt):]
 
 
 def test_mixed_length_batch_equals_each_alone(tiny):
@@ -77,6 +96,8 @@ def test_speculative_bookkeeping_with_oracle_drafts(tiny, monkeypatch, wrong_eve
 
     def oracle(state, hidden, next_tokens, positions, cache):  # traced inside the jitted step
         _, cache = real_mtp(state, hidden, next_tokens, positions, cache)
+        if positions is None:  # the prompt, from position 0
+            positions = jnp.broadcast_to(jnp.arange(next_tokens.shape[1]), next_tokens.shape)
         want = full[jnp.minimum(positions + 2, full.shape[0] - 1)]
         if wrong_every:
             want = jnp.where(positions % wrong_every == 0, (want + 1) % cfg.vocab_size, want)

@@ -15,7 +15,7 @@ BASE = dict(vocab_size=300, hidden_size=48, intermediate_size=96, num_layers=3, 
             num_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
             v_head_dim=12, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
             moe_intermediate_size=20, n_group=4, topk_group=2, routed_scaling_factor=2.5,
-            max_position_embeddings=512, num_mtp_layers=0, compute_dtype="float32",
+            max_position_embeddings=512, num_mtp_layers=0,
             rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
                           "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
 
@@ -23,14 +23,15 @@ BASE = dict(vocab_size=300, hidden_size=48, intermediate_size=96, num_layers=3, 
 @pytest.mark.parametrize("variant", [
     {},                                                   # q-LoRA, YaRN, group-limited sigmoid routing
     {"q_lora_rank": None},                                # no q-LoRA (V2-Lite style attention)
-    {"moe_impl": "ragged", "n_shared_experts": 2},        # ragged_dot grouped GEMM, 2 shared experts
-    {"attention_impl": "blockwise"},                      # flash attention (online softmax) path
+    {"runtime.moe_impl": "ragged", "n_shared_experts": 2},  # ragged_dot grouped GEMM, 2 shared experts
+    {"runtime.attention_impl": "blockwise"},              # flash attention (online softmax) path
     {"rope_scaling": {"type": "none"}, "n_group": 1, "topk_group": 1},  # plain RoPE, no groups
 ])
 def test_logits_match_transformers(variant):
-    cfg = dsv3.load_config({**BASE, **variant})
+    runtime = dsv3.load_runtime({k: v for k, v in variant.items() if k.startswith("runtime.")})
+    cfg = dsv3.load_config({**BASE, **{k: v for k, v in variant.items() if not k.startswith("runtime.")}})
     ref = hf_model(cfg, seed=1)
-    ours = our_model(cfg, hf_state(ref))
+    ours = our_model(cfg, hf_state(ref), runtime=runtime)  # float32 parameters: float32 compute
     # Sequence (48) longer than YaRN's original length (32): the interpolated frequencies matter.
     tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (3, 48))
     want = hf_logits(ref, tokens)

@@ -28,12 +28,12 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def tiny(**overrides) -> dsv3.ModelConfig:
-    return dsv3.load_config("tiny", overrides={"compute_dtype": "float32", **overrides})
+    return dsv3.load_config("tiny", overrides=overrides)  # float32 parameters, so float32 compute
 
 
-def abstract(cfg: dsv3.ModelConfig, *filters):
+def abstract(cfg: dsv3.ModelConfig, *filters, runtime: dsv3.RuntimeConfig | None = None):
     """``nnx.split(model, *filters)`` of the model with ShapeDtypeStruct leaves — nothing allocated."""
-    return nnx.split(nnx.eval_shape(lambda: dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0))), *filters)
+    return nnx.split(nnx.eval_shape(lambda: dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0), runtime=runtime)), *filters)
 
 
 def random_state(state, seed: int = 0):
@@ -80,8 +80,8 @@ def _eqns(jaxpr):
                     yield from _eqns(sub)
 
 
-def _forward_jaxpr(cfg):
-    graphdef, state = abstract(cfg)
+def _forward_jaxpr(cfg, runtime=None):
+    graphdef, state = abstract(cfg, runtime=runtime)
 
     def forward(state, tokens):  # the functional forward: pure in (state, tokens)
         return nnx.merge(graphdef, state)(tokens).logits
@@ -89,8 +89,8 @@ def _forward_jaxpr(cfg):
     return jax.make_jaxpr(forward)(state, jax.ShapeDtypeStruct((2, 16), jnp.int32)).jaxpr
 
 
-def _forward_eqns(cfg) -> int:
-    return sum(1 for _ in _eqns(_forward_jaxpr(cfg)))
+def _forward_eqns(cfg, runtime=None) -> int:
+    return sum(1 for _ in _eqns(_forward_jaxpr(cfg, runtime)))
 
 
 def test_program_size_does_not_grow_with_depth():
@@ -98,14 +98,14 @@ def test_program_size_does_not_grow_with_depth():
     deep = _forward_eqns(tiny(num_layers=12, first_k_dense=1))
     assert deep == shallow, f"jaxpr equations: {shallow} at 4 layers, {deep} at 12 — the stack is unrolled"
     # The count is sensitive to unrolling: the Python loop over 3 MoE layers makes a bigger program.
-    unrolled = _forward_eqns(tiny(num_layers=4, first_k_dense=1, scan_layers=False))
+    unrolled = _forward_eqns(tiny(num_layers=4, first_k_dense=1), dsv3.RuntimeConfig(scan_layers=False))
     assert unrolled > shallow
 
 
 def test_unrolled_stack_matches_scan():
     cfg = tiny(num_layers=4, first_k_dense=1)
     graphdef, state = abstract(cfg)
-    graphdef_loop, state_loop = abstract(cfg.replace(scan_layers=False))
+    graphdef_loop, state_loop = abstract(cfg, runtime=dsv3.RuntimeConfig(scan_layers=False))
     assert jax.tree.structure(state) == jax.tree.structure(state_loop)
     weights = random_state(state, seed=1)
     toks = tokens(cfg)
@@ -127,9 +127,9 @@ def test_remat_policies_give_identical_gradients():
     # (MLA, norms, SwiGLU as the shared expert) plus routing — and keeps the compiles small.
     cfg = tiny(num_layers=2, first_k_dense=0, num_mtp_layers=0)
     policies = ["none", "full", "save_dots", "save_dots_except_mla_up"]
-    graphdefs = {p: abstract(cfg.replace(remat=p), nnx.Param, ...)[0] for p in policies}
+    graphdefs = {p: abstract(cfg, nnx.Param, ..., runtime=dsv3.RuntimeConfig(remat=p))[0] for p in policies}
     for p in policies:  # the config value reaches the model: a checkpoint wraps the layer body unless 'none'
-        eqns = _eqns(_forward_jaxpr(cfg.replace(remat=p)))
+        eqns = _eqns(_forward_jaxpr(cfg, dsv3.RuntimeConfig(remat=p)))
         n_remat = sum(e.primitive.name.startswith(("checkpoint", "remat")) for e in eqns)
         assert (n_remat > 0) == (p != "none"), f"remat={p}: {n_remat} checkpoint equations in the forward"
     _, params, rest = abstract(cfg, nnx.Param, ...)

@@ -1,4 +1,4 @@
-"""``expert_parallel.shards_per_token`` and ``exchange_bytes_per_token`` on routings small enough to
+"""``ep_bytes.shards_per_token`` and ``exchange_bytes_per_token`` on routings small enough to
 count by hand: which shards each token reaches, and the bytes per token each strategy moves."""
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import pytest
 import dsv3_jax as dsv3
 from dsv3_jax.model import route
 from sharding import MeshError
-from sharding.expert_parallel import exchange_bytes_per_token, shards_per_token
+from sharding.ep_bytes import exchange_bytes_per_token, shards_per_token
 
 
 def row_bytes(D, b, K):

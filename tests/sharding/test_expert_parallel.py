@@ -12,6 +12,7 @@ import dsv3_jax as dsv3
 import sharding
 from jax.sharding import PartitionSpec as P
 from sharding import expert_parallel
+from sharding.rules import DEFAULT_RULES
 
 TOL = 1e-5
 CFG = ["num_layers=2", "first_k_dense=1", "num_mtp_layers=0"]
@@ -20,8 +21,8 @@ CFG = ["num_layers=2", "first_k_dense=1", "num_mtp_layers=0"]
 def _loss_and_grads(model, tokens, mesh=None):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if mesh is not None:
-        params, rest = sharding.shard_state(params, mesh), sharding.shard_state(rest, mesh)
-        tokens = jax.device_put(tokens, sharding.batch_sharding(mesh))
+        params, rest = DEFAULT_RULES.place(params, mesh), DEFAULT_RULES.place(rest, mesh)
+        tokens = jax.device_put(tokens, DEFAULT_RULES.batch_sharding(mesh))
 
     @jax.jit
     def step(params, rest, tokens):
@@ -53,7 +54,8 @@ def reference():
 def test_expert_parallel_equals_single_device(reference, strategy, mesh_spec):
     cfg, tokens, (loss, logits, counts, grads, _) = reference
     mesh = sharding.make_mesh(mesh_spec)
-    model = expert_parallel.enable(dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0)), mesh, strategy, capacity_factor=8.0)
+    model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0), mesh=mesh,
+                            runtime=dsv3.RuntimeConfig(ep_strategy=strategy, capacity_factor=8.0))
     step, args = _loss_and_grads(model, tokens, mesh)
     loss2, logits2, counts2, grads2, dropped = step(*args)
     assert int(dropped.sum()) == 0
@@ -82,12 +84,12 @@ def test_fp8_expert_parallel_equals_single_device(strategy, mesh_spec):
     run along *local* tokens (as in any data-parallel FP8 training): expert weight gradients then agree
     within FP8 error (measured 3%), everything else stays exact. (Expert GEMMs left in bf16 would
     miss the expert=8 bound by ~3% too: the 1e-4 match is what shows they run in FP8.)"""
-    cfg = dsv3.load_config("tiny", CFG + ["quant=fp8"])
+    cfg, fp8 = dsv3.load_config("tiny", CFG), dsv3.RuntimeConfig(quant="fp8")
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (8, 24)))
-    step, args = _loss_and_grads(dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0)), tokens)
+    step, args = _loss_and_grads(dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0), runtime=fp8), tokens)
     loss, logits, _, grads, _ = step(*args)
     mesh = sharding.make_mesh(mesh_spec)
-    model = expert_parallel.enable(dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0)), mesh, strategy)
+    model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0), mesh=mesh, runtime=fp8.replace(ep_strategy=strategy))
     step2, args2 = _loss_and_grads(model, tokens, mesh)
     loss2, logits2, _, grads2, _ = step2(*args2)
     assert abs(float(loss2) - float(loss)) <= TOL
@@ -102,9 +104,10 @@ def test_fp8_expert_parallel_equals_single_device(strategy, mesh_spec):
 def test_capacity_strategy_reports_drops(reference):
     cfg, tokens, (_, logits, _, _, _) = reference
     mesh = sharding.make_mesh("expert=8")
-    model = expert_parallel.enable(dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0)), mesh, "a2a_capacity", capacity_factor=0.25)
+    model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0), mesh=mesh,
+                            runtime=dsv3.RuntimeConfig(ep_strategy="a2a_capacity", capacity_factor=0.25))
     forward, state = dsv3.make_forward(model, mtp=False)
-    out = forward(sharding.shard_state(state, mesh), jax.device_put(tokens, sharding.batch_sharding(mesh)))
+    out = forward(DEFAULT_RULES.place(state, mesh), jax.device_put(tokens, DEFAULT_RULES.batch_sharding(mesh)))
     total_slots = tokens.size * cfg.num_experts_per_tok
     assert 0 < int(out.router.dropped.sum()) < total_slots
     assert np.abs(np.asarray(out.logits) - np.asarray(logits)).max() > 1e-3  # dropping changes the answer
@@ -140,7 +143,7 @@ def test_emulated_ragged_all_to_all_semantics():
 def test_experts_not_divisible_by_expert_axis():
     cfg = dsv3.load_config("tiny", CFG + ["n_routed_experts=12", "n_group=4"])
     with pytest.raises(sharding.MeshError, match="12 routed experts cannot be split over the mesh's expert axis of size 8"):
-        expert_parallel.enable(dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0)), sharding.make_mesh("expert=8"))
+        dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0), mesh=sharding.make_mesh("expert=8"))
 
 
 def test_mesh_errors():
@@ -150,4 +153,27 @@ def test_mesh_errors():
         sharding.make_mesh("exprt=8")
     assert sharding.make_mesh("data=2,expert=-1").shape["expert"] == 4
     with pytest.raises(ValueError, match="batch size 6 is not divisible by the 8 batch shards"):
-        sharding.check_batch(6, sharding.make_mesh("data=2,expert=4"))
+        DEFAULT_RULES.check_batch(6, sharding.make_mesh("data=2,expert=4"))
+
+
+def test_with_runtime_rebuilds_for_a_mesh_sharing_weights(reference):
+    """``model.with_runtime(mesh=...)`` is the same weights built expert-parallel: equal logits."""
+    cfg, tokens, (_, logits, _, _, _) = reference
+    model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0))
+    mesh = sharding.make_mesh("data=2,expert=4")
+    ep_model = model.with_runtime(dsv3.RuntimeConfig(ep_strategy="ragged_a2a"), mesh=mesh)
+    assert ep_model.moe_layers.mlp.ep is not None and model.moe_layers.mlp.ep is None
+    forward, state = dsv3.make_forward(ep_model, mtp=False)
+    out = forward(DEFAULT_RULES.place(state, mesh), jax.device_put(tokens, DEFAULT_RULES.batch_sharding(mesh)))
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(logits), atol=TOL)
+
+
+def test_rules_are_typed_and_reject_repeated_axes():
+    r = DEFAULT_RULES.with_(embed="fsdp")
+    assert r["embed"] == ("fsdp",) and DEFAULT_RULES["embed"] == ("fsdp", "expert")
+    assert hash(r) != hash(DEFAULT_RULES)
+    with pytest.raises(sharding.MeshError, match="names a mesh axis twice"):
+        sharding.Rules.of({"embed": ("fsdp", "fsdp")})
+    sizes = {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
+    assert DEFAULT_RULES.batch_axes(sizes) == ("data", "expert") and DEFAULT_RULES.batch_shards(sizes) == 8
+    assert DEFAULT_RULES.spec(("expert", "embed", "moe_mlp"), (16, 64, 32), sizes) == P("expert", None, None)
