@@ -100,10 +100,12 @@ def test_linear_rejects_wrong_shapes():
 
 
 def test_config_quant_choice_is_validated():
-    cfg = dsv3.load_config("tiny", overrides=["quant=fp8"])
-    assert cfg.quant == "fp8" and dsv3.load_config("tiny").quant == "none"
+    rt = dsv3.load_runtime(["quant=fp8"])
+    assert rt.quant == "fp8" and dsv3.RuntimeConfig().quant == "none"
     with pytest.raises(ConfigError, match="quant='fp4'.*'none', 'fp8'"):
-        dsv3.load_config("tiny", overrides=["quant=fp4"])
+        dsv3.load_runtime(["quant=fp4"])
+    with pytest.raises(ConfigError, match="quant is one of the execution settings.*runtime.quant"):
+        dsv3.load_config("tiny", overrides=["quant=fp8"])  # not part of the architecture
 
 
 def test_tiny_model_fp8_forward_and_grad_close_to_high_precision():
@@ -115,8 +117,8 @@ def test_tiny_model_fp8_forward_and_grad_close_to_high_precision():
     small = ["num_layers=2", "first_k_dense=1", "num_mtp_layers=0"]  # default remat policy (see below)
 
     def build(q):
-        cfg = dsv3.load_config("tiny", overrides=[f"quant={q}", *small])
-        return nnx.split(dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0)))
+        cfg = dsv3.load_config("tiny", overrides=small)
+        return nnx.split(dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0), runtime=dsv3.RuntimeConfig(quant=q)))
 
     def loss(gd, state):
         logits = nnx.merge(gd, state)(tokens[:, :-1]).logits

@@ -137,7 +137,7 @@ def test_grad_accumulation_equals_full_batch():
     term is a sum divided by the global batch's denominators. Tolerance: fp32 sums in another order."""
     from dsv3_jax.train.optim import make_optimizer
     from dsv3_jax.train.step import make_train_step
-    cfg = dsv3.load_config("tiny", ["num_layers=1", "first_k_dense=0", "remat=none"])
+    cfg = dsv3.load_config("tiny", ["num_layers=1", "first_k_dense=0"])
     rng = np.random.default_rng(0)
     B, S = 4, 16
     tokens = rng.integers(3, cfg.vocab_size, (B, S + 1)).astype(np.int32)
@@ -153,7 +153,7 @@ def test_grad_accumulation_equals_full_batch():
     for A in (1, 2):
         run = load_run_config("tiny", ["num_layers=1", "first_k_dense=0", "remat=none", f"grad_accum={A}",
                                        "data.batch_size=4", "train.lr=1e-2"])
-        model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0))
+        model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0), runtime=run.runtime)
         graphdef, params, bias, rest = nnx.split(model, nnx.Param, RouterBias, ...)
         tx = make_optimizer(run.train, params)
         state = {"params": params, "bias": bias, "rest": rest, "opt": tx.init(params), "applied": jnp.zeros((), jnp.int32)}
@@ -199,7 +199,7 @@ def test_total_loss_is_ce_plus_weighted_terms(balance):
     run = load_run_config("tiny", ["num_layers=1", "first_k_dense=0", "remat=none", f"balance={balance}",
                                    "balance_alpha=0.5", "mtp_weight=0.3"])
     cfg = run.model
-    model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0))
+    model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0), runtime=run.runtime)
     graphdef, params, bias, rest = nnx.split(model, nnx.Param, RouterBias, ...)
     rng = np.random.default_rng(0)
     B, S = 2, 12
