@@ -11,6 +11,8 @@ import math
 import ml_dtypes
 import numpy as np
 
+from ..errors import CheckpointError
+
 BLOCK = 128
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 E4M3_MAX = 448.0
@@ -20,7 +22,7 @@ AMAX_MIN = 1e-4  # SPEC §6: amax clamped >= 1e-4
 _LUT = np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float32)
 
 
-class FP8FormatError(ValueError):
+class FP8FormatError(CheckpointError):
     """An FP8 weight and its ``weight_scale_inv`` do not fit together."""
 
 

@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from ..config import ConfigError, ModelConfig
+from ..errors import CheckpointError
 from . import fp8
 from .safetensors_io import SUPPORTED_DTYPES, SafetensorsError, SafetensorsFile
 
@@ -28,10 +29,6 @@ TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "generation_config.json")
 _FUSED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint (source or destination) is unusable; the message names the file and the fix."""
 
 
 class _Entry:

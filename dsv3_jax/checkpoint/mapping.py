@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Mapping, Optional
 import numpy as np
 
 from ..config import ModelConfig
+from ..errors import CheckpointError
 from . import fp8
 
 Path = tuple  # e.g. ("moe_layers", "attn", "q_b_proj", "kernel")
@@ -209,7 +210,7 @@ def unfuse_transformers_experts(state: Mapping[str, np.ndarray]) -> dict[str, np
     return out
 
 
-class MappingError(ValueError):
+class MappingError(CheckpointError):
     """HF tensors do not match the config: a tensor is missing, unexpected or has the wrong shape."""
 
 

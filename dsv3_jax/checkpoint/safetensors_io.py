@@ -27,6 +27,8 @@ from typing import Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
+from ..errors import CheckpointError
+
 __all__ = [
     "SafetensorsError", "MissingTensorError", "SafetensorsFile",
     "save_file", "load_file", "dtype_to_str", "str_to_dtype", "SUPPORTED_DTYPES",
@@ -48,7 +50,7 @@ SUPPORTED_DTYPES: dict[str, np.dtype] = {
 _DTYPE_TO_STR = {dt.newbyteorder("="): s for s, dt in SUPPORTED_DTYPES.items()}
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(CheckpointError):
     """A safetensors file (or a tensor handed to :func:`save_file`) is invalid."""
 
 

@@ -28,9 +28,10 @@ from flax import nnx
 
 from ..checkpoint import orbax_io
 from ..config import ModelConfig
+from ..errors import CheckpointError
 
 
-class CheckpointDirError(OSError):
+class CheckpointDirError(CheckpointError, OSError):
     """The checkpoint directory cannot be written (permissions, full disk)."""
 
 
