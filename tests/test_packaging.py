@@ -13,9 +13,9 @@ import ast
 import json
 import os
 import shutil
+import site as sitemod
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -59,15 +59,16 @@ def test_non_editable_install_runs_info_and_train_outside_the_repo(tmp_path):
     assert yamls and yamls == {Path(p).name for p in _files(site, "dsv3_jax/configs/*.yaml")}
     assert "dsv3 = dsv3_jax.cli:main" in next(site.glob("dsv3_jax-*.dist-info")).joinpath("entry_points.txt").read_text()
 
-    # A fresh venv whose only link to the dev environment is a .pth line naming its site-packages: paths
-    # added by a .pth are not scanned for .pth files, so the editable install's import hook stays off and
-    # the installed copy (listed first) is the only dsv3_jax there is.
+    # A fresh venv whose only link to the dev environment is a .pth file naming its site directories:
+    # directories added by a .pth are not scanned for .pth files, so the editable install's import hook
+    # stays off and the installed copy (listed first) is the only dsv3_jax there is.
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path, env=os.environ.copy())
     py = venv / "bin" / "python"
     venv_site = Path(_run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           cwd=tmp_path, env=os.environ.copy()).strip())
-    (venv_site / "dsv3_test_paths.pth").write_text(f"{site}\n{sysconfig.get_paths()['purelib']}\n")
+    deps = [*sitemod.getsitepackages(), *([sitemod.getusersitepackages()] if sitemod.ENABLE_USER_SITE else [])]
+    (venv_site / "dsv3_test_paths.pth").write_text("".join(f"{p}\n" for p in [site, *deps]))
 
     work = tmp_path / "work"                       # cwd outside the repository
     work.mkdir()
