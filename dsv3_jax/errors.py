@@ -30,5 +30,9 @@ class DataError(Dsv3Error, ValueError):
     """A data source, tokenizer or batch is missing or malformed."""
 
 
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A data path or tokenizer file does not exist (also a ``FileNotFoundError``)."""
+
+
 __all__ = ["Dsv3Error", "ConfigError", "CheckpointError", "MeshError", "TokenRangeError", "GenerationError",
-           "DataError"]
+           "DataError", "DataNotFoundError"]

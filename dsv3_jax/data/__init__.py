@@ -6,12 +6,12 @@ from dsv3_jax.data.pipeline import (DataConfig, check_token_ids, document_ids, m
 from dsv3_jax.data.sources import (JsonlSource, TextFileSource, iter_documents, list_files, open_source,
                                    stdlib_files, stdlib_source)
 from dsv3_jax.data.tokenizer import (DEEPSEEK_SPECIAL_TOKENS, SpecialTokens, Tokenizer, load_tokenizer,
-                                     tokenizer_train_main, train_tokenizer)
+                                     train_tokenizer)
 
 __all__ = [
     "DataConfig", "make_dataset", "check_token_ids", "document_ids", "shard_ids", "split_document_ids",
     "Tokenizer", "SpecialTokens", "DEEPSEEK_SPECIAL_TOKENS", "train_tokenizer", "load_tokenizer",
-    "tokenizer_train_main", "encode_document", "fim_rng", "fim_split", "maybe_fim", "format_fim",
+    "encode_document", "fim_rng", "fim_split", "maybe_fim", "format_fim",
     "pack_documents", "build_row", "stack_rows", "PackIterDataset", "FIELDS",
     "TextFileSource", "JsonlSource", "open_source", "stdlib_source", "stdlib_files", "list_files",
     "iter_documents",

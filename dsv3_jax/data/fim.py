@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from dsv3_jax.data.tokenizer import DEEPSEEK_SPECIAL_TOKENS, SpecialTokens, Tokenizer
+from dsv3_jax.errors import DataError
 
 
 def fim_rng(seed: int, doc_index: int, epoch: int = 0) -> np.random.Generator:
@@ -34,7 +35,7 @@ def fim_split(text: str, rng: np.random.Generator) -> tuple[str, str, str]:
 def maybe_fim(text: str, rng: np.random.Generator, fim_rate: float) -> Optional[tuple[str, str, str]]:
     """The FIM split with probability ``fim_rate`` (one ``rng.random()`` draw first), else ``None``."""
     if not 0.0 <= fim_rate <= 1.0:
-        raise ValueError(f"fim_rate must be in [0, 1], got {fim_rate}.")
+        raise DataError(f"fim_rate must be in [0, 1], got {fim_rate}.")
     if rng.random() < fim_rate:
         return fim_split(text, rng)
     return None

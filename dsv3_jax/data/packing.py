@@ -29,6 +29,8 @@ from typing import Any, Iterable, Iterator, Optional
 import grain
 import numpy as np
 
+from dsv3_jax.errors import DataError
+
 FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
@@ -64,7 +66,7 @@ class _Packer:
 
     def __init__(self, seq_len: int, pad_id: int, mask_documents: bool):
         if seq_len < 1:
-            raise ValueError(f"seq_len must be at least 1, got {seq_len}.")
+            raise DataError(f"seq_len must be at least 1, got {seq_len}.")
         self.seq_len, self.L, self.pad_id, self.mask_documents = seq_len, seq_len + 1, pad_id, mask_documents
         self.pieces: list[np.ndarray] = []
         self.used = 0

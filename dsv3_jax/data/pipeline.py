@@ -29,6 +29,7 @@ from dsv3_jax.data.fim import encode_document
 from dsv3_jax.data.packing import FIELDS, PackIterDataset
 from dsv3_jax.data.sources import STDLIB, open_source
 from dsv3_jax.data.tokenizer import Tokenizer, load_tokenizer
+from dsv3_jax.errors import DataError
 
 SPLITS = ("train", "validation")
 
@@ -54,7 +55,7 @@ class DataConfig:
     def __post_init__(self):
         def need(ok: bool, msg: str):
             if not ok:
-                raise ValueError(f"DataConfig: {msg}")
+                raise DataError(f"DataConfig: {msg}")
         need(self.seq_len >= 1, f"seq_len must be ≥ 1, got {self.seq_len}")
         need(self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}")
         need(0.0 <= self.fim_rate <= 1.0, f"fim_rate must be in [0, 1], got {self.fim_rate}")
@@ -64,11 +65,11 @@ class DataConfig:
 
 
 def check_token_ids(ids: np.ndarray, vocab_size: int, where: str = "") -> None:
-    """Raise ``ValueError`` naming the first id outside ``[0, vocab_size)`` (JAX gathers would clamp it)."""
+    """Raise ``DataError`` (a ``ValueError``) naming the first id outside ``[0, vocab_size)`` (JAX gathers would clamp it)."""
     bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
     if bad.size:
         tid = int(ids[bad[0]])
-        raise ValueError(f"token id {tid} is outside the model vocabulary of size {vocab_size}{where}; the "
+        raise DataError(f"token id {tid} is outside the model vocabulary of size {vocab_size}{where}; the "
                          "tokenizer is larger than the model's vocab_size: use a tokenizer that fits or raise "
                          "vocab_size in the model config.")
 
@@ -87,7 +88,7 @@ def split_document_ids(num_documents: int, val_fraction: float) -> tuple[np.ndar
 
 def shard_ids(ids: np.ndarray, shard_index: int, shard_count: int) -> np.ndarray:
     if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index {shard_index} is not in [0, shard_count={shard_count}).")
+        raise DataError(f"shard_index {shard_index} is not in [0, shard_count={shard_count}).")
     return ids[shard_index::shard_count]
 
 
@@ -95,7 +96,7 @@ def document_ids(num_documents: int, config: DataConfig, split: str = "train", *
                  shard_index: Optional[int] = None, shard_count: Optional[int] = None) -> np.ndarray:
     """The source indices one process reads for ``split`` (before shuffling)."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+        raise DataError(f"split must be one of {SPLITS}, got {split!r}.")
     if shard_index is None or shard_count is None:
         import jax
         shard_index = jax.process_index() if shard_index is None else shard_index
@@ -148,7 +149,7 @@ def make_dataset(config: DataConfig, tokenizer: Union[Tokenizer, str, None] = No
     loss_mask``)."""
     if tokenizer is None:
         if config.tokenizer is None:
-            raise ValueError("make_dataset needs a tokenizer: pass one or set DataConfig.tokenizer to a "
+            raise DataError("make_dataset needs a tokenizer: pass one or set DataConfig.tokenizer to a "
                              "tokenizer.json (train one with `dsv3 tokenizer train --output DIR`).")
         tokenizer = config.tokenizer
     if not isinstance(tokenizer, Tokenizer):
@@ -156,14 +157,14 @@ def make_dataset(config: DataConfig, tokenizer: Union[Tokenizer, str, None] = No
     vocab_size = tokenizer.vocab_size if vocab_size is None else int(vocab_size)
     for role, tid in tokenizer.special_ids.items():
         if tid >= vocab_size:
-            raise ValueError(f"token id {tid} of the special token {role!r} is outside the model vocabulary "
+            raise DataError(f"token id {tid} of the special token {role!r} is outside the model vocabulary "
                              f"of size {vocab_size}: the tokenizer (vocab {tokenizer.vocab_size}) does not fit "
                              "the model.")
     if source is None:
         source = open_source(config.path, glob=config.glob, text_field=config.text_field)
     ids = document_ids(len(source), config, split, shard_index=shard_index, shard_count=shard_count)
     if len(ids) == 0:
-        raise ValueError(f"no {split} documents for this shard ({len(source)} documents in {config.path!r}, "
+        raise DataError(f"no {split} documents for this shard ({len(source)} documents in {config.path!r}, "
                          f"val_fraction={config.val_fraction}, shard {shard_index}/{shard_count}).")
     train = split == "train"
     ds = grain.MapDataset.source(ids.tolist())

@@ -19,6 +19,8 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
+from dsv3_jax.errors import DataError, DataNotFoundError
+
 STDLIB = "stdlib"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages"})
@@ -43,7 +45,7 @@ def stdlib_files(include_tests: bool = False) -> list[Path]:
     if not include_tests:
         files = [p for p in files if not _TEST_DIRS.intersection(p.relative_to(root).parts[:-1])]
     if not files:
-        raise FileNotFoundError(f"no Python standard library sources (*.py) found under {root}; "
+        raise DataNotFoundError(f"no Python standard library sources (*.py) found under {root}; "
                                 "pass a data path instead of 'stdlib'.")
     return files
 
@@ -62,7 +64,7 @@ class TextFileSource(Sequence[str]):
         try:
             return path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); select text files "
+            raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); select text files "
                              "with the glob option (e.g. '**/*.py').") from e
 
     def describe(self, index: int) -> str:
@@ -77,11 +79,11 @@ def _field(obj, text_field: str, where: str) -> str:
     for key in text_field.split("."):
         if not isinstance(value, dict) or key not in value:
             keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise ValueError(f"{where}: no text field {text_field!r} (record keys: {keys}); "
+            raise DataError(f"{where}: no text field {text_field!r} (record keys: {keys}); "
                              "set the JSONL text field option.")
         value = value[key]
     if not isinstance(value, str):
-        raise ValueError(f"{where}: field {text_field!r} is a {type(value).__name__}, not a string.")
+        raise DataError(f"{where}: field {text_field!r} is a {type(value).__name__}, not a string.")
     return value
 
 
@@ -114,7 +116,7 @@ class JsonlSource(Sequence[str]):
         try:
             obj = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{where}: not a JSON line ({e})") from e
+            raise DataError(f"{where}: not a JSON line ({e})") from e
         return _field(obj, self.text_field, where)
 
     def describe(self, index: int) -> str:
@@ -141,15 +143,15 @@ def open_source(path: Union[str, os.PathLike], *, glob: str = "**/*",
     elif p.is_dir():
         files = list_files(p, glob)
         if not files:
-            raise FileNotFoundError(f"no files match {glob!r} under {p}.")
+            raise DataNotFoundError(f"no files match {glob!r} under {p}.")
     else:
-        raise FileNotFoundError(f"data path {str(path)!r} does not exist (use a file, a directory, or "
+        raise DataNotFoundError(f"data path {str(path)!r} does not exist (use a file, a directory, or "
                                 f"{STDLIB!r} for the Python standard library sources).")
     is_jsonl = [f.suffix in JSONL_SUFFIXES for f in files]
     if all(is_jsonl):
         return JsonlSource(files, text_field)
     if any(is_jsonl):
-        raise ValueError(f"{p} mixes JSONL and plain text files; pick one kind with the glob option "
+        raise DataError(f"{p} mixes JSONL and plain text files; pick one kind with the glob option "
                          "(e.g. '**/*.jsonl').")
     return TextFileSource(files)
 

@@ -18,16 +18,15 @@ that mentions ``<｜end▁of▁sentence｜>`` does not inject an EOS); pass ``al
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import itertools
-import json
 import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+
+from ..errors import DataError, DataNotFoundError
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -69,10 +68,12 @@ class Tokenizer:
 
     ``bos_id, eos_id, pad_id, fim_begin_id, fim_hole_id, fim_end_id``; ``special_ids`` maps role → id;
     ``vocab_size`` counts added tokens (the smallest model vocab that can embed every id).
+    ``require``: the roles that must exist (the data pipeline's, by default); a role outside it that the
+    vocabulary lacks has id ``None`` (inference loads any ``tokenizer.json`` with ``require=()``).
     """
 
     def __init__(self, backend: tokenizers.Tokenizer, special: SpecialTokens = DEEPSEEK_SPECIAL_TOKENS,
-                 source: str = "<memory>"):
+                 source: str = "<memory>", require: Sequence[str] = REQUIRED_ROLES):
         self.backend = backend
         self.special = special
         ids, missing = {}, []
@@ -80,11 +81,11 @@ class Tokenizer:
             tid = backend.token_to_id(token)
             if tid is None and role not in REQUIRED_ROLES:
                 tid = backend.token_to_id(special.eos)   # no pad token: pad with EOS (always loss-masked)
-            if tid is None:
+            if tid is None and role in require:
                 missing.append(f"{role} {token!r}")
             ids[role] = tid
         if missing:
-            raise ValueError(f"tokenizer {source} lacks the special token(s) {', '.join(missing)}; the data "
+            raise DataError(f"tokenizer {source} lacks the special token(s) {', '.join(missing)}; the data "
                              "pipeline needs BOS, EOS and the three FIM tokens (DeepSeek spelling: fullwidth "
                              "'｜' U+FF5C and '▁' U+2581). Train one with `dsv3 tokenizer train` or add them.")
         self.special_ids: dict[str, int] = ids
@@ -95,10 +96,12 @@ class Tokenizer:
         self._plain = tokenizers.Tokenizer.from_str(backend.to_str())
         self._plain.encode_special_tokens = True
 
-    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
-        """Token ids of ``text``; no BOS/EOS added. ``allow_special``: parse special-token text into ids."""
+    def encode(self, text: str, *, allow_special: bool = False, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; no BOS/EOS added. ``allow_special``: parse special-token text into ids.
+        ``add_special_tokens``: apply the file's post-processor (DeepSeek's prepends BOS), as
+        ``transformers``' ``tokenizer(text)`` does — how ``score --text`` and ``generate --prompt`` encode."""
         tok = self.backend if allow_special else self._plain
-        return tok.encode(text, add_special_tokens=False).ids
+        return tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._plain.encode_batch(list(texts), add_special_tokens=False)]
@@ -133,7 +136,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int = 4096, *, min_fre
     """
     n_special = len(special.items())
     if vocab_size < 256 + n_special:
-        raise ValueError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs 256 byte tokens plus "
+        raise DataError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs 256 byte tokens plus "
                          f"{n_special} special tokens (at least {256 + n_special}).")
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = deepseek_pre_tokenizer()
@@ -146,50 +149,28 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int = 4096, *, min_fre
     return Tokenizer(tok, special)
 
 
-def load_tokenizer(path: str | os.PathLike, special: SpecialTokens = DEEPSEEK_SPECIAL_TOKENS) -> Tokenizer:
-    """Load a ``tokenizer.json`` (DeepSeek's released one or ours): a file, or a directory holding one."""
+def load_tokenizer(path: str | os.PathLike, special: SpecialTokens = DEEPSEEK_SPECIAL_TOKENS, *,
+                   require: Sequence[str] = REQUIRED_ROLES, missing_ok: bool = False,
+                   fix: str = "train one with `dsv3 tokenizer train --output DIR`") -> Optional[Tokenizer]:
+    """Load a ``tokenizer.json`` (DeepSeek's released one or ours): a file, or a directory holding one
+    (a checkpoint, a run directory). The one tokenizer loader: training, data, ``score`` and ``generate``.
+
+    ``require``: special-token roles that must exist (see :class:`Tokenizer`; ``()`` for any tokenizer).
+    A missing file raises :class:`~dsv3_jax.errors.DataNotFoundError` ending in ``(fix: <fix>)``, or
+    returns ``None`` with ``missing_ok``; an unreadable one raises :class:`~dsv3_jax.errors.DataError`.
+    """
     path = Path(path)
     file = path / TOKENIZER_FILE if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"no tokenizer at {path} (expected a {TOKENIZER_FILE} file or a directory "
-                                "holding one); train one with `dsv3 tokenizer train --output DIR`.")
+        if missing_ok:
+            return None
+        if path.is_dir():
+            raise DataNotFoundError(f"{path} has no {TOKENIZER_FILE} (fix: {fix}).")
+        raise DataNotFoundError(f"no tokenizer at {path}: expected a {TOKENIZER_FILE} file or a directory holding "
+                                f"one (fix: {fix}).")
     try:
         backend = tokenizers.Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-        raise ValueError(f"{file} is not a valid tokenizers JSON file: {e}") from e
-    return Tokenizer(backend, special, source=str(file))
-
-
-def tokenizer_train_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``dsv3 tokenizer train --output DIR --vocab-size N [--data PATH]``: train and save a tokenizer."""
-    from dsv3_jax.data.sources import iter_documents, open_source
-
-    p = argparse.ArgumentParser(prog="dsv3 tokenizer train",
-                                description="Train a byte-level BPE tokenizer with DeepSeek's pre-tokenizer "
-                                            "and special tokens; writes DIR/tokenizer.json.")
-    p.add_argument("--output", required=True, metavar="DIR", help="directory to write tokenizer.json into")
-    p.add_argument("--vocab-size", type=int, default=4096, metavar="N",
-                   help="vocabulary size incl. 256 bytes and 6 special tokens (default 4096)")
-    p.add_argument("--data", default="stdlib", metavar="PATH",
-                   help="'stdlib' (this Python's standard library sources, default), a text/JSONL file, "
-                        "or a directory")
-    p.add_argument("--glob", default="**/*", help="file pattern inside a --data directory (default **/*)")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default 'text')")
-    p.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (default 2)")
-    p.add_argument("--max-documents", type=int, default=None, metavar="N",
-                   help="train on the first N documents only")
-    args = p.parse_args(argv)
-    if args.max_documents is not None and args.max_documents < 1:
-        p.error("--max-documents must be at least 1")
-
-    source = open_source(args.data, glob=args.glob, text_field=args.text_field)
-    n = len(source) if args.max_documents is None else min(len(source), args.max_documents)
-    docs = itertools.islice(iter_documents(source), n)
-    try:
-        tok = train_tokenizer(docs, args.vocab_size, min_frequency=args.min_frequency, length=n)
-    except ValueError as e:
-        p.error(str(e))
-    out = tok.save(args.output)
-    print(json.dumps({"tokenizer": str(out), "vocab_size": tok.vocab_size, "requested_vocab_size": args.vocab_size,
-                      "documents": n, "data": args.data, "special_ids": tok.special_ids}))
-    return 0
+        raise DataError(f"{file} is not a valid tokenizers JSON file: {e} (fix: replace it with the model's own "
+                        f"{TOKENIZER_FILE}).") from None
+    return Tokenizer(backend, special, source=str(file), require=require)

@@ -361,7 +361,7 @@ def test_restore_onto_8_device_mesh(orb):
     experts = sharded.moe_layers.mlp.experts.gate[...]
     assert experts.sharding.spec[0] is None and len({s.device for s in experts.addressable_shards}) == 8
     toks = tokens(seed=6)
-    from dsv3_jax.scoring import score
+    from dsv3_jax.inference.scoring import score
     a, b = score(plain, toks), score(sharded, toks)
     np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
 

@@ -4,8 +4,9 @@ import json
 import pytest
 import tokenizers
 
+from dsv3_jax.cli import main
 from dsv3_jax.data import (DEEPSEEK_SPECIAL_TOKENS as SP, Tokenizer, iter_documents, load_tokenizer,
-                           stdlib_source, tokenizer_train_main, train_tokenizer)
+                           stdlib_source, train_tokenizer)
 
 TRICKY = ("def f(x):\r\n\treturn x.y_z + 1234567  # ünïcødé 你好, カタカナ 🙂\n\n\n   \t\n"
           "s = '<｜end▁of▁sentence｜>' + \"<|x|>\"\\\n")
@@ -105,18 +106,19 @@ def test_vocab_too_small():
         train_tokenizer(["abc"], 100)
 
 
-def test_tokenizer_train_main(tmp_path, capsys):
+def test_dsv3_tokenizer_train(tmp_path, capsys):
     data = tmp_path / "corpus"
     (data / "pkg").mkdir(parents=True)
     (data / "a.py").write_text("import os\n\ndef main():\n    print(os.getcwd())\n" * 20)
     (data / "pkg" / "b.py").write_text("class Foo:\n    x: int = 1\n\n    def bar(self):\n        return self.x\n" * 20)
     out = tmp_path / "tok"
-    assert tokenizer_train_main(["--output", str(out), "--vocab-size", "300", "--data", str(data)]) == 0
+    assert main(["tokenizer", "train", "--output", str(out), "--vocab-size", "300", "--data", str(data)]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["documents"] == 2 and report["vocab_size"] <= 300
     tok = load_tokenizer(out)
     assert tok.vocab_size == report["vocab_size"] and tok.decode(tok.encode("def bar(self):")) == "def bar(self):"
-    with pytest.raises(SystemExit):
-        tokenizer_train_main(["--output", str(out), "--vocab-size", "10", "--data", str(data)])
-    with pytest.raises(SystemExit):
-        tokenizer_train_main(["--vocab-size", "300"])            # --output is required
+    capsys.readouterr()
+    assert main(["tokenizer", "train", "--output", str(out), "--vocab-size", "10", "--data", str(data)]) == 2
+    assert "vocab_size 10 is too small" in capsys.readouterr().err
+    assert main(["tokenizer", "train", "--vocab-size", "300"]) == 2            # --output is required
+    assert "--output" in capsys.readouterr().err

@@ -10,7 +10,9 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .model import check_tokens
+from ..data.tokenizer import load_tokenizer
+from ..errors import ConfigError, TokenRangeError
+from ..model import check_tokens
 
 
 class Scores(NamedTuple):
@@ -57,27 +59,20 @@ def score(model, tokens, *, mtp: bool = False) -> Scores:
     if tokens.ndim == 1:
         tokens = tokens[None]
     if tokens.ndim != 2:
-        raise ValueError(f"token ids must be [batch, seq], got shape {tokens.shape}.")
+        raise TokenRangeError(f"token ids must be [batch, seq], got shape {tokens.shape} (fix: pass a 2-D array).")
     check_tokens(tokens, model.cfg.vocab_size)
     if mtp and not len(model.mtp):
-        raise ValueError("this model has no MTP module (num_mtp_layers=0), so there are no MTP logits.")
+        raise ConfigError("this model has no MTP module (num_mtp_layers=0), so there are no MTP logits "
+                          "(fix: score with mtp=False).")
     graphdef, state = nnx.split(model)
     logits, mtp_logits, nll = _forward(graphdef, mtp)(state, tokens.astype(np.int32))
     return Scores(np.asarray(nll, np.float32), np.asarray(logits, np.float32),
                   None if mtp_logits is None else np.asarray(mtp_logits, np.float32))
 
 
-class TokenizerMissingError(FileNotFoundError):
-    """``--text`` needs a ``tokenizer.json`` next to the checkpoint."""
-
-
 def tokenize(checkpoint: str | Path, text: str) -> np.ndarray:
-    """Encode ``text`` with the checkpoint's own ``tokenizer.json`` → ``[1, S]`` int32."""
-    path = Path(checkpoint) / "tokenizer.json"
-    if not path.is_file():
-        raise TokenizerMissingError(f"{checkpoint} has no tokenizer.json, so --text cannot be tokenized "
-                                    "(fix: pass --token-ids FILE.npy, or convert from a model directory that "
-                                    "has tokenizer.json).")
-    from tokenizers import Tokenizer
-    ids = Tokenizer.from_file(str(path)).encode(text).ids
-    return np.asarray([ids], np.int32)
+    """Encode ``text`` with the checkpoint's own ``tokenizer.json`` → ``[1, S]`` int32 (with the
+    tokenizer's post-processor, e.g. DeepSeek's BOS, as ``transformers`` encodes)."""
+    tok = load_tokenizer(checkpoint, require=(), fix="pass --token-ids FILE.npy, or convert from a model directory "
+                                                     "that has tokenizer.json")
+    return np.asarray([tok.encode(text, allow_special=True, add_special_tokens=True)], np.int32)

@@ -1,0 +1,48 @@
+"""Pieces the ``dsv3`` subcommands share: the parser class (argparse errors as one line), the
+``--config`` + ``key=value`` and ``--mesh`` arguments."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import list_configs
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one line, ``<prog>: <message> (see <prog> --help)``, exit code 2
+    (the code of every user error, see ``dsv3_jax.cli``)."""
+
+    def error(self, message: str):
+        usage_error(self.prog, message)
+
+
+def usage_error(prog: str, message: str, fix: str = ""):
+    """Print ``<prog>: <message> (fix: <fix>; see `<prog> --help`)`` and exit with code 2."""
+    print(f"{prog}: {message} ({'fix: ' + fix + '; ' if fix else ''}see `{prog} --help`)", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def is_override(arg: str) -> bool:
+    """``key=value`` (the form of config overrides), as opposed to a flag or a stray word."""
+    key = arg.split("=", 1)[0]
+    return "=" in arg and bool(key.strip()) and not arg.startswith("-")
+
+
+def add_overrides(p: argparse.ArgumentParser, help: str) -> None:
+    """``key=value`` overrides; they may stand before, between and after the flags (``dsv3_jax.cli``
+    collects the ones argparse leaves over)."""
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=help)
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="tiny",
+                   help=f"config NAME from configs/ ({', '.join(list_configs())}) or a path to a YAML file")
+    add_overrides(p, "override config fields, e.g. n_routed_experts=32 rope_scaling.factor=8")
+
+
+def add_mesh_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", help="run on a device mesh, e.g. data=2,expert=4 (axes data, fsdp, expert, tensor; "
+                                  "one may be -1). On CPU: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    p.add_argument("--ep-strategy", choices=("allgather", "ragged_a2a", "a2a_capacity"),
+                   help="expert-parallel strategy on the mesh (default allgather; same as ep_strategy=...)")
+

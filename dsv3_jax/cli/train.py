@@ -1,0 +1,36 @@
+"""``dsv3 train``: pre-training from a run config (model/train/data/runtime sections) and overrides."""
+from __future__ import annotations
+
+import json
+import sys
+
+from .common import add_overrides
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="pre-train (CE + MTP + balance loss, aux-loss-free bias, AdamW, Orbax resume)")
+    p.add_argument("--config", default="demo",
+                   help="run config NAME/PATH (model/train/data sections, e.g. configs/demo.yaml) or a model config")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,expert=4 (default: one device)")
+    p.add_argument("--balance", choices=["aux_free", "aux_loss", "none"],
+                   help="router balancing: aux-loss-free bias update (+α loss), α loss only, or none")
+    p.add_argument("--output-dir", help="run directory: checkpoints/, metrics.jsonl, tensorboard/ (resumes if present)")
+    add_overrides(p, "e.g. steps=200 train.lr=1e-3 data.path=corpus/ model.n_routed_experts=32")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..train import load_run_config
+    from ..train.trainer import train
+    overrides = list(args.overrides)
+    if args.mesh:
+        overrides.append(f"train.mesh={args.mesh}")
+    if args.balance:
+        overrides.append(f"train.balance={args.balance}")
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    run_cfg = load_run_config(args.config, overrides)
+    res = train(run_cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    keep = ("step", "loss", "ce", "mtp", "balance", "eval_loss", "skipped", "tokens_per_s", "mfu", "checkpoint")
+    print(json.dumps({k: res[k] for k in keep if k in res}))
+    return 0
