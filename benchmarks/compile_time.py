@@ -34,15 +34,20 @@ DEPTHS = {61: 3, 4: 1}  # num_layers: first_k_dense
 BATCH, SEQ = 2, 64
 
 
-def config(num_layers: int, first_k_dense: int, scan: bool = True) -> dsv3.ModelConfig:
-    return dsv3.load_config("tiny", overrides=[*NARROW, f"num_layers={num_layers}",
-                                               f"first_k_dense={first_k_dense}", f"scan_layers={scan}"])
+def config(num_layers: int, first_k_dense: int) -> dsv3.ModelConfig:
+    return dsv3.load_config("tiny", overrides=[*NARROW, f"num_layers={num_layers}", f"first_k_dense={first_k_dense}"])
 
 
-def compile_seconds(cfg: dsv3.ModelConfig) -> tuple[float, float, int]:
+def runtime(scan: bool = True) -> dsv3.RuntimeConfig:
+    """fp32 compute (the tiny config's parameter dtype), 16-row MoE blocks, the default remat;
+    ``scan=False`` unrolls the layer stacks."""
+    return dsv3.RuntimeConfig(moe_block_size=16, scan_layers=scan)
+
+
+def compile_seconds(cfg: dsv3.ModelConfig, rt: dsv3.RuntimeConfig) -> tuple[float, float, int]:
     """(trace + lower seconds, XLA compile seconds, instructions in the optimised HLO) of a fresh
     ``jax.jit`` of the training step."""
-    model = nnx.eval_shape(lambda: dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0), runtime=rt))
     params, rest, step = loss_and_grad_step(model)
     tokens = jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32)
     lowered, t_lower = timed(lambda: jax.jit(step).lower(params, rest, tokens))
@@ -66,11 +71,11 @@ def main(argv=None):
 
     # First-use costs (backend start-up, imports reached by tracing) are paid here, by neither depth.
     jax.jit(lambda x: x + 1).lower(jnp.zeros(2)).compile()
-    nnx.eval_shape(lambda: dsv3.DeepSeekV3(config(4, 1), rngs=nnx.Rngs(0)))
+    nnx.eval_shape(lambda: dsv3.DeepSeekV3(config(4, 1), rngs=nnx.Rngs(0), runtime=runtime()))
     runs = {n: [] for n in DEPTHS}
     for _ in range(args.repeats):  # depths alternate, so load from other processes falls on both alike
         for n, k in DEPTHS.items():
-            runs[n].append(compile_seconds(config(n, k)))  # a fresh jax.jit each time: no cache hits
+            runs[n].append(compile_seconds(config(n, k), runtime()))  # a fresh jax.jit each time: no cache hits
     med = {n: summarize(r) for n, r in runs.items()}
     rec = {
         "bench": "compile_time",
@@ -85,8 +90,8 @@ def main(argv=None):
     }
     if args.unrolled:
         log("unrolled (scan_layers=False) ...")
-        u61 = summarize([compile_seconds(config(61, 3, scan=False))])
-        u4 = summarize([compile_seconds(config(4, 1, scan=False))])
+        u61 = summarize([compile_seconds(config(61, 3), runtime(scan=False))])
+        u4 = summarize([compile_seconds(config(4, 1), runtime(scan=False))])
         rec.update({"unrolled_layers_61_s": u61["total"], "unrolled_layers_4_s": u4["total"],
                     "unrolled_ratio": u61["total"] / u4["total"]})
     rec["load_avg_1m"] = load_average()

@@ -21,6 +21,8 @@ import dsv3_jax as dsv3  # noqa: E402
 from dsv3_jax.inference import Generator  # noqa: E402
 
 BATCH, PROMPT, NEW = 4, 32, 64
+# fp32 compute (the tiny config's parameter dtype) and 16-row MoE blocks
+RUNTIME = dsv3.RuntimeConfig(moe_block_size=16)
 
 
 def bench_vs_transformers(cfg) -> None:
@@ -30,7 +32,7 @@ def bench_vs_transformers(cfg) -> None:
     from tests.hf_reference import hf_model, hf_state, our_model
     torch.set_num_threads(num_cores())
     ref = hf_model(cfg, seed=0)
-    ours = our_model(cfg, hf_state(ref))
+    ours = our_model(cfg, hf_state(ref), runtime=RUNTIME)
     prompts = np.random.RandomState(0).randint(2, cfg.vocab_size, (BATCH, PROMPT))
     gen = Generator(ours)
     gen(prompts.tolist(), max_new_tokens=NEW)  # compile
@@ -91,7 +93,7 @@ def main() -> None:
         bench_speculative(model, args.checkpoint)
     else:
         from flax import nnx
-        bench_speculative(dsv3.DeepSeekV3(dsv3.load_config("tiny"), rngs=nnx.Rngs(0)),
+        bench_speculative(dsv3.DeepSeekV3(dsv3.load_config("tiny"), rngs=nnx.Rngs(0), runtime=RUNTIME),
                           "tiny (random init: acceptance is near 0; pass --checkpoint for a trained model)")
 
 

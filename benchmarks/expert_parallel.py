@@ -8,7 +8,7 @@ minimum the actual routing needs, and forward step time (issue M3).
 On CPU the ragged strategy runs over a padded all-to-all emulation, so its HLO bytes are padded;
 on GPU/TPU ``ragged_all_to_all`` moves the real counts (≈ min_bytes plus routing metadata).
 * ``model_bytes``: bytes per token and layer crossing between shards under each strategy, from the
-  routing (``sharding.expert_parallel.exchange_bytes_per_token``; own chunk excluded, so below hlo_bytes).
+  routing (``sharding.ep_bytes.exchange_bytes_per_token``; own chunk excluded, so below hlo_bytes).
 Also: how many shards a token reaches with group-limited routing (n_group = 8 = one group per
 shard, topk_group = 2) vs unrestricted top-k.
 """
@@ -27,28 +27,28 @@ from common import emit, time_interleaved  # noqa: E402
 
 import dsv3_jax as dsv3  # noqa: E402
 import sharding  # noqa: E402
-from sharding import expert_parallel  # noqa: E402
+from sharding import ep_bytes, expert_parallel  # noqa: E402
 
 N_DEV = 8
 BATCH, SEQ = 16, 128
 BASE = ["num_layers=2", "first_k_dense=1", "num_mtp_layers=0", "hidden_size=128", "n_routed_experts=32",
-        "num_experts_per_tok=8", "moe_intermediate_size=64", "compute_dtype=float32", "moe_block_size=64"]
+        "num_experts_per_tok=8", "moe_intermediate_size=64"]
+
+
+def runtime(**kw) -> dsv3.RuntimeConfig:
+    return dsv3.RuntimeConfig(compute_dtype="float32", moe_block_size=64, **kw)
+
+
 def main() -> None:
     for label, groups in (("group_limited", ["n_group=8", "topk_group=2"]), ("no_group_limit", ["n_group=1", "topk_group=1"])):
         cfg = dsv3.load_config("tiny", BASE + groups)
         tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (BATCH, SEQ)))
-        ref_model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0))
-        # routing that actually happened in the MoE layer (bias 0, random init)
-        emb = ref_model.embed[...][tokens]
-        moe = ref_model.moe_layers
-        g, st = nnx.split(moe)
-        layer0 = nnx.merge(g, jax.tree.map(lambda a: a[0], st))
-        h = emb + layer0.attn(layer0.attn_norm(emb), *dsv3.model.rope.rope_angles(cfg, jnp.broadcast_to(jnp.arange(SEQ), (BATCH, SEQ))))
-        routing = layer0.mlp.router(layer0.mlp_norm(h).reshape(-1, cfg.hidden_size))
-        experts = np.asarray(routing.experts)
-        reached = expert_parallel.shards_per_token(experts, cfg.n_routed_experts, N_DEV)
+        ref_model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0), runtime=runtime())
+        # routing that actually happened in the MoE layer (bias 0, random init): [B, S, K] -> [T, K]
+        experts = np.asarray(ref_model(tokens, mtp=False).router.experts[0]).reshape(-1, cfg.num_experts_per_tok)
+        reached = ep_bytes.shards_per_token(experts, cfg.n_routed_experts, N_DEV)
         # token t lives on shard t // (T/N) (the default source_shard); fp32 activations
-        model_bytes = expert_parallel.exchange_bytes_per_token(
+        model_bytes = ep_bytes.exchange_bytes_per_token(
             experts, n_experts=cfg.n_routed_experts, n_shards=N_DEV, hidden=cfg.hidden_size, dtype_bytes=4,
             capacity_factor=1.25)
         min_bytes_per_token = model_bytes["minimum"]
@@ -57,13 +57,14 @@ def main() -> None:
         fns, rows = {}, {}
         for strategy in expert_parallel.STRATEGIES:
             mesh = sharding.make_mesh(f"expert={N_DEV}")
-            model = expert_parallel.enable(dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0)), mesh, strategy, capacity_factor=1.25)
+            model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0), mesh=mesh,
+                                    runtime=runtime(ep_strategy=strategy, capacity_factor=1.25))
             forward, state = dsv3.make_forward(model, mtp=False)
-            state = sharding.shard_state(state, mesh)
-            tok = jax.device_put(tokens, sharding.batch_sharding(mesh))
+            state = sharding.DEFAULT_RULES.place(state, mesh)
+            tok = jax.device_put(tokens, sharding.DEFAULT_RULES.batch_sharding(mesh))
             graphdef = nnx.graphdef(model)
             lowered = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, mtp=False)).lower(state, tok)
-            hlo_bytes = expert_parallel.collective_bytes(lowered.compile().as_text())
+            hlo_bytes = ep_bytes.collective_bytes(lowered.compile().as_text())
             out = forward(state, tok)
             dropped = float(out.router.dropped.sum()) / (BATCH * SEQ * cfg.num_experts_per_tok)
             fns[strategy] = (lambda f=forward, s=state, t=tok: f(s, t).logits)

@@ -45,35 +45,40 @@ CONFIG_100M = dict(
     n_group=4, topk_group=2, routed_scaling_factor=2.5, max_position_embeddings=4096,
     rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
                   "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
-    num_mtp_layers=0, init_std=0.02, compute_dtype="float32",
+    num_mtp_layers=0, init_std=0.02,
 )
 
-# (config, batch, seq, timed steps per side, torch thread counts): a step takes ~0.1 s (tiny) and a
+# (config, batch, seq, timed steps per side, torch thread counts, MoE block rows): a step takes ~0.1 s (tiny) and a
 # few seconds (100m) on 2 cores; the whole script stays within a few minutes. PyTorch runs with all
 # cores (None) and, for the tiny model, also single-threaded: its many small ops can be faster
 # without OpenMP, and on a loaded machine OpenMP barriers degrade badly. The baseline figure is the
-# faster of its thread counts, so that the ratio errs against us.
+# faster of its thread counts, so that the ratio errs against us. MoE block rows are fixed (16: what the
+# tiny config ran with, 128: the old default) rather than chosen automatically, so figures stay comparable.
 CASES = {
-    "tiny": ("tiny", 8, 128, 7, (None, 1)),
-    "100m": (CONFIG_100M, 4, 256, 3, (None,)),
+    "tiny": ("tiny", 8, 128, 7, (None, 1), 16),
+    "100m": (CONFIG_100M, 4, 256, 3, (None,), 128),
 }
 
 
 def build_config(spec, overrides=()) -> dsv3.ModelConfig:
-    base = ["compute_dtype=float32", "num_mtp_layers=0", *overrides]  # fp32 both sides; HF has no MTP
-    return dsv3.load_config(spec, overrides=base)
+    return dsv3.load_config(spec, overrides=["num_mtp_layers=0", *overrides])  # HF has no MTP
+
+
+def build_runtime(moe_block_size: int, **kw) -> dsv3.RuntimeConfig:
+    """fp32 compute on both sides; ``kw``: other RuntimeConfig fields (moe_impl, remat)."""
+    return dsv3.RuntimeConfig(compute_dtype="float32", moe_block_size=moe_block_size, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
 # ours
 # ---------------------------------------------------------------------------------------------
-def our_model(cfg, state):
+def our_model(cfg, state, runtime: dsv3.RuntimeConfig):
     """Our model holding the HF ``state``'s weights. Built abstractly (``nnx.eval_shape``) and then
     filled: eager random initialisation would only be overwritten, and costs more than the compile."""
     from flax import nnx
 
     from dsv3_jax.checkpoint import mapping
-    model = nnx.eval_shape(lambda: dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0), runtime=runtime))
     mapping.load_params(model, mapping.hf_to_params(state, cfg, include_mtp=False, names=set(state)))
     missing = [k for k, v in nnx.to_flat_state(nnx.state(model)) if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
     if missing:
@@ -81,9 +86,9 @@ def our_model(cfg, state):
     return model
 
 
-def prepare_ours(cfg, state, tokens):
+def prepare_ours(cfg, state, tokens, runtime: dsv3.RuntimeConfig):
     """Our model with ``state``'s weights; returns (loss, step) with ``step()`` one compiled call."""
-    model = our_model(cfg, state)
+    model = our_model(cfg, state, runtime)
     params, rest, step = loss_and_grad_step(model)
     toks = jnp.asarray(tokens, jnp.int32)
     compiled = jax.jit(step).lower(params, rest, toks).compile()
@@ -131,12 +136,12 @@ def prepare_hf(model, tokens, threads):
 
 
 # ---------------------------------------------------------------------------------------------
-def run_case(name, spec, batch, seq, repeats, variants, moe_impl, hf_threads):
+def run_case(name, spec, batch, seq, repeats, variants, moe_impl, hf_threads, block):
     from dsv3_jax.info import model_info
     from dsv3_jax.model.grouped_gemm import resolve_impl
     from tests.hf_reference import hf_state
 
-    cfg = build_config(spec, [f"moe_impl={moe_impl}"])
+    cfg = build_config(spec)
     n_params = model_info(cfg, seq)["params_total"]
     tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (batch, seq)).astype(np.int32)
     ntok = batch * seq
@@ -149,7 +154,8 @@ def run_case(name, spec, batch, seq, repeats, variants, moe_impl, hf_threads):
     for n in dict.fromkeys(hf_threads):
         losses[f"hf{n}"], fns[f"hf{n}"] = prepare_hf(ref, tokens, n)
     for remat in variants:
-        losses[remat], fns[remat] = prepare_ours(cfg.replace(remat=remat), state, tokens)
+        rt = build_runtime(block, moe_impl=moe_impl, remat=remat)
+        losses[remat], fns[remat] = prepare_ours(cfg, state, tokens, rt)
         sync[remat] = jax.block_until_ready
     log(f"[{name}] timing {repeats} interleaved steps each ...")
     # prepare_* already ran one step of each (the loss check), which is the warm-up.
@@ -163,7 +169,7 @@ def run_case(name, spec, batch, seq, repeats, variants, moe_impl, hf_threads):
         "tokens_per_s_ours": ntok / t[main_v]["median_s"],
         "tokens_per_s_transformers": ntok / t["hf"]["median_s"],
         "ratio": t["hf"]["median_s"] / t[main_v]["median_s"],
-        "remat": main_v, "moe_impl": resolve_impl(cfg.moe_impl), "dtype": "float32",
+        "remat": main_v, "moe_impl": resolve_impl(moe_impl), "dtype": "float32",
         "step_s_ours": t[main_v]["median_s"], "step_s_transformers": t["hf"]["median_s"],
         "loss_ours": losses[main_v], "loss_transformers": losses["hf"],
     }
@@ -188,8 +194,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     variants = args.remat.split(",")
     for name in args.configs.split(","):
-        spec, batch, seq, repeats, hf_threads = CASES[name]
-        run_case(name, spec, batch, seq, args.repeats or repeats, variants, args.moe_impl, hf_threads)
+        spec, batch, seq, repeats, hf_threads, block = CASES[name]
+        run_case(name, spec, batch, seq, args.repeats or repeats, variants, args.moe_impl, hf_threads, block)
 
 
 if __name__ == "__main__":

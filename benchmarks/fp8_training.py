@@ -27,7 +27,7 @@ from dsv3_jax.train.trainer import train
 
 def run_one(label: str, overrides: list[str], out: Path, steps: int, tokenizer: Path | None) -> dict:
     ov = [f"train.steps={steps}", f"train.output_dir={out / label}", f"train.eval_every={steps}",
-          f"train.checkpoint_every={steps}", "train.progress=false", "model.compute_dtype=bfloat16", *overrides]
+          f"train.checkpoint_every={steps}", "train.progress=false", "runtime.compute_dtype=bfloat16", *overrides]
     if tokenizer is not None:
         ov.append(f"data.tokenizer={tokenizer}")
     run = load_run_config("demo", ov)
@@ -49,7 +49,7 @@ def main() -> None:
         out = Path(d)
         base = run_one("bf16", ["train.seed=0"], out, args.steps, None)
         tok = out / "bf16" / "tokenizer.json"
-        fp8 = run_one("fp8", ["train.seed=0", "model.quant=fp8"], out, args.steps, tok)
+        fp8 = run_one("fp8", ["train.seed=0", "runtime.quant=fp8"], out, args.steps, tok)
         seed = run_one("bf16_seed1", ["train.seed=1"], out, args.steps, tok)
     summary = {"bench": "fp8_training", "steps": args.steps}
     for key in ("eval_loss", "train_ce_last50"):

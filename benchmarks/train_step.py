@@ -24,15 +24,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, load_average, log, num_cores, time_interleaved  # noqa: E402
-from forward_backward import CONFIG_100M, build_config, hf_model  # noqa: E402
+from forward_backward import CONFIG_100M, build_config, build_runtime, hf_model  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-CASES = {
-    "tiny": ("tiny", 8, 128, 7),
-    "100m": (CONFIG_100M, 4, 256, 3),
+CASES = {  # (config, batch, seq, timed steps per side, MoE block rows as in forward_backward.py)
+    "tiny": ("tiny", 8, 128, 7, 16),
+    "100m": (CONFIG_100M, 4, 256, 3, 128),
 }
 
 
@@ -44,7 +44,7 @@ def make_batch(tokens: np.ndarray) -> dict:
             "positions": np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy(), "loss_mask": mask}
 
 
-def prepare_ours(cfg, state, tokens):
+def prepare_ours(cfg, state, tokens, runtime):
     from flax import nnx
 
     from dsv3_jax.model.layers import RouterBias
@@ -52,7 +52,7 @@ def prepare_ours(cfg, state, tokens):
     from dsv3_jax.train.optim import lr_schedule, make_optimizer
     from dsv3_jax.train.step import make_train_step
     from tests.hf_reference import our_model
-    model = our_model(cfg, state)
+    model = our_model(cfg, state, runtime=runtime)
     graphdef, params, bias, rest = nnx.split(model, nnx.Param, RouterBias, ...)
     t = TrainConfig(steps=1000, lr=1e-3, mtp_weight=0.0)
     tx = make_optimizer(t, params)
@@ -90,7 +90,7 @@ def prepare_hf(model, tokens):
     return float(step().detach()), step
 
 
-def run_case(name, spec, batch, seq, repeats, peak):
+def run_case(name, spec, batch, seq, repeats, peak, block):
     import torch
 
     from dsv3_jax.info import model_info
@@ -102,7 +102,7 @@ def run_case(name, spec, batch, seq, repeats, peak):
     log(f"[{name}] building transformers model and compiling our train step ...")
     ref = hf_model(cfg)
     state = hf_state(ref)
-    loss_ours, ours = prepare_ours(cfg, state, tokens)
+    loss_ours, ours = prepare_ours(cfg, state, tokens, build_runtime(block))
     loss_hf, hf = prepare_hf(ref, tokens)
     log(f"[{name}] timing {repeats} interleaved steps each ...")
     t = time_interleaved({"ours": ours, "hf": hf}, warmup=0, repeats=repeats, sync={"ours": jax.block_until_ready})
@@ -128,8 +128,8 @@ def main(argv=None):
     from dsv3_jax.train.trainer import measure_matmul_peak
     peak = measure_matmul_peak(jnp.float32)
     for name in args.configs.split(","):
-        spec, batch, seq, repeats = CASES[name]
-        run_case(name, spec, batch, seq, args.repeats or repeats, peak)
+        spec, batch, seq, repeats, block = CASES[name]
+        run_case(name, spec, batch, seq, args.repeats or repeats, peak, block)
 
 
 if __name__ == "__main__":
