@@ -208,12 +208,13 @@ class RuntimeConfig:
     expert-parallel without conversion (docs/design.md "Config split")."""
 
     compute_dtype: Optional[str] = None  # None: the parameters' dtype (a float32 checkpoint computes in float32)
-    attention_impl: str = "auto"  # pallas_kernels.mla backend: "auto" | "reference" | "blockwise" | "pallas"
+    attention_impl: str = "auto"  # pallas_kernels.mla backend: "auto" | "reference" | "blockwise" | "pallas" | "pallas_gpu" | "pallas_tpu"
     moe_impl: str = "auto"        # "auto" | "ragged" (jax.lax.ragged_dot) | "blocked" (block-padded GEMM)
     moe_block_size: int = 0       # rows per block of the blocked GEMM; 0: from the expected rows per expert
     remat: str = "save_dots_except_mla_up"  # "none" | "full" | "save_dots" | "save_dots_except_mla_up"
     scan_layers: bool = True
     quant: str = "none"           # "none" | "fp8": every Linear's three GEMMs in FP8 (SPEC §6)
+    interpret: bool = False       # run the Pallas kernels in the Pallas interpreter (any platform; tests)
     # expert parallelism, used when the model is built for a mesh (DeepSeekV3(..., mesh=mesh))
     ep_strategy: str = "allgather"  # "allgather" | "ragged_a2a" | "a2a_capacity"
     capacity_factor: float = 1.25   # a2a_capacity only
@@ -248,7 +249,7 @@ _CHOICES = {
 _RUNTIME_CHOICES = {
     "compute_dtype": (None, "float32", "bfloat16", "float16"),
     "moe_impl": ("auto", "ragged", "blocked"),
-    "attention_impl": ("auto", "reference", "blockwise", "pallas"),
+    "attention_impl": ("auto", "reference", "blockwise", "pallas", "pallas_gpu", "pallas_tpu"),
     "remat": ("none", "full", "save_dots", "save_dots_except_mla_up"),
     "quant": ("none", "fp8"),
     "ep_strategy": ("allgather", "ragged_a2a", "a2a_capacity"),

@@ -73,7 +73,8 @@ class BlockLayout:
 
 
 def expert_ffn(x_sorted: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-               w_down: jax.Array, *, impl: str, block: int = 128, quant: str = "none") -> jax.Array:
+               w_down: jax.Array, *, impl: str, block: int = 128, quant: str = "none", fp8_backend: str = "auto",
+               interpret: bool = False) -> jax.Array:
     """SwiGLU of each sorted row with its expert's weights. ``x_sorted: [N, D]``,
     ``w_gate/w_up: [E, D, I]``, ``w_down: [E, I, D]`` → ``[N, D]``.
 
@@ -82,7 +83,7 @@ def expert_ffn(x_sorted: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w
     if quant == "fp8":
         layout = BlockLayout(group_sizes, x_sorted.shape[0], block)
         xb = layout.scatter(x_sorted)
-        mm = lambda a, w: grouped_linear(a, w, layout.block_expert)  # noqa: E731
+        mm = lambda a, w: grouped_linear(a, w, layout.block_expert, backend=fp8_backend, interpret=interpret)  # noqa: E731
         h = jax.nn.silu(mm(xb, w_gate)) * mm(xb, w_up)
         return layout.gather(mm(h, w_down))
     impl = resolve_impl(impl)

@@ -15,7 +15,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels import fp8
 
-from ..config import ModelConfig, RuntimeConfig
+from sharding.kernels import per_shard
+
+from ..config import ModelConfig
+from .execution import Execution
 
 
 class RouterBias(nnx.Variable):
@@ -78,7 +81,7 @@ class Linear(nnx.Module):
     """
 
     def __init__(self, in_features: int | Sequence[int], out_features: int | Sequence[int],
-                 axes: Sequence[str | None], cfg: ModelConfig, rt: RuntimeConfig, rngs: nnx.Rngs):
+                 axes: Sequence[str | None], cfg: ModelConfig, rt: Execution, rngs: nnx.Rngs):
         self.in_shape = (in_features,) if isinstance(in_features, int) else tuple(in_features)
         self.out_shape = (out_features,) if isinstance(out_features, int) else tuple(out_features)
         self.fp8_weights = cfg.fp8_weights
@@ -88,6 +91,7 @@ class Linear(nnx.Module):
             self.kernel = param(rngs, self.in_shape + self.out_shape, axes, std=cfg.init_std, dtype=cfg.param_dtype)
         self.compute_dtype = dtype_of(rt.compute_dtype)
         self.quant = rt.quant
+        self.ex = rt
 
     def weight(self, dtype=None) -> jax.Array:
         """The kernel as ``dtype`` (FP8 storage dequantised; default: the compute dtype)."""
@@ -102,14 +106,24 @@ class Linear(nnx.Module):
         if self.fp8_weights and self.quant == "fp8":
             # FP8 inference on the stored weights as released: 1×128 activation tiles × the
             # checkpoint's 128×128 blocks, fp32 promotion per K block (SPEC §6); no re-quantisation.
-            xq, xs = fp8.quantize_activation(x.astype(self.compute_dtype).reshape(*x.shape[:x.ndim - n_in], k))
-            y = fp8.matmul(xq, xs, self.kernel[...].reshape(k, n).T, self.kernel_scale[...].T,
-                       out_dtype=self.compute_dtype)
-            return y.reshape(*y.shape[:-1], *self.out_shape)
+            ex = self.ex
+
+            def gemm(x2, wq, ws):  # one device's tokens × the stored blocks
+                xq, xs = fp8.quantize_activation(x2, backend=ex.fp8_backend, interpret=ex.interpret)
+                return fp8.matmul(xq, xs, wq, ws, out_dtype=self.compute_dtype, backend=ex.fp8_backend,
+                                  interpret=ex.interpret)
+            x2 = x.astype(self.compute_dtype).reshape(-1, k)
+            y = per_shard(gemm, ex.mesh, ex.rules, (("batch", None), None, None), ("batch", None))(
+                x2, self.kernel[...].reshape(k, n).T, self.kernel_scale[...].T)
+            return y.reshape(*x.shape[:x.ndim - n_in], *self.out_shape)
         if self.quant == "fp8":  # SPEC §6: forward, dgrad and wgrad GEMMs in FP8 on the fp32 master weight
-            y = fp8.linear(x.astype(self.compute_dtype).reshape(*x.shape[:x.ndim - n_in], k),
-                           self.kernel[...].reshape(k, n))
-            return y.reshape(*y.shape[:-1], *self.out_shape)
+            ex = self.ex
+            lin = lambda x2, w: fp8.linear(x2, w, backend=ex.fp8_backend, interpret=ex.interpret)  # noqa: E731
+            x2 = x.astype(self.compute_dtype).reshape(-1, k)
+            # per shard of tokens; the weight whole on every shard (its wgrad is summed over the mesh)
+            y = per_shard(lin, ex.mesh, ex.rules, (("batch", None), None), ("batch", None))(
+                x2, self.kernel[...].reshape(k, n))
+            return y.reshape(*x.shape[:x.ndim - n_in], *self.out_shape)
         return jax.lax.dot_general(x.astype(self.compute_dtype), self.weight(),
                                    ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
 
@@ -117,7 +131,7 @@ class Linear(nnx.Module):
 class RMSNorm(nnx.Module):
     """``x / sqrt(mean(x²) + eps) * scale``, computed in fp32 (as the reference implementations)."""
 
-    def __init__(self, dim: int, cfg: ModelConfig, rt: RuntimeConfig, rngs: nnx.Rngs, axis_name: str = "norm"):
+    def __init__(self, dim: int, cfg: ModelConfig, rt: Execution, rngs: nnx.Rngs, axis_name: str = "norm"):
         self.scale = param(rngs, (dim,), (axis_name,), std=0.0, dtype=cfg.param_dtype, init="ones")
         self.eps = cfg.rms_norm_eps
         self.compute_dtype = dtype_of(rt.compute_dtype)
@@ -131,7 +145,7 @@ class RMSNorm(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU FFN ``W2(silu(W1 x) * W3 x)`` (SPEC §4): dense layers and shared experts."""
 
-    def __init__(self, dim: int, hidden: int, cfg: ModelConfig, rt: RuntimeConfig, rngs: nnx.Rngs):
+    def __init__(self, dim: int, hidden: int, cfg: ModelConfig, rt: Execution, rngs: nnx.Rngs):
         self.gate_proj = Linear(dim, hidden, ("embed", "mlp"), cfg, rt, rngs)
         self.up_proj = Linear(dim, hidden, ("embed", "mlp"), cfg, rt, rngs)
         self.down_proj = Linear(hidden, dim, ("mlp", "embed"), cfg, rt, rngs)

@@ -27,7 +27,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels import mla as mla_ops
 
-from ..config import ModelConfig, RuntimeConfig
+from sharding.kernels import per_shard
+
+from ..config import ModelConfig
+from .execution import Execution
 from .layers import Linear, RMSNorm
 from .rope import apply_rope
 
@@ -40,7 +43,7 @@ class LatentCache(NamedTuple):
 
 
 class MLA(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rt: Execution, rngs: nnx.Rngs):
         self.cfg, self.rt = cfg, rt
         D, H = cfg.hidden_size, cfg.num_heads
         if cfg.q_lora_rank is None:
@@ -102,8 +105,13 @@ class MLA(nnx.Module):
         k_nope, v = jnp.split(kv, [cfg.qk_nope_head_dim], axis=-1)
         k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:-1] + (cfg.qk_rope_head_dim,))
         k = jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1)
-        out = mla_ops.prefill(q, k, v, scale=cfg.softmax_scale, segment_ids=segment_ids, causal=True,
-                              backend=self.rt.attention_impl)
+        ex = self.rt
+        attend = lambda q, k, v, seg: mla_ops.prefill(  # noqa: E731
+            q, k, v, scale=cfg.softmax_scale, segment_ids=seg, causal=True, backend=ex.attention_impl,
+            interpret=ex.interpret)
+        heads = ("batch", "seq", "heads", None)   # per shard of sequences and heads, never of positions
+        out = per_shard(attend, ex.mesh, ex.rules, (heads, heads, heads, ("batch", "seq")), heads)(
+            q, k, v, segment_ids)
         return self.o_proj(checkpoint_name(out, "attn_out"))
 
     def _absorbed(self, q, cache: LatentCache, positions):
@@ -115,8 +123,12 @@ class MLA(nnx.Module):
         q_lat = jnp.einsum("bshn,lhn->bshl", q_nope, w_k)
         ckv, krope = cache.ckv.astype(q.dtype), cache.krope.astype(q.dtype)
         if q.shape[1] == 1:  # one new token per sequence: the decode kernel (pallas_kernels.mla.decode)
-            o_lat = mla_ops.decode(q_lat[:, 0], q_rope[:, 0], ckv, krope, positions[:, 0] + 1,
-                                   scale=cfg.softmax_scale, backend=self.rt.attention_impl)
+            ex = self.rt
+            attend = lambda ql, qr, c, kr, n: mla_ops.decode(  # noqa: E731
+                ql, qr, c, kr, n, scale=cfg.softmax_scale, backend=ex.attention_impl, interpret=ex.interpret)
+            q_ax, c_ax = ("batch", "heads", None), ("batch", None, None)
+            o_lat = per_shard(attend, ex.mesh, ex.rules, (q_ax, q_ax, c_ax, c_ax, ("batch",)), q_ax)(
+                q_lat[:, 0], q_rope[:, 0], ckv, krope, positions[:, 0] + 1)
             o = jnp.einsum("bhl,lhv->bhv", o_lat.astype(q.dtype), w_v)[:, None]
             return self.o_proj(o)
         scores = (jnp.einsum("bshl,btl->bhst", q_lat, ckv, preferred_element_type=jnp.float32)

@@ -18,14 +18,16 @@ from flax import nnx
 
 from sharding.expert_parallel import ExpertParallel, moe_forward
 
-from ..config import ModelConfig, RuntimeConfig
+from ..config import ModelConfig
+from .execution import Execution
 from .grouped_gemm import auto_block_size, expert_ffn, sort_by_expert
 from .layers import MLP, dequantize_fp8, dtype_of, fp8_storage, param
 from .routing import Router, RouterStats, Routing, route, router_stats
 
 
 def local_expert_sum(x: jax.Array, experts: jax.Array, gates: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                     w_down: jax.Array, *, impl: str, block: int, quant: str, all_local: bool = False) -> jax.Array:
+                     w_down: jax.Array, *, impl: str, block: int, quant: str, all_local: bool = False,
+                     fp8_backend: str = "auto", interpret: bool = False) -> jax.Array:
     """``Σ_k g_k · FFN_{e_k}(x)`` over the slots whose expert is held here: ids in ``[0, E_loc)``
     (``E_loc = w_gate.shape[0]``); any other id is a slot owned by another shard and contributes 0.
     ``x: [N, D]``, ``experts/gates: [N, K]`` → fp32 ``[N, D]``. Dropless: rows are sorted by expert
@@ -40,7 +42,8 @@ def local_expert_sum(x: jax.Array, experts: jax.Array, gates: jax.Array, w_gate:
         pad = lambda w: jnp.concatenate([w, jnp.zeros((1,) + w.shape[1:], w.dtype)])  # noqa: E731
         w_gate, w_up, w_down = pad(w_gate), pad(w_up), pad(w_down)
     order, sizes = sort_by_expert(experts, w_gate.shape[0])
-    y_sorted = expert_ffn(x[order // K], sizes, w_gate, w_up, w_down, impl=impl, block=block, quant=quant)
+    y_sorted = expert_ffn(x[order // K], sizes, w_gate, w_up, w_down, impl=impl, block=block, quant=quant,
+                          fp8_backend=fp8_backend, interpret=interpret)
     y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True).reshape(N, K, D)
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), gates)
 
@@ -75,7 +78,7 @@ class MoE(nnx.Module):
     """Router + routed experts + shared experts. ``ep``: the expert-parallel layout when the model is
     built for a mesh (``None``: every expert is local)."""
 
-    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, rngs: nnx.Rngs, ep: Optional[ExpertParallel] = None):
+    def __init__(self, cfg: ModelConfig, rt: Execution, rngs: nnx.Rngs, ep: Optional[ExpertParallel] = None):
         self.cfg, self.rt, self.ep = cfg, rt, ep
         self.router = Router(cfg, rngs)
         self.experts = Experts(cfg, rngs)
@@ -88,7 +91,7 @@ class MoE(nnx.Module):
         rt = self.rt
         block = rt.moe_block_size or auto_block_size(tokens * self.cfg.num_experts_per_tok, self.cfg.n_routed_experts)
         return functools.partial(local_expert_sum, impl=rt.moe_impl, block=block, quant=rt.quant,
-                                 all_local=all_local)
+                                 all_local=all_local, fp8_backend=rt.fp8_backend, interpret=rt.interpret)
 
     def __call__(self, x: jax.Array, valid: Optional[jax.Array] = None) -> tuple[jax.Array, RouterStats]:
         """``x: [B, S, D]``, ``valid: [B, S]`` bool (padding excluded from statistics)."""

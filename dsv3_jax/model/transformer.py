@@ -19,6 +19,7 @@ from sharding.expert_parallel import ExpertParallel
 from sharding.rules import DEFAULT_RULES, Rules
 
 from ..config import ModelConfig, RuntimeConfig
+from .execution import Execution, execution
 from ..errors import TokenRangeError
 from .layers import MLP, RMSNorm, dtype_of, param
 from .mla import MLA, LatentCache
@@ -30,7 +31,7 @@ from .routing import RouterStats
 class Block(nnx.Module):
     """Pre-norm transformer block: ``h += MLA(norm(h)); h += FFN(norm(h))`` (FFN dense or MoE)."""
 
-    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, moe: bool, rngs: nnx.Rngs,
+    def __init__(self, cfg: ModelConfig, rt: Execution, moe: bool, rngs: nnx.Rngs,
                  ep: Optional[ExpertParallel] = None):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg, rt, rngs)
         self.attn = MLA(cfg, rt, rngs)
@@ -48,7 +49,7 @@ class Block(nnx.Module):
         return h + y, stats, cache
 
 
-def _stacked_blocks(cfg: ModelConfig, rt: RuntimeConfig, n: int, moe: bool, rngs: nnx.Rngs,
+def _stacked_blocks(cfg: ModelConfig, rt: Execution, n: int, moe: bool, rngs: nnx.Rngs,
                     ep: Optional[ExpertParallel]) -> Block:
     """``n`` blocks with every variable stacked on a leading ``layers`` axis."""
     @nnx.split_rngs(splits=n)
@@ -68,7 +69,7 @@ def _remat_policy(name: str):
     return jax.checkpoint_policies.save_anything_except_these_names("norm", "mla_up")
 
 
-def run_stack(blocks: Block, h, cos, sin, segment_ids, valid, rt: RuntimeConfig,
+def run_stack(blocks: Block, h, cos, sin, segment_ids, valid, rt: Execution,
               cache: Optional[LatentCache] = None, positions=None):
     """Apply stacked ``blocks`` in sequence (a scan, or a Python loop with ``scan_layers=False``).
     Returns (final hidden, per-layer stats stacked, the stack's updated cache or None)."""
@@ -98,7 +99,7 @@ class MTPLayer(nnx.Module):
     """One MTP depth (SPEC §5): ``h' = W_eh [enorm(Emb(t_{i+k})) ; hnorm(h_i)]``, a full MoE block,
     its own final norm; the embedding and output head are the main model's."""
 
-    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, rngs: nnx.Rngs, ep: Optional[ExpertParallel] = None):
+    def __init__(self, cfg: ModelConfig, rt: Execution, rngs: nnx.Rngs, ep: Optional[ExpertParallel] = None):
         D = cfg.hidden_size
         self.enorm = RMSNorm(D, cfg, rt, rngs)
         self.hnorm = RMSNorm(D, cfg, rt, rngs)
@@ -181,8 +182,10 @@ class DeepSeekV3(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, runtime: Optional[RuntimeConfig] = None,
                  mesh: Optional[Mesh] = None, rules: Rules = DEFAULT_RULES):
-        rt = (runtime or RuntimeConfig()).resolved(cfg)
-        self.cfg, self.runtime, self.mesh, self.rules = cfg, rt, mesh, rules
+        rt = execution(cfg, runtime, mesh, rules)
+        # runtime: as asked (``auto`` kernels stay ``auto``, so with_runtime can rebuild for another platform);
+        # ex: resolved for this config and mesh, what every layer reads
+        self.cfg, self.runtime, self.ex, self.mesh, self.rules = cfg, runtime or RuntimeConfig(), rt, mesh, rules
         ep = None
         if mesh is not None and mesh.size > 1 and cfg.num_moe_layers:  # one device: every expert is local
             ep = ExpertParallel.create(mesh, rt.ep_strategy, cfg.n_routed_experts, rules,
@@ -201,7 +204,7 @@ class DeepSeekV3(nnx.Module):
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """Embeddings in the compute dtype; id ``-1`` ("no token") embeds to zeros."""
-        emb = self.embed[...].astype(dtype_of(self.runtime.compute_dtype))[jnp.maximum(tokens, 0)]
+        emb = self.embed[...].astype(dtype_of(self.ex.compute_dtype))[jnp.maximum(tokens, 0)]
         return jnp.where((tokens >= 0)[..., None], emb, 0)
 
     def head(self, h: jax.Array) -> jax.Array:
@@ -231,10 +234,10 @@ class DeepSeekV3(nnx.Module):
         h = self.embed_tokens(tokens)
         stats = dense_c = moe_c = None
         if self.dense_layers is not None:
-            h, _, dense_c = run_stack(self.dense_layers, h, cos, sin, segment_ids, valid, self.runtime,
+            h, _, dense_c = run_stack(self.dense_layers, h, cos, sin, segment_ids, valid, self.ex,
                                       None if cache is None else cache.dense, cache_positions)
         if self.moe_layers is not None:
-            h, stats, moe_c = run_stack(self.moe_layers, h, cos, sin, segment_ids, valid, self.runtime,
+            h, stats, moe_c = run_stack(self.moe_layers, h, cos, sin, segment_ids, valid, self.ex,
                                         None if cache is None else cache.moe, cache_positions)
         h = self.final_norm(h)
         logits = self.head(h)

@@ -19,6 +19,7 @@ blocks of ``w.T`` are the transposed blocks of ``w``, so the two layouts quantiz
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +39,9 @@ def _gpu_has_fp8() -> bool:
         return False
 
 
-def resolve_backend(backend: str, interpret: bool = False) -> str:
+def resolve_backend(backend: str, interpret: bool = False, platform: Optional[str] = None) -> str:
     """The concrete GEMM implementation: ``reference``, ``pallas_gpu`` (FP8 tensor cores only) or ``pallas_tpu``."""
-    return _resolve(backend, interpret, BACKENDS, gpu_supported=_gpu_has_fp8)
+    return _resolve(backend, interpret, BACKENDS, gpu_supported=_gpu_has_fp8, platform=platform)
 
 
 # ---- quantizers -------------------------------------------------------------------------------

@@ -30,9 +30,9 @@ from . import blockwise, pallas_gpu, pallas_tpu, reference as ref
 BACKENDS = ("auto", "reference", "blockwise", "pallas", "pallas_gpu", "pallas_tpu")
 
 
-def resolve_backend(backend: str, interpret: bool = False) -> str:
+def resolve_backend(backend: str, interpret: bool = False, platform: Optional[str] = None) -> str:
     """The concrete implementation: ``reference``, ``blockwise``, ``pallas_gpu`` or ``pallas_tpu``."""
-    return _resolve(backend, interpret, BACKENDS)
+    return _resolve(backend, interpret, BACKENDS, platform=platform)
 
 
 def _pow2(n: int) -> int:

@@ -7,6 +7,7 @@ from flax import nnx
 
 import dsv3_jax as dsv3
 from dsv3_jax.model.layers import RouterBias
+from dsv3_jax.model.execution import execution
 from dsv3_jax.model.moe import MoE
 from dsv3_jax.model.routing import route
 
@@ -87,7 +88,7 @@ def _naive_moe(moe, x, routing):
 @pytest.mark.parametrize("impl", ["blocked", "ragged"])
 def test_grouped_gemm_equals_per_expert_loop(impl):
     cfg = dsv3.load_config("tiny")
-    moe = MoE(cfg, dsv3.RuntimeConfig(moe_impl=impl, moe_block_size=8).resolved(cfg), nnx.Rngs(0))
+    moe = MoE(cfg, execution(cfg, dsv3.RuntimeConfig(moe_impl=impl, moe_block_size=8)), nnx.Rngs(0))
     moe.router.bias[...] = jnp.linspace(-0.1, 0.1, cfg.n_routed_experts)
     x = jax.random.normal(jax.random.key(1), (2, 37, cfg.hidden_size))
     out, stats = moe(x)
@@ -116,7 +117,7 @@ def test_model_output_carries_per_token_routing():
 
 def test_router_stats_skip_padding():
     cfg = dsv3.load_config("tiny")
-    moe = MoE(cfg, dsv3.RuntimeConfig().resolved(cfg), nnx.Rngs(0))
+    moe = MoE(cfg, execution(cfg), nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(2), (2, 10, cfg.hidden_size))
     valid = jnp.arange(10)[None, :] < jnp.array([[10], [4]])
     _, stats = moe(x, valid)

@@ -77,13 +77,12 @@ def test_expert_parallel_equals_single_device(reference, strategy, mesh_spec):
 @pytest.mark.parametrize("strategy, mesh_spec", [
     ("allgather", "expert=8"), ("ragged_a2a", "expert=8"), ("allgather", "data=2,expert=4")])
 def test_fp8_expert_parallel_equals_single_device(strategy, mesh_spec):
-    """quant=fp8 (SPEC §6) runs the local expert GEMMs in FP8 under shard_map like one device: the
-    same 1×128 activation tiles and per-expert 128×128 weight blocks. With every token reaching its
-    experts' shard in global order (expert=8) the numbers equal one device up to summation order. A
-    data axis splits each expert's tokens into per-replica weight-gradient GEMMs, whose 1×128 tiles
-    run along *local* tokens (as in any data-parallel FP8 training): expert weight gradients then agree
-    within FP8 error (measured 3%), everything else stays exact. (Expert GEMMs left in bf16 would
-    miss the expert=8 bound by ~3% too: the 1e-4 match is what shows they run in FP8.)"""
+    """quant=fp8 (SPEC §6) on a mesh: every FP8 GEMM runs per shard inside shard_map (the Pallas
+    kernels cannot be partitioned by XLA) with the same 1×128 activation tiles and 128×128 weight
+    blocks as one device, so the loss, logits and input gradients equal one device up to summation
+    order. Weight-gradient GEMMs contract over tokens, and each shard holds only its own tokens: their
+    1×128 tiles run along *local* tokens (as in any data-parallel FP8 training), so weight gradients
+    agree within FP8 error (measured ≤ 4%)."""
     cfg, fp8 = dsv3.load_config("tiny", CFG), dsv3.RuntimeConfig(quant="fp8")
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (8, 24)))
     step, args = _loss_and_grads(dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0), runtime=fp8), tokens)
@@ -94,11 +93,13 @@ def test_fp8_expert_parallel_equals_single_device(strategy, mesh_spec):
     loss2, logits2, _, grads2, _ = step2(*args2)
     assert abs(float(loss2) - float(loss)) <= TOL
     np.testing.assert_allclose(np.asarray(logits2), np.asarray(logits), atol=TOL)
-    split_wgrad = mesh.shape["data"] > 1
+    fp8_weights = ("kernel", "experts")  # FP8 GEMMs; embedding, head, norms and router stay in high precision
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads2), jax.tree.leaves(grads)):
         a, b = np.asarray(a), np.asarray(b)
+        name = jax.tree_util.keystr(path)
         rel = np.abs(a - b).max() / np.abs(b).max()
-        assert rel <= (0.06 if split_wgrad and "experts" in jax.tree_util.keystr(path) else 1e-4), (path, rel)
+        fp8_grad = any(k in name for k in fp8_weights) and "router" not in name
+        assert rel <= (0.06 if fp8_grad else 1e-4), (name, rel)
 
 
 def test_capacity_strategy_reports_drops(reference):
@@ -177,3 +178,32 @@ def test_rules_are_typed_and_reject_repeated_axes():
     sizes = {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
     assert DEFAULT_RULES.batch_axes(sizes) == ("data", "expert") and DEFAULT_RULES.batch_shards(sizes) == 8
     assert DEFAULT_RULES.spec(("expert", "embed", "moe_mlp"), (16, 64, 32), sizes) == P("expert", None, None)
+
+
+def test_pallas_attention_kernels_per_shard_equal_single_device(reference):
+    """attention_impl=pallas (what ``auto`` picks on GPU/TPU) on an 8-device mesh: the flash prefill
+    kernel (forward and its Pallas backward) runs inside shard_map per batch/head shard — XLA cannot
+    partition a Mosaic/Triton call — here in the Pallas interpreter. Logits, loss and gradients equal
+    the single-device reference model."""
+    cfg, tokens, (loss, logits, counts, grads, _) = reference
+    mesh = sharding.make_mesh("data=2,expert=2,tensor=2")
+    model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0), mesh=mesh,
+                            runtime=dsv3.RuntimeConfig(attention_impl="pallas", interpret=True))
+    step, args = _loss_and_grads(model, tokens, mesh)
+    loss2, logits2, counts2, grads2, _ = step(*args)
+    assert abs(float(loss2) - float(loss)) <= TOL
+    np.testing.assert_allclose(np.asarray(logits2), np.asarray(logits), atol=TOL)
+    for a, b in zip(jax.tree.leaves(grads2), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=TOL)
+    # every pallas_call sits inside a shard_map (what a TPU/GPU compile of a multi-device mesh needs)
+    def calls(jaxpr, inside=False):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                yield inside
+            for p in eqn.params.values():
+                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if isinstance(sub, jax.extend.core.Jaxpr):
+                        yield from calls(sub, inside or eqn.primitive.name == "shard_map")
+    where = list(calls(jax.make_jaxpr(step)(*args).jaxpr))
+    assert where and all(where), f"{len(where)} pallas_calls, {where.count(False)} outside shard_map"
