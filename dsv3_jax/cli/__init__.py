@@ -33,11 +33,13 @@ def build_parser() -> ArgumentParser:
 
 
 def _name_leaves(parser: argparse.ArgumentParser) -> None:
-    """Each runnable subparser records its name (``dsv3 convert hf-to-orbax``) for error lines."""
+    """Each runnable subparser records its name (``dsv3 convert hf-to-orbax``) for error lines; a missing
+    subcommand is reported by its choices (``{hf-to-orbax,orbax-to-hf}``), not by its ``dest``."""
     subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if not subs:
         parser.set_defaults(prog=parser.prog)
     for action in subs:
+        action.metavar = action.metavar or "{" + ",".join(action.choices) + "}"
         for child in action.choices.values():
             _name_leaves(child)
 
