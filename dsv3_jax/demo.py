@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     ckpt = str(Path(res["checkpoint"]).resolve())
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax notes about the reader's layout probing
-    cfg, model = load_checkpoint(ckpt)
+    cfg, model = load_checkpoint(ckpt, runtime=run.runtime)  # run as it trained (the run config's runtime:)
     tok = load_tokenizer(Path(ckpt) / "tokenizer.json")
     val = list(make_dataset(run.data, tok, split="validation", vocab_size=cfg.vocab_size))[:run.train.eval_batches]
     base = unigram_entropy(val)
