@@ -1,61 +1,41 @@
 """Streaming conversion between Hugging Face weights and our Orbax checkpoints.
 
 ``hf_to_orbax``: validate everything that can be checked without reading data (config, names,
-shapes, dtypes, FP8 scales), then read one layer's tensors (mmap, FP8 dequantised), assemble that
-layer in our layout (experts stacked) and append it to the Orbax checkpoint with
-``partial.save``. Peak memory is about one layer. ``orbax_to_hf`` reads one layer at a time and
-writes safetensors shards (optionally FP8 with 128×128 ``weight_scale_inv`` as released).
+shapes, dtypes, FP8 scales), then read a group of tensors (mmap, FP8 dequantised or kept), write each
+into its slice of our layout with ``mapping.fill_piece`` (the in-memory ``mapping.hf_to_params`` uses
+the same function) and append the group to the checkpoint's ``params/`` with Orbax's
+``partial.save`` (one key per layer: ``orbax_io``'s layout, which the trainer writes too). Peak
+memory is about two groups. ``orbax_to_hf`` reads one layer at a time and writes safetensors shards
+(optionally FP8 with 128×128 ``weight_scale_inv`` as released).
 
-Both write into a temporary directory next to DST and rename it at the end: an interrupted or
-failed conversion leaves nothing that loads as a checkpoint, and SRC is only ever read.
+Both write into a temporary directory next to DST and rename it at the end (``orbax_io.atomic_dir``,
+the trainer's commit protocol too): an interrupted or failed conversion leaves nothing that loads as
+a checkpoint, and SRC is only ever read.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 
 from ..config import ModelConfig
+from ..errors import CheckpointError
+from ..model import DeepSeekV3
 from . import fp8, mapping, orbax_io
-from .hf_source import CheckpointError, HFSource
-from .safetensors_io import SUPPORTED_DTYPES, dtype_to_str, save_file
+from .hf_source import TOKENIZER_FILES, HFSource
+from .orbax_io import atomic_dir
+from .safetensors_io import SUPPORTED_DTYPES, save_file
 
-CHUNK_BYTES = 64 << 20
 GROUP_BYTES = 128 << 20  # output bytes per partial save (bounds memory: ~2 groups)
 DTYPES = {"bfloat16": SUPPORTED_DTYPES["BF16"], "float32": np.dtype(np.float32)}
-
-
-# ---- atomic output directory -------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to ``dst``; on success it replaces ``dst``, on any
-    failure (exceptions, Ctrl-C) it is removed and ``dst`` is untouched."""
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst} already exists (fix: choose another DST or pass --overwrite).")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if dst.exists():
-            trash = dst.parent / f".{dst.name}.old-{secrets.token_hex(4)}"
-            os.rename(dst, trash)
-            os.rename(tmp, dst)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _progress(total: int, desc: str, enabled: Optional[bool]):
@@ -73,8 +53,8 @@ def _units(cfg: ModelConfig, include_mtp: bool) -> list[tuple[tuple, list[mappin
     units: dict[tuple, list] = {}
     for p in mapping.pieces(cfg, include_mtp):
         n = orbax_io.stack_len(p.path)
-        if p.path[0] == "mtp":
-            key = ("mtp", p.path[1])
+        if p.path[0] == DeepSeekV3.MTP:
+            key = p.path[:2]
         elif n:
             key = (p.path[0], p.index[0])
         else:
@@ -135,20 +115,15 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
         stored_cfg = cfg.replace(param_dtype=dtype, num_mtp_layers=cfg.num_mtp_layers if include_mtp else 0,
                                  fp8_weights=keep_fp8)
         # 1. Check names and shapes of everything before writing anything.
-        mapping.check_names(cfg, source.names, include_mtp)
         shapes = mapping.param_shapes(stored_cfg)
+        mapping.check_source(cfg, source, include_mtp, shapes)
         _, _, flat = orbax_io.abstract_state(stored_cfg)
         dtypes = {p: orbax_io.var_dtype(v) for p, v in flat}
         units = _units(cfg, include_mtp)
-        for _, plist in units:
-            for pc in plist:
-                mapping.check_shape(pc, source.shape(pc.hf_name), shapes[pc.path][len(pc.index):])
         total = sum(source.nbytes(pc.hf_name) for _, plist in units for pc in plist)
-        expected = {orbax_io.disk_path(p, (i,) if orbax_io.stack_len(p) else ())[0]
-                    for p, s in shapes.items() for i in (range(s[0]) if orbax_io.stack_len(p) else [0])}
+        expected = {k for p, s in shapes.items() for k in orbax_io.disk_keys(p, s)}
         written: set = set()
-        import orbax.checkpoint.experimental.v1 as ocp
-        from concurrent.futures import ThreadPoolExecutor
+        ocp = orbax_io.ocp()
         t0 = time.time()
 
         def scale_path(path: tuple):  # FP8-stored weight → its block scales (None: stored as float)
@@ -156,29 +131,16 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
 
         def fill(arrays: dict, pc: mapping.Piece) -> int:
             key, sub = orbax_io.disk_path(pc.path, pc.index)
-            piece_shape = shapes[pc.path][len(pc.index):]
             sp = scale_path(pc.path)
-            if sp is not None:  # --keep-fp8: the release's bits, transposed; float sources quantised like it
-                w8, s_inv = source.get_fp8(pc.hf_name) if source.is_fp8(pc.hf_name) else \
-                    fp8.quantize(source.get(pc.hf_name, np.float32))
-                arrays[key][sub], arrays[orbax_io.disk_path(sp, pc.index)[0]][sub] = \
-                    mapping.to_ours_fp8(w8, s_inv, piece_shape)
-                return source.nbytes(pc.hf_name)
-            w = source.get(pc.hf_name, np.float32)
-            if pc.transform == mapping.LINEAR and len(piece_shape) == 2:
-                arrays[key][sub] = w.T  # transpose and cast in one pass
-            else:
-                arrays[key][sub] = mapping.to_ours(pc, w, piece_shape)
+            mapping.fill_piece(source, pc, arrays[key][sub],
+                               None if sp is None else arrays[orbax_io.disk_path(sp, pc.index)[0]][sub])
             return source.nbytes(pc.hf_name)
 
         def out_bytes(pc: mapping.Piece) -> int:
             return int(np.prod(shapes[pc.path][len(pc.index):])) * dtypes[pc.path].itemsize
 
-        ctx = ocp.Context()
-        ctx.array.saving.use_compression = False  # weights barely compress; zstd would cost more than the I/O
-        ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES  # sharded restores read only their chunks
         with atomic_dir(dst, overwrite) as tmp, _progress(total, f"convert {src.name}", progress) as bar, \
-                ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool, ctx:
+                ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool, orbax_io.write_context():
             params_dir = tmp / orbax_io.PARAMS_DIR
             pending = None
 
@@ -246,7 +208,6 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, fp8_weights: 
         cfg_out = cfg
     shapes = mapping.param_shapes(cfg_out)
     units = _units(cfg_out, include_mtp)
-    on_disk_layer = meta.get("layout", "per_layer") == "per_layer"
     total = sum(int(np.prod(shapes[pc.path][len(pc.index):])) * 4 for _, pl in units for pc in pl)
     with atomic_dir(dst, overwrite) as tmp, _progress(total, f"export {src.name}", progress) as bar:
         shard: dict[str, np.ndarray] = {}
@@ -285,28 +246,20 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, fp8_weights: 
             return mapping.stored_scale_path(cfg, path, shapes)
 
         for _, plist in units:
-            keys = {orbax_io.disk_path(p, pc.index if on_disk_layer else ())[0]
+            keys = {orbax_io.disk_path(p, pc.index)[0]
                     for pc in plist for p in (pc.path, scale_path(pc.path)) if p is not None}
             arrays = orbax_io.read_params(src, keys)
             for pc in plist:
-                key, sub = orbax_io.disk_path(pc.path, pc.index if on_disk_layer else ())
-                piece = arrays[key][sub]
+                key, sub = orbax_io.disk_path(pc.path, pc.index)
                 sp = scale_path(pc.path)
-                if sp is not None:
-                    w, s_inv = mapping.to_hf_fp8(piece, arrays[orbax_io.disk_path(sp, pc.index if on_disk_layer
-                                                                                  else ())[0]][sub],
-                                                 mapping.kernel_in_ndim(pc.path))
-                    emit(pc.hf_name, w, s_inv)
-                else:
-                    w = mapping.to_hf(pc, piece, mapping.kernel_in_ndim(pc.path))
-                    emit(pc.hf_name, w)
+                w, s_inv = mapping.hf_tensors(pc, arrays[key][sub],
+                                              None if sp is None else arrays[orbax_io.disk_path(sp, pc.index)[0]][sub])
+                emit(pc.hf_name, w, s_inv)
                 bar.update(w.size * 4)
-            if plist[0].path[0] == "mtp":  # the release stores embedding and head again in the MTP layer
+            if plist[0].path[0] == DeepSeekV3.MTP:  # the release stores embedding and head again in the MTP layer
                 top = orbax_io.read_params(src, [("embed",), ("lm_head",)])
-                k = plist[0].path[1]
-                emit(f"model.layers.{cfg.num_layers + k}.embed_tokens.weight", top[("embed",)])
-                emit(f"model.layers.{cfg.num_layers + k}.shared_head.head.weight",
-                     np.ascontiguousarray(top[("lm_head",)].T))
+                for name, w in mapping.mtp_shared_tensors(cfg, plist[0].path[1], top[("embed",)], top[("lm_head",)]):
+                    emit(name, w)
             del arrays
             if shard_bytes > max_shard_bytes:
                 flush()
@@ -328,8 +281,7 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, fp8_weights: 
                                          "quant_method": "fp8", "weight_block_size": [fp8.BLOCK, fp8.BLOCK]}
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         for f in src.iterdir():
-            if f.name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                          "tokenizer.model", "generation_config.json"):
+            if f.name in TOKENIZER_FILES:
                 shutil.copy2(f, tmp / f.name)
 
 

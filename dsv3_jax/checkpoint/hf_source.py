@@ -14,14 +14,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 
 from ..config import ConfigError, ModelConfig
 from ..errors import CheckpointError
 from . import fp8
-from .safetensors_io import SUPPORTED_DTYPES, SafetensorsError, SafetensorsFile
+from .safetensors_io import SUPPORTED_DTYPES, SafetensorsError, SafetensorsFile, dtype_to_str
 
 SCALE_SUFFIX = "_scale_inv"  # "<name>.weight" + "_scale_inv"
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
@@ -29,6 +29,38 @@ TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "generation_config.json")
 _FUSED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+# ---- transformers-5 fused experts (the one implementation: files, torch state dicts, in-memory dicts)
+def fused_parts(raw: str, shape: tuple) -> list[tuple[str, int, Optional[str]]]:
+    """Hub names held by a transformers-5 fused expert tensor ``raw`` of ``shape`` (``gate_up_proj
+    [E, 2I, D]`` gate first, ``down_proj [E, D, I]``) as ``(name, expert, part)``; [] when not fused."""
+    m = _FUSED.match(raw)
+    if not m:
+        return []
+    base, kind = m.groups()
+    out = []
+    for e in range(shape[0]):
+        if kind == "down_proj":
+            out.append((f"{base}.{e}.down_proj.weight", e, None))
+        else:
+            out += [(f"{base}.{e}.gate_proj.weight", e, "gate"), (f"{base}.{e}.up_proj.weight", e, "up")]
+    return out
+
+
+def fused_shape(shape: tuple, part: Optional[str]) -> tuple:
+    """Shape of one expert (``part``: gate/up half) of a fused tensor of ``shape``."""
+    shape = tuple(shape[1:])
+    return ((shape[0] // 2,) + shape[1:]) if part is not None else shape
+
+
+def fused_slice(a, expert: int, part: Optional[str]):
+    """One expert (and gate/up half) of a fused tensor: a view, nothing copied."""
+    a = a[expert]
+    if part is not None:
+        half = a.shape[0] // 2
+        a = a[:half] if part == "gate" else a[half:]
+    return a
 
 
 class _Entry:
@@ -93,6 +125,37 @@ class _TorchReader:
         self._t = {}
 
 
+class _DictReader:
+    """In-memory ``{name: array}`` (e.g. a transformers state dict as numpy) behind the same API."""
+    path = "<in-memory state dict>"
+
+    def __init__(self, tensors: Mapping[str, np.ndarray]):
+        self._t = tensors
+
+    def keys(self):
+        return sorted(self._t)
+
+    def info(self, name):
+        a = self._t[name]
+        try:
+            kind = dtype_to_str(np.dtype(a.dtype))
+        except (TypeError, ValueError, KeyError, SafetensorsError):
+            kind = str(a.dtype)
+        return kind, tuple(a.shape)
+
+    def nbytes(self, name):
+        return int(np.asarray(self._t[name]).nbytes)
+
+    def get(self, name):
+        return np.asarray(self._t[name])
+
+    def release(self, name):
+        """Nothing to release: the arrays belong to the caller."""
+
+    def close(self):
+        self._t = {}
+
+
 def _read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
@@ -129,6 +192,17 @@ class HFSource:
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> "HFSource":
+        """An in-memory state dict (hub or transformers-5 fused names, FP8 with ``weight_scale_inv`` or
+        float) read through the same checks and FP8/fused-expert handling as files on disk."""
+        self = cls.__new__(cls)
+        self.root, self.hf_config, self.cfg = None, cfg.to_hf(), cfg
+        self._readers, self._entries = [], {}
+        self._add_reader(_DictReader(tensors))
+        self._check_dtypes()
+        return self
 
     # -- opening -------------------------------------------------------------------------------
     def _open_dir(self, d: Path) -> None:
@@ -173,18 +247,11 @@ class HFSource:
             self._add(n, reader)
 
     def _add(self, raw: str, reader) -> None:
-        m = _FUSED.match(raw)
-        if m:  # transformers-5 in-memory layout: experts fused on a leading axis
-            base, kind = m.groups()
-            n_exp = reader.info(raw)[1][0]
-            for e in range(n_exp):
-                if kind == "down_proj":
-                    self._put(f"{base}.{e}.down_proj.weight", _Entry(reader, raw, e))
-                else:
-                    self._put(f"{base}.{e}.gate_proj.weight", _Entry(reader, raw, e, "gate"))
-                    self._put(f"{base}.{e}.up_proj.weight", _Entry(reader, raw, e, "up"))
-            return
-        self._put(raw, _Entry(reader, raw))
+        parts = fused_parts(raw, reader.info(raw)[1]) if _FUSED.match(raw) else []
+        for name, e, part in parts:  # transformers-5 layout: experts fused on a leading axis
+            self._put(name, _Entry(reader, raw, e, part))
+        if not parts:
+            self._put(raw, _Entry(reader, raw))
 
     def _put(self, name: str, entry: _Entry) -> None:
         if name in self._entries:
@@ -225,12 +292,7 @@ class HFSource:
     def raw_info(self, name: str) -> tuple[str, tuple]:
         e = self._entries[name]
         dtype, shape = e.reader.info(e.raw)
-        shape = tuple(shape)
-        if e.expert is not None:
-            shape = shape[1:]
-            if e.part is not None:
-                shape = (shape[0] // 2,) + shape[1:]
-        return dtype, shape
+        return dtype, fused_shape(shape, e.part) if e.expert is not None else tuple(shape)
 
     def shape(self, name: str) -> tuple:
         return self.raw_info(name)[1]
@@ -252,12 +314,7 @@ class HFSource:
     def _raw(self, name: str) -> np.ndarray:
         e = self._entries[name]
         a = e.reader.get(e.raw)
-        if e.expert is not None:
-            a = a[e.expert]
-            if e.part is not None:
-                half = a.shape[0] // 2
-                a = a[:half] if e.part == "gate" else a[half:]
-        return a
+        return fused_slice(a, e.expert, e.part) if e.expert is not None else a
 
     def get(self, name: str, dtype=np.float32) -> np.ndarray:
         """An owned ``dtype`` copy of tensor ``name`` (FP8 dequantised with its block scales)."""
@@ -308,7 +365,9 @@ class HFSource:
         self.close()
 
     def tokenizer_files(self) -> list[Path]:
+        if self.root is None:
+            return []
         return [self.root / f for f in TOKENIZER_FILES if (self.root / f).is_file()]
 
 
-__all__ = ["HFSource", "CheckpointError", "TOKENIZER_FILES", "ConfigError"]
+__all__ = ["HFSource", "CheckpointError", "TOKENIZER_FILES", "ConfigError", "fused_parts", "fused_shape", "fused_slice"]

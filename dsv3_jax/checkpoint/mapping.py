@@ -2,8 +2,10 @@
 
 One table drives both directions. Each HF tensor is one *piece* of one of our parameters: our
 parameters stack layers (and experts) on leading axes, so a piece is addressed by ``(path, index)``
-where ``index`` selects the layer (and expert) slice. M2's streaming converter writes pieces as they
-are read; ``hf_to_params``/``params_to_hf`` below do it all in memory for small models.
+where ``index`` selects the layer (and expert) slice. The streaming converter (``convert.py``) and
+the in-memory ``hf_to_params``/``params_to_hf`` below share this table, ``fill_piece`` (one HF tensor →
+our slice, FP8 kept or quantised) and ``hf_tensors`` (our slice → HF tensors); both read HF tensors
+through ``HFSource`` (files or an in-memory dict: one FP8-scale pairing, one fused-expert split).
 
 Layout conversions: PyTorch linears are ``[out, in]``; ours are ``[*in, *out]`` with heads kept as
 an axis (``q_b_proj: [Q, H, Dqk]``, ``kv_b_proj: [L, H, Dn+Dv]``, ``o_proj: [H, Dv, D]``), so a
@@ -11,19 +13,24 @@ linear piece is ``w.T.reshape(our_shape)``.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from ..model import DeepSeekV3
 from . import fp8
+from .hf_source import HFSource, fused_parts, fused_slice
 
 Path = tuple  # e.g. ("moe_layers", "attn", "q_b_proj", "kernel")
 
 LINEAR, COPY = "linear", "copy"
+DENSE, MOE = DeepSeekV3.STACKS
+MTP = DeepSeekV3.MTP
 
 # (HF name inside a decoder layer, our path inside a Block, transform)
 _ATTN = [
@@ -97,30 +104,21 @@ def pieces(cfg: ModelConfig, include_mtp: bool = True) -> list[Piece]:
     out = [Piece(n, p, (), t) for n, p, t in _TOP]
     for i in range(cfg.num_layers):
         moe = i >= cfg.first_k_dense
-        stack, layer = (("moe_layers",), i - cfg.first_k_dense) if moe else (("dense_layers",), i)
+        stack, layer = ((MOE,), i - cfg.first_k_dense) if moe else ((DENSE,), i)
         out.extend(_block_pieces(cfg, f"model.layers.{i}.", stack, layer, moe))
     if include_mtp:
         for k in range(cfg.num_mtp_layers):
             prefix = f"model.layers.{cfg.num_layers + k}."
-            out.extend(Piece(prefix + n, ("mtp", k) + p, (), t) for n, p, t in _MTP)
-            out.extend(_block_pieces(cfg, prefix, ("mtp", k, "block"), 0, cfg.num_moe_layers > 0))
+            out.extend(Piece(prefix + n, (MTP, k) + p, (), t) for n, p, t in _MTP)
+            out.extend(_block_pieces(cfg, prefix, (MTP, k, "block"), 0, cfg.num_moe_layers > 0))
     return out
 
 
 def param_shapes(cfg: ModelConfig) -> dict[Path, tuple]:
     """Our parameter shapes by path, from the model's abstract state (nothing allocated)."""
-    from flax import nnx
-    from ..model import DeepSeekV3
     abstract = nnx.eval_shape(lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(abstract))
     return {tuple(k): tuple(v.shape) for k, v in flat}
-
-
-def to_ours(piece: Piece, hf_array: np.ndarray, piece_shape: tuple) -> np.ndarray:
-    """HF tensor → our slice ``params[path][index]`` of shape ``piece_shape``."""
-    if piece.transform == LINEAR:
-        return np.ascontiguousarray(hf_array.T).reshape(piece_shape)
-    return hf_array.reshape(piece_shape)
 
 
 def to_hf(piece: Piece, our_slice: np.ndarray, in_ndim: int) -> np.ndarray:
@@ -146,14 +144,35 @@ def stored_scale_path(cfg: ModelConfig, path: Path, shapes: Mapping[Path, tuple]
     return sp if sp in shapes else None
 
 
-def to_ours_fp8(w8: np.ndarray, scale_inv: np.ndarray, piece_shape: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """Release FP8 ``weight [out, in]`` + ``weight_scale_inv [ob, ib]`` → our e4m3 slice (``[in, out]``
-    reshaped like the kernel) and scales ``[ib, ob]``: a transpose, nothing re-quantised."""
-    return np.ascontiguousarray(w8.T).reshape(piece_shape), np.ascontiguousarray(np.asarray(scale_inv, np.float32).T)
+def _as_shape(out: np.ndarray, shape: tuple) -> np.ndarray:
+    """``out`` viewed with ``shape`` (never a copy: writes must land in ``out``)."""
+    v = out.view()
+    v.shape = shape  # raises if it would need a copy
+    return v
+
+
+def fill_piece(source, piece: Piece, out: np.ndarray, scale_out: Optional[np.ndarray] = None) -> None:
+    """Write HF tensor ``piece.hf_name`` of ``source`` (an ``HFSource``) into ``out``, our slice
+    ``params[path][index]`` (any float dtype, or e4m3), in one pass: transpose and cast straight into
+    place. With ``scale_out`` (block scales ``[ib, ob]``) the weight is stored in FP8: an FP8 source's
+    e4m3 bits and scales are copied, transposed into our layout (nothing re-quantised); a float source
+    is quantised like the release (SPEC §6)."""
+    name = piece.hf_name
+    if scale_out is not None:
+        w8, s_inv = source.get_fp8(name) if source.is_fp8(name) else fp8.quantize(source.get(name, np.float32))
+        _as_shape(out, w8.shape[::-1])[...] = w8.T
+        scale_out[...] = np.asarray(s_inv, np.float32).T
+        return
+    w = source.get(name, np.float32)
+    if piece.transform == LINEAR:
+        _as_shape(out, w.shape[::-1])[...] = w.T
+    else:
+        out[...] = w.reshape(out.shape)
 
 
 def to_hf_fp8(q_slice: np.ndarray, s_slice: np.ndarray, in_ndim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of ``to_ours_fp8``: our e4m3 slice and scales → release ``weight`` and ``weight_scale_inv``."""
+    """Inverse of ``fill_piece``'s FP8 branch: our e4m3 slice and scales → release ``weight`` and
+    ``weight_scale_inv`` (bits unchanged)."""
     s = q_slice.shape
     q = q_slice.reshape(int(np.prod(s[:in_ndim])), -1)
     return np.ascontiguousarray(q.T), np.ascontiguousarray(s_slice.T)
@@ -164,10 +183,25 @@ def kernel_in_ndim(path: Path) -> int:
     return 2 if path[-2:] == ("o_proj", "kernel") else 1
 
 
+def hf_tensors(piece: Piece, value: np.ndarray, scale: Optional[np.ndarray] = None
+               ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Our slice of ``piece`` (and its block scales when stored in FP8) → the HF ``weight`` (and
+    ``weight_scale_inv``, else None)."""
+    if scale is not None:
+        return to_hf_fp8(value, scale, kernel_in_ndim(piece.path))
+    return to_hf(piece, value, kernel_in_ndim(piece.path)), None
+
+
+def mtp_shared_tensors(cfg: ModelConfig, k: int, embed: np.ndarray, lm_head: np.ndarray
+                       ) -> list[tuple[str, np.ndarray]]:
+    """The release's copies of the embedding and head in MTP layer ``num_layers + k``."""
+    prefix = f"model.layers.{cfg.num_layers + k}."
+    return [(prefix + name, np.ascontiguousarray(lm_head.T) if path == ("lm_head",) else embed)
+            for name, path in MTP_SHARED.items()]
+
+
 def load_params(model, flat: Mapping[Path, np.ndarray]) -> None:
     """Write flat ``{path: array}`` (from ``hf_to_params``) into an NNX model in place."""
-    import jax.numpy as jnp
-    from flax import nnx
     state = nnx.state(model)
     flat_state = dict(nnx.to_flat_state(state))
     unknown = [p for p in flat if p not in flat_state]
@@ -183,30 +217,19 @@ def load_params(model, flat: Mapping[Path, np.ndarray]) -> None:
 
 def model_params(model) -> dict[Path, np.ndarray]:
     """Flat ``{path: numpy array}`` of every variable (params and router bias) of an NNX model."""
-    from flax import nnx
     return {tuple(k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model))}
-
-
-_FUSED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
 def unfuse_transformers_experts(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """transformers-5 keeps experts fused in memory (``gate_up_proj [E, 2I, D]`` gate first,
-    ``down_proj [E, D, I]``); return the hub's per-expert names instead."""
+    ``down_proj [E, D, I]``); return the hub's per-expert names instead (views, as ``HFSource`` reads them)."""
     out = {}
     for name, w in state.items():
-        m = _FUSED.match(name)
-        if not m:
+        parts = fused_parts(name, w.shape)
+        for hub, e, part in parts:
+            out[hub] = fused_slice(w, e, part)
+        if not parts:
             out[name] = w
-            continue
-        base, kind = m.groups()
-        for e in range(w.shape[0]):
-            if kind == "down_proj":
-                out[f"{base}.{e}.down_proj.weight"] = w[e]
-            else:
-                gate, up = np.split(w[e], 2, axis=0)
-                out[f"{base}.{e}.gate_proj.weight"] = gate
-                out[f"{base}.{e}.up_proj.weight"] = up
     return out
 
 
@@ -248,48 +271,49 @@ def check_names(cfg: ModelConfig, names: set, include_mtp: bool = True) -> None:
                            "(fix: the weights have layers or modules this config does not describe).")
 
 
-def hf_to_params(get: Callable[[str], np.ndarray] | Mapping[str, np.ndarray], cfg: ModelConfig, *,
-                 include_mtp: bool = True, names: Optional[set] = None,
-                 dtype=np.float32) -> dict[Path, np.ndarray]:
-    """Assemble our stacked parameters (flat ``{path: array}``) from HF tensors (in memory).
-
-    ``get`` is a mapping or a function name → array. With ``names`` (all available names), missing
-    and unexpected tensors are reported by name.
-    """
-    if isinstance(get, Mapping):
-        names = set(get) if names is None else names
-        get = get.__getitem__
-    shapes = param_shapes(cfg)
+def check_source(cfg: ModelConfig, source: HFSource, include_mtp: bool, shapes: Mapping[Path, tuple],
+                 names: Optional[set] = None) -> list[Piece]:
+    """Check names and shapes of every HF tensor against ``cfg`` before anything is read or written;
+    returns the pieces (``MappingError`` naming the tensor otherwise)."""
+    check_names(cfg, source.names if names is None else set(names), include_mtp)
     plist = pieces(cfg, include_mtp)
-    if names is not None:
-        check_names(cfg, names, include_mtp)
+    for pc in plist:
+        check_shape(pc, source.shape(pc.hf_name), shapes[pc.path][len(pc.index):])
+    return plist
+
+
+def hf_to_params(state: Mapping[str, np.ndarray], cfg: ModelConfig, *, include_mtp: bool = True,
+                 names: Optional[set] = None, dtype=np.float32) -> dict[Path, np.ndarray]:
+    """Assemble our stacked parameters (flat ``{path: array}``) from an in-memory HF state dict
+    (hub or fused transformers-5 names; FP8 tensors with ``weight_scale_inv`` are dequantised), with
+    the streaming converter's checks and ``fill_piece``. ``names``: the names to check for missing and
+    unexpected tensors (default: all of ``state``). With ``cfg.fp8_weights`` the FP8 linears are stored
+    as e4m3 + block scales, as ``convert --keep-fp8`` stores them."""
+    source = HFSource.from_tensors(state, cfg)
+    shapes = param_shapes(cfg)
     out: dict[Path, np.ndarray] = {}
-    for p in plist:
-        full = shapes[p.path]
-        scale_path = stored_scale_path(cfg, p.path, shapes)
-        fp8_stored = scale_path is not None
+    for p in check_source(cfg, source, include_mtp, shapes, names):
+        sp = stored_scale_path(cfg, p.path, shapes)
         if p.path not in out:
-            out[p.path] = np.zeros(full, fp8.E4M3 if fp8_stored else dtype)
-            if fp8_stored:
-                out[scale_path] = np.zeros(shapes[scale_path], np.float32)
-        piece_shape = full[len(p.index):]
-        w = np.asarray(get(p.hf_name))
-        check_shape(p, tuple(w.shape), piece_shape)
-        if fp8_stored:  # FP8 storage: quantised like the release (exact for release-quantised weights)
-            out[p.path][p.index], out[scale_path][p.index] = to_ours_fp8(*fp8.quantize(w), piece_shape)
-        else:
-            out[p.path][p.index] = to_ours(p, w.astype(dtype), piece_shape)
+            out[p.path] = np.zeros(shapes[p.path], fp8.E4M3 if sp is not None else dtype)
+            if sp is not None:
+                out[sp] = np.zeros(shapes[sp], np.float32)
+        fill_piece(source, p, out[p.path][p.index], None if sp is None else out[sp][p.index])
     return out
 
 
 def params_to_hf(params: Mapping[Path, np.ndarray], cfg: ModelConfig, *, include_mtp: bool = True
                  ) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(hf_name, array)`` for every HF tensor, in HF order; the MTP layer also gets the
-    release's copies of the embedding and head."""
+    """Yield ``(hf_name, array)`` for every HF tensor, in HF order (FP8-stored weights as the release's
+    e4m3 ``weight`` + ``weight_scale_inv``); the MTP layer also gets the release's copies of the
+    embedding and head."""
     for p in pieces(cfg, include_mtp):
-        yield p.hf_name, to_hf(p, np.asarray(params[p.path][p.index]), kernel_in_ndim(p.path))
+        sp = stored_scale_path(cfg, p.path, params)
+        w, s = hf_tensors(p, np.asarray(params[p.path][p.index]),
+                          None if sp is None else np.asarray(params[sp][p.index]))
+        yield p.hf_name, w
+        if s is not None:
+            yield p.hf_name + "_scale_inv", s
     if include_mtp:
         for k in range(cfg.num_mtp_layers):
-            for name, path in MTP_SHARED.items():
-                w = np.asarray(params[path])
-                yield f"model.layers.{cfg.num_layers + k}.{name}", (w.T.copy() if path == ("lm_head",) else w)
+            yield from mtp_shared_tensors(cfg, k, np.asarray(params[("embed",)]), np.asarray(params[("lm_head",)]))

@@ -1,46 +1,97 @@
-"""Self-describing Orbax checkpoints of a DeepSeek-V3 model, and ``load_checkpoint``.
+"""Checkpoints: one on-disk layout and one Orbax API for the converter, the trainer and ``load_checkpoint``.
 
-A checkpoint directory holds::
+A checkpoint directory (``dsv3 convert hf-to-orbax DST`` or a training run's ``checkpoints/<step>/``)::
 
-    dsv3_checkpoint.json   format marker + the ModelConfig (written last: no marker, no checkpoint)
-    params/                Orbax PyTree checkpoint of the model's variables
-    tokenizer.json ...     the source's tokenizer files, when it had them
+    dsv3_checkpoint.json   format marker + the ModelConfig (+ where it came from); written last
+    params/                Orbax checkpoint of every model variable (Params and the router bias), one
+                           key per layer of a stacked collection: ``moe_layers/<i>/attn/...``,
+                           ``dense_layers/<i>/...``, ``mtp/<k>/block/<0>/...``; the rest (``embed``,
+                           ``mtp/<k>/eh_proj``, ...) under their paths in the model's NNX state
+    tokenizer.json ...     the tokenizer files (the source's, or the run's)
+    hf_config.json         the source's Hugging Face config (converted checkpoints)
+    opt_state/             training only: Orbax checkpoint of the optax state, leaves in tree order
+    train_state.json       training only: step, applied updates, skipped steps, seed, data-iterator
+                           state, run config
 
-The Orbax tree mirrors the model's NNX state (string keys). In the ``per_layer`` layout the
-stacked collections (``dense_layers``, ``moe_layers``, ``mtp/<k>/block``) are stored one layer per
-key (``moe_layers/<i>/attn/...``): the streaming converter writes a layer at a time with
-``orbax ... partial.save`` and never holds more than one layer. ``stacked`` stores them as the
-model does. ``load_checkpoint`` restores either straight onto a mesh (each array read only as its
-shards) and stacks layers on device.
+Why per layer: the converter streams a group of layers at a time with Orbax's partial save, which adds
+whole arrays and cannot write a slice of one, so a stacked ``[L, ...]`` array would have to be held
+whole (435 GB for the 671B experts of one projection). The trainer writes the same keys (its stacked
+arrays are sliced as host views, no copy), so a training checkpoint and a converted one are the same
+thing to every reader. ``load_checkpoint`` restores each layer straight into its shards and stacks
+on device, a bounded group at a time. The optimizer state is private to the trainer and is kept as
+the optimizer holds it (stacked): slicing it would cost a copy of twice the parameters per save and a
+re-stack per resume for no reader.
+
+One Orbax API: v1 (``orbax.checkpoint.v1``; ``orbax.checkpoint.experimental.v1`` in releases where it
+is still experimental): ``save_async`` (trainer), ``partial.save_async`` + ``partial.finalize``
+(converter), ``load`` / ``metadata`` (every reader), one write ``Context`` (no compression, 64 MB
+chunks so a sharded restore reads only its chunks).
+
+One commit protocol: a writer fills a hidden temporary directory next to the destination
+(``.<name>.tmp-<hex>``), writes ``dsv3_checkpoint.json`` last and renames the directory into place.
+An interrupted write (exception, Ctrl-C, ``kill -9``) never leaves a directory that looks like a
+checkpoint; its temporary directory is removed by the writer or, after a kill, by the next
+``Checkpointer`` on the same directory.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
+import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from sharding.rules import DEFAULT_RULES, Rules
 
 from ..config import ModelConfig, RuntimeConfig, load_runtime, model_config_from_stored, to_dict
-from .hf_source import CheckpointError
+from ..errors import CheckpointError
+from ..model import DeepSeekV3
 
 MARKER = "dsv3_checkpoint.json"
 PARAMS_DIR = "params"
+OPT_DIR = "opt_state"
+TRAIN_STATE = "train_state.json"
 FORMAT = "dsv3-jax-checkpoint"
-VERSION = 1
+VERSION = 2          # 1: trainer "stacked" layout under model/params (no longer read)
+LAYOUT = "per_layer"
+CHUNK_BYTES = 64 << 20
+STACK_GROUP_BYTES = 1 << 30  # load: per-layer arrays stacked on device this many bytes at a time
+_TMP = ".tmp-"
 
-# rules(path, shape, logical_axes) -> PartitionSpec; sharding/rules.py will provide the real one.
+
+def ocp():
+    """Orbax's v1 API (the only Orbax API this project uses)."""
+    try:
+        import orbax.checkpoint.v1 as v1
+    except ImportError:
+        import orbax.checkpoint.experimental.v1 as v1
+    return v1
+
+
+def write_context():
+    """The one Orbax write configuration: weights barely compress (zstd would cost more than the I/O);
+    64 MB chunks, so a restore onto a mesh reads only the chunks of its shards."""
+    ctx = ocp().Context()
+    ctx.array.saving.use_compression = False
+    ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
+    return ctx
 
 
 # ---- layout ------------------------------------------------------------------------------------
 def stack_len(path: tuple) -> int:
-    """Length of the path prefix naming a stacked collection (0: not stacked)."""
-    if path and path[0] in ("dense_layers", "moe_layers"):
+    """Length of the path prefix naming a stacked collection (0: not stacked): ``moe_layers``,
+    ``dense_layers`` and an MTP depth's ``block`` (``mtp/<k>/block``)."""
+    if path and path[0] in DeepSeekV3.STACKS:
         return 1
-    if len(path) > 2 and path[0] == "mtp" and path[2] == "block":
+    if len(path) > 2 and path[0] == DeepSeekV3.MTP and path[2] == "block":
         return 3
     return 0
 
@@ -53,11 +104,16 @@ def disk_path(path: tuple, index: tuple = ()) -> tuple[tuple[str, ...], tuple]:
     return tuple(map(str, path)), tuple(index)
 
 
+def disk_keys(path: tuple, shape: tuple) -> list[tuple[str, ...]]:
+    """Every on-disk key of parameter ``path`` (one per layer when stacked)."""
+    if stack_len(path):
+        return [disk_path(path, (i,))[0] for i in range(shape[0])]
+    return [disk_path(path)[0]]
+
+
 def abstract_state(cfg: ModelConfig, runtime: Optional[RuntimeConfig] = None, mesh=None,
                    rules: Optional[Rules] = None):
     """``(graphdef, abstract state, [(path, Variable)])`` of the model (nothing allocated)."""
-    from flax import nnx
-    from ..model import DeepSeekV3
     abstract = nnx.eval_shape(lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(0), runtime=runtime, mesh=mesh,
                                                  rules=rules or DEFAULT_RULES))
     graphdef, state = nnx.split(abstract)
@@ -67,13 +123,6 @@ def abstract_state(cfg: ModelConfig, runtime: Optional[RuntimeConfig] = None, me
 
 def var_dtype(var) -> np.dtype:
     return np.dtype(var.get_value().dtype)
-
-
-def logical_axes(var) -> tuple:
-    axes = getattr(var, "out_sharding", None)
-    if axes is None:
-        axes = var.get_metadata().get("out_sharding") if hasattr(var, "get_metadata") else None
-    return tuple(axes) if axes is not None else (None,) * len(var.get_value().shape)
 
 
 def nest(flat: Mapping[tuple, Any]) -> dict:
@@ -96,31 +145,52 @@ def flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
     return out
 
 
-# ---- metadata ----------------------------------------------------------------------------------
+def per_layer_tree(flat: Mapping[tuple, Any]) -> dict:
+    """The ``params/`` tree of ``{our path: array}``: stacked arrays split into one entry per layer.
+    Arrays whose data is all on this process are read to the host once and split as numpy views (no
+    copy on the device); arrays spread over processes are sliced on device."""
+    out = {}
+    for p, x in flat.items():
+        if isinstance(x, jax.Array) and x.is_fully_addressable:
+            x = np.asarray(x)
+        if stack_len(p):
+            for i in range(x.shape[0]):
+                out[disk_path(p, (i,))[0]] = x[i]
+        else:
+            out[disk_path(p)[0]] = x
+    return nest(out)
+
+
+# ---- marker ------------------------------------------------------------------------------------
 def write_marker(directory: Path, cfg: ModelConfig, **extra) -> None:
-    meta = {"format": FORMAT, "version": VERSION, "layout": "per_layer", "params": PARAMS_DIR,
+    """Write ``dsv3_checkpoint.json`` (the last file of a checkpoint)."""
+    meta = {"format": FORMAT, "version": VERSION, "layout": LAYOUT, "params": PARAMS_DIR,
             "config": to_dict(cfg), **extra}
-    tmp = directory / (MARKER + ".tmp")
+    tmp = Path(directory) / (MARKER + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1, default=str))
-    os.replace(tmp, directory / MARKER)
+    os.replace(tmp, Path(directory) / MARKER)
 
 
 def read_marker(path: str | os.PathLike) -> dict:
+    """The marker of checkpoint ``path``; ``CheckpointError`` naming the problem and the fix."""
     path = Path(path)
     marker = path / MARKER
     if not marker.is_file():
         why = "does not exist" if not path.exists() else f"has no {MARKER}"
         raise CheckpointError(f"{path}: {why}, so it is not a dsv3 checkpoint (fix: create one with "
-                              "`dsv3 convert hf-to-orbax SRC DST`, or point at its directory).")
+                              "`dsv3 convert hf-to-orbax SRC DST` or `dsv3 train`, or point at its directory).")
     try:
         meta = json.loads(marker.read_text())
     except ValueError as e:
         raise CheckpointError(f"{marker}: not valid JSON ({e}); the checkpoint is damaged.") from None
     if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
         raise CheckpointError(f"{marker}: format {meta.get('format')!r} v{meta.get('version')} is not one this "
-                              f"version reads ({FORMAT} v{VERSION}).")
-    if not (path / meta.get("params", PARAMS_DIR)).is_dir():
-        raise CheckpointError(f"{path}: {meta.get('params', PARAMS_DIR)}/ is missing; the checkpoint is incomplete.")
+                              f"version reads ({FORMAT} v{VERSION}) (fix: upgrade dsv3-jax).")
+    if meta.get("layout", LAYOUT) != LAYOUT:
+        raise CheckpointError(f"{marker}: layout {meta.get('layout')!r} (an earlier dsv3 train) is no longer read "
+                              f"(fix: convert or train it again with this version).")
+    if not (path / PARAMS_DIR).is_dir():
+        raise CheckpointError(f"{path}: {PARAMS_DIR}/ is missing; the checkpoint is incomplete.")
     return meta
 
 
@@ -128,17 +198,70 @@ def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
     return model_config_from_stored(read_marker(path)["config"])
 
 
-# ---- loading -----------------------------------------------------------------------------------
-def _ocp():
-    import orbax.checkpoint.experimental.v1 as ocp
-    return ocp
+# ---- the commit protocol -----------------------------------------------------------------------
+def staging_dir(dst: Path) -> Path:
+    """A fresh hidden temporary directory next to ``dst`` (``.<name>.tmp-<hex>``)."""
+    tmp = dst.parent / f".{dst.name}{_TMP}{secrets.token_hex(4)}"
+    tmp.mkdir(parents=True)
+    return tmp
 
 
-def read_params(path: str | os.PathLike, keys: Optional[Iterable[tuple]] = None,
-                shapes: Optional[Mapping[tuple, tuple]] = None) -> dict[tuple, np.ndarray]:
+def commit_dir(tmp: Path, dst: Path) -> None:
+    """Move the finished ``tmp`` (marker written) to ``dst``, replacing an existing ``dst``."""
+    if dst.exists():
+        trash = dst.parent / f".{dst.name}.old-{secrets.token_hex(4)}"
+        os.rename(dst, trash)
+        os.rename(tmp, dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)
+
+
+def remove_leftovers(directory: Path) -> list[Path]:
+    """Remove temporary directories of writes that were killed (``.<name>.tmp-*``, ``.<name>.old-*``)."""
+    gone = []
+    if directory.is_dir():
+        for p in directory.iterdir():
+            if p.name.startswith(".") and (_TMP in p.name or ".old-" in p.name) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p)
+    return gone
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to ``dst``; on success it replaces ``dst``, on any
+    failure (exceptions, Ctrl-C) it is removed and ``dst`` is untouched."""
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst} already exists (fix: choose another DST or pass --overwrite).")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging_dir(dst)
+    try:
+        yield tmp
+        commit_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---- reading -----------------------------------------------------------------------------------
+def _tree_metadata(params: Path) -> dict:
+    md = ocp().metadata(params).metadata
+    return md if isinstance(md, Mapping) else dict(md)
+
+
+def _load(directory: Path, abstract: dict) -> dict:
+    ctx = ocp().Context()
+    ctx.pytree.loading.partial_load = True
+    with ctx:
+        return ocp().load(directory, abstract)
+
+
+def read_params(path: str | os.PathLike, keys: Optional[Iterable[tuple]] = None) -> dict[tuple, np.ndarray]:
     """Read on-disk leaves (``{disk key path: numpy array}``) on the host; ``keys`` selects a subset."""
-    ocp = _ocp()
-    params = Path(path) / read_marker(path).get("params", PARAMS_DIR)
+    params = Path(path).resolve() / PARAMS_DIR
+    read_marker(path)
     meta = flatten(_tree_metadata(params))
     want = list(meta) if keys is None else [tuple(k) for k in keys]
     abstract = {}
@@ -146,67 +269,31 @@ def read_params(path: str | os.PathLike, keys: Optional[Iterable[tuple]] = None,
         if k not in meta:
             raise CheckpointError(f"{params}: has no array {'/'.join(k)} (fix: the checkpoint is incomplete "
                                   "or was written for another config).")
-        m = meta[k]
-        abstract[k] = np.empty(tuple(m.shape), m.dtype) if not shapes else np.empty(shapes[k], m.dtype)
-    ctx = ocp.Context()
-    ctx.pytree.loading.partial_load = True
-    with ctx:
-        out = ocp.load(params, nest(abstract))
-    return {k: np.asarray(v) for k, v in flatten(out).items()}
+        abstract[k] = np.empty(tuple(meta[k].shape), meta[k].dtype)
+    return {k: np.asarray(v) for k, v in flatten(_load(params, nest(abstract))).items()}
 
 
-def _tree_metadata(params: Path) -> dict:
-    md = _ocp().metadata(params).metadata
-    return md if isinstance(md, Mapping) else dict(md)
+def _layer_sharding(s):
+    """The sharding of one layer of a stacked array with sharding ``s`` (the layer axis dropped)."""
+    if isinstance(s, NamedSharding):
+        return NamedSharding(s.mesh, P(*tuple(s.spec)[1:]))
+    return s
 
 
-def load_checkpoint(path: str | os.PathLike, mesh=None, rules: Optional[Rules] = None,
-                    runtime: Optional[RuntimeConfig | Sequence[str] | Mapping] = None):
-    """Load a checkpoint written by ``dsv3 convert hf-to-orbax`` (or ``save_checkpoint``).
-
-    Returns ``(config, model)``. With a ``mesh``, the model is built for it (MoE layers expert-parallel)
-    and every parameter is restored straight into the layout of ``rules`` (default
-    ``sharding.DEFAULT_RULES``; Orbax reads only each device's shard). ``runtime``: how the model
-    runs — a ``RuntimeConfig`` or ``key=value`` overrides (``compute_dtype=bfloat16``); by default
-    it computes in the stored parameters' dtype.
-    """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
-
-    path = Path(path).resolve()  # Orbax needs absolute paths
-    meta = read_marker(path)
-    cfg = model_config_from_stored(meta["config"])
-    if not isinstance(runtime, RuntimeConfig):
-        runtime = load_runtime(runtime or ())
-    rules = rules or DEFAULT_RULES
-    params_dir = path / meta.get("params", PARAMS_DIR)
-    graphdef, state, flat = abstract_state(cfg, runtime, mesh, rules)
-    stacked_layout = meta.get("layout", "per_layer") == "stacked"
-    if mesh is not None:
-        shard = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
-    else:
-        dev = SingleDeviceSharding(jax.devices()[0])
-        shard = lambda spec: dev  # noqa: E731
-
+def restore_params(params_dir: Path, targets: Mapping[tuple, jax.ShapeDtypeStruct]) -> dict[tuple, jax.Array]:
+    """Restore model variables ``{our path: ShapeDtypeStruct with sharding}`` from ``params_dir``
+    straight into their shardings (Orbax reads only each device's chunks). Stacked collections are
+    read a layer per key and stacked on device, ``STACK_GROUP_BYTES`` at a time, so the transient
+    memory is one group, not a second copy of the model."""
     on_disk = flatten(_tree_metadata(params_dir))
     abstract: dict[tuple, Any] = {}
-    plan = []  # (path, var, target sharding, [disk keys] or disk key)
-    for p, var in flat:
-        shape, dtype = tuple(var.get_value().shape), var_dtype(var)
-        spec = rules.spec(logical_axes(var), shape, mesh) if mesh is not None else P()
-        target = shard(spec)
-        if stack_len(p) and not stacked_layout:
-            sub_spec = P(*tuple(spec)[1:]) if len(tuple(spec)) and tuple(spec)[0] is None else P()
-            keys = [disk_path(p, (i,))[0] for i in range(shape[0])]
-            for k in keys:
-                abstract[k] = jax.ShapeDtypeStruct(shape[1:], dtype, sharding=shard(sub_spec))
-            plan.append((p, var, target, keys))
-        else:
-            k = disk_path(p)[0]
-            abstract[k] = jax.ShapeDtypeStruct(shape, dtype, sharding=target)
-            plan.append((p, var, target, k))
+    plan: dict[tuple, list] = {}
+    for p, t in targets.items():
+        keys = disk_keys(p, tuple(t.shape))
+        sub = (tuple(t.shape[1:]), _layer_sharding(t.sharding)) if stack_len(p) else (tuple(t.shape), t.sharding)
+        for k in keys:
+            abstract[k] = jax.ShapeDtypeStruct(sub[0], t.dtype, sharding=sub[1])
+        plan[p] = keys
     missing = [k for k in abstract if k not in on_disk]
     if missing:
         raise CheckpointError(f"{params_dir}: {len(missing)} parameter(s) the config needs are not stored, e.g. "
@@ -216,22 +303,215 @@ def load_checkpoint(path: str | os.PathLike, mesh=None, rules: Optional[Rules] =
         if tuple(on_disk[k].shape) != tuple(a.shape):
             raise CheckpointError(f"{params_dir}: {'/'.join(k)} is stored with shape {tuple(on_disk[k].shape)}, "
                                   f"but the config implies {tuple(a.shape)} (fix: don't override shape fields).")
-    ocp = _ocp()
-    ctx = ocp.Context()
-    ctx.pytree.loading.partial_load = True
-    with ctx:
-        restored = flatten(ocp.load(params_dir, nest(abstract)))
-    # Stack the per-layer arrays on device, all in one jit (one compile), straight into the targets.
-    stacked_in = {i: [restored.pop(k) for k in keys] for i, (_, _, _, keys) in enumerate(plan)
-                  if isinstance(keys, list)}
-    stacked_out = jax.jit(lambda d: {i: jnp.stack(xs) for i, xs in d.items()},
-                          out_shardings={i: plan[i][2] for i in stacked_in})(stacked_in) if stacked_in else {}
-    del stacked_in
-    for i, (p, var, target, keys) in enumerate(plan):
-        var.set_value(stacked_out.pop(i) if isinstance(keys, list) else restored.pop(keys))
-    model = nnx.merge(graphdef, state)
-    return cfg, model
+    restored = flatten(_load(params_dir, nest(abstract)))
+    out: dict[tuple, jax.Array] = {}
+    group: list[tuple] = []
+    size = 0
+
+    def stack(group):
+        inputs = [[restored.pop(k) for k in plan[p]] for p in group]
+        outs = jax.jit(lambda xs: [jnp.stack(x) for x in xs],
+                       out_shardings=[targets[p].sharding for p in group])(inputs)
+        del inputs
+        out.update(zip(group, outs))
+
+    for p, keys in plan.items():
+        if not stack_len(p):
+            out[p] = restored.pop(keys[0])
+            continue
+        n = int(np.prod(targets[p].shape)) * np.dtype(targets[p].dtype).itemsize
+        if group and size + n > STACK_GROUP_BYTES:
+            stack(group)
+            group, size = [], 0
+        group.append(p)
+        size += n
+    if group:
+        stack(group)
+    return out
 
 
-__all__ = ["load_checkpoint", "read_params", "read_marker", "write_marker",
-           "disk_path", "stack_len", "checkpoint_config", "MARKER", "PARAMS_DIR"]
+def load_checkpoint(path: str | os.PathLike, mesh=None, rules: Optional[Rules] = None,
+                    runtime: Optional[RuntimeConfig | Sequence[str] | Mapping] = None):
+    """Load a checkpoint written by ``dsv3 convert hf-to-orbax`` or ``dsv3 train``.
+
+    Returns ``(config, model)``. With a ``mesh``, the model is built for it (MoE layers expert-parallel)
+    and every parameter is restored straight into the layout of ``rules`` (default
+    ``sharding.DEFAULT_RULES``; Orbax reads only each device's shard). ``runtime``: how the model
+    runs — a ``RuntimeConfig`` or ``key=value`` overrides (``compute_dtype=bfloat16``); by default
+    it computes in the stored parameters' dtype.
+    """
+    path = Path(path).resolve()  # Orbax needs absolute paths
+    meta = read_marker(path)
+    cfg = model_config_from_stored(meta["config"])
+    if not isinstance(runtime, RuntimeConfig):
+        runtime = load_runtime(runtime or ())
+    rules = rules or DEFAULT_RULES
+    graphdef, state, flat = abstract_state(cfg, runtime, mesh, rules)
+    one = SingleDeviceSharding(jax.devices()[0])
+    targets = {}
+    for p, var in flat:
+        shape = tuple(var.get_value().shape)
+        sharding = NamedSharding(mesh, rules.variable_spec(var, mesh)) if mesh is not None else one
+        targets[p] = jax.ShapeDtypeStruct(shape, var_dtype(var), sharding=sharding)
+    values = restore_params(path / PARAMS_DIR, targets)
+    for p, var in flat:
+        var.set_value(values.pop(p))
+    return cfg, nnx.merge(graphdef, state)
+
+
+# ---- training checkpoints ----------------------------------------------------------------------
+class CheckpointDirError(CheckpointError, OSError):
+    """The checkpoint directory cannot be written (permissions, full disk)."""
+
+
+def check_writable(directory: Path, need_bytes: int) -> None:
+    """Fail before training when checkpoints could not be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write_probe"
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointDirError(f"checkpoint directory {directory} is not writable: {e.strerror or e} "
+                                 "(fix: choose another train.output_dir or fix its permissions).") from None
+    free = shutil.disk_usage(directory).free
+    if free < need_bytes:
+        raise CheckpointDirError(f"checkpoint directory {directory} has {free / 2**20:.1f} MiB free, but one "
+                                 f"checkpoint needs about {need_bytes / 2**20:.1f} MiB (fix: free disk space or "
+                                 "choose another train.output_dir).")
+
+
+def state_bytes(*trees) -> int:
+    return int(sum(np.prod(x.shape) * x.dtype.itemsize for t in trees for x in jax.tree.leaves(t)))
+
+
+def _flat_values(*states: nnx.State) -> dict[tuple, Any]:
+    flat = {}
+    for st in states:
+        for k, v in nnx.to_flat_state(st):
+            flat[tuple(k)] = v.get_value() if isinstance(v, nnx.Variable) else v
+    return flat
+
+
+def opt_tree(opt_state) -> dict:
+    return {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(opt_state))}
+
+
+def read_train_state(path: str | os.PathLike) -> dict:
+    """``train_state.json`` of a training checkpoint (step, applied, skipped, seed, data state, config)."""
+    return json.loads((Path(path) / TRAIN_STATE).read_text())
+
+
+class _Pending:
+    def __init__(self, step: int, tmp: Path, responses: list, train_state: dict):
+        self.step, self.tmp, self.responses, self.train_state = step, tmp, responses, train_state
+
+    def done(self) -> bool:
+        for r in self.responses:
+            try:
+                r.result(timeout=0)  # a timeout leaves the write running (retried on the next poll)
+            except TimeoutError:
+                return False
+            except BaseException:  # noqa: BLE001 - failed: _finalize raises it again and cleans up
+                return True
+        return True
+
+
+class Checkpointer:
+    """Training checkpoints ``<directory>/<step>/`` in the layout above, written asynchronously (the
+    device-to-host copy blocks, the files are written in the background), ``keep`` newest kept.
+
+    A step directory appears only once it is complete (temporary directory → marker → rename), so the
+    latest ``<step>/`` is always resumable and loadable; leftovers of a killed write are removed when a
+    ``Checkpointer`` opens the directory."""
+
+    def __init__(self, directory: Path, cfg: ModelConfig, keep: int, async_save: bool,
+                 tokenizer_file: Optional[Path] = None):
+        self.directory, self.cfg, self.keep = Path(directory).resolve(), cfg, keep
+        self.async_save, self.tokenizer_file = async_save, tokenizer_file
+        self.directory.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(self.directory)
+        self._pending: Optional[_Pending] = None
+
+    def steps(self) -> list[int]:
+        """Complete steps, ascending."""
+        return sorted(int(p.name) for p in self.directory.iterdir()
+                      if p.name.isdigit() and (p / MARKER).is_file())
+
+    def latest_step(self) -> Optional[int]:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, model_states: tuple, opt_state, train_state: dict) -> None:
+        """Start writing ``step`` (waits for the previous save first)."""
+        self.wait()
+        tmp = staging_dir(self.directory / str(step))
+        try:
+            with write_context():
+                responses = [ocp().save_async(tmp / PARAMS_DIR, per_layer_tree(_flat_values(*model_states)))]
+                if jax.tree.leaves(opt_state):  # (a stateless optimizer has nothing to save)
+                    responses.append(ocp().save_async(tmp / OPT_DIR, opt_tree(opt_state)))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._pending = _Pending(step, tmp, responses, dict(train_state))
+        if not self.async_save:
+            self.wait()
+
+    def _finalize(self) -> None:
+        pend, self._pending = self._pending, None
+        try:
+            for r in pend.responses:
+                r.result()
+            (pend.tmp / TRAIN_STATE).write_text(json.dumps(pend.train_state, indent=1, default=str))
+            tok = self.tokenizer_file
+            if tok is not None and Path(tok).is_file():
+                shutil.copyfile(tok, pend.tmp / "tokenizer.json")
+            write_marker(pend.tmp, self.cfg, step=pend.step, source="dsv3 train")
+            commit_dir(pend.tmp, self.directory / str(pend.step))
+        except BaseException:
+            shutil.rmtree(pend.tmp, ignore_errors=True)
+            raise
+        for old in self.steps()[:-self.keep] if self.keep > 0 else []:
+            shutil.rmtree(self.directory / str(old), ignore_errors=True)
+
+    def poll(self) -> None:
+        """Called every step: commits the pending step once Orbax has written it."""
+        if self._pending is not None and self._pending.done():
+            self._finalize()
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            self._finalize()
+
+    def close(self) -> None:
+        self.wait()
+
+    def restore(self, step: int, model_states: tuple, opt_state) -> tuple[tuple, Any, dict]:
+        """Restore ``step`` into the structure and shardings of ``model_states`` / ``opt_state``
+        (concrete or abstract: ``jax.ShapeDtypeStruct`` leaves with shardings)."""
+        d = self.directory / str(step)
+        read_marker(d)
+
+        def abstract(x):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+        flat = {p: abstract(v) for p, v in _flat_values(*model_states).items()}
+        values = restore_params(d / PARAMS_DIR, flat)
+        states = []
+        for st in model_states:
+            states.append(nnx.from_flat_state([(k, v.replace(values[tuple(k)]) if isinstance(v, nnx.Variable)
+                                                else values[tuple(k)]) for k, v in nnx.to_flat_state(st)]))
+        a_opt = jax.tree.map(abstract, opt_tree(opt_state))
+        restored = _load(d / OPT_DIR, a_opt) if a_opt else {}
+        opt = jax.tree.unflatten(jax.tree.structure(opt_state), [restored[k] for k in sorted(restored)])
+        return tuple(states), opt, read_train_state(d)
+
+
+__all__ = ["load_checkpoint", "read_params", "read_marker", "write_marker", "checkpoint_config",
+           "restore_params", "per_layer_tree", "disk_path", "disk_keys", "stack_len", "abstract_state",
+           "atomic_dir", "staging_dir", "commit_dir", "remove_leftovers", "write_context", "ocp",
+           "Checkpointer", "CheckpointDirError", "check_writable", "state_bytes", "read_train_state",
+           "MARKER", "PARAMS_DIR", "OPT_DIR", "TRAIN_STATE"]

@@ -26,11 +26,12 @@ from sharding import DEFAULT_RULES, make_mesh
 
 from ..data import make_dataset
 from ..data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from ..checkpoint.orbax_io import Checkpointer, check_writable, state_bytes
 from ..config import ConfigError
+from ..errors import Dsv3Error
 from ..info import model_info
 from ..model import DeepSeekV3
 from ..model.layers import RouterBias
-from .checkpointing import Checkpointer, check_writable, state_bytes
 from .config import RunConfig
 from .optim import lr_schedule, make_optimizer
 from .step import make_eval_step, make_train_step
@@ -39,7 +40,7 @@ from .step import make_eval_step, make_train_step
 EAGER_INIT_BYTES = 1 << 30
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(Dsv3Error, RuntimeError):
     """The run stopped on purpose (too many non-finite steps); the message says why and what is intact."""
 
 
@@ -179,7 +180,11 @@ class Trainer:
         latest = self.ckpt.latest_step()
         model_states = (self.state["params"], self.state["bias"], self.state["rest"])
         if latest is not None:
-            (p, b, r), opt, meta = self.ckpt.restore(latest, model_states, self.state["opt"])
+            # restore into the live state's shapes and shardings, dropping the fresh state first
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                    (model_states, self.state["opt"]))
+            self.state = model_states = None
+            (p, b, r), opt, meta = self.ckpt.restore(latest, *abstract)
             self.state = {"params": p, "bias": b, "rest": r, "opt": opt,
                           "applied": jax.device_put(jnp.asarray(meta["applied"], jnp.int32), _replicated(self.mesh))}
             it.set_state(meta["data_state"])

@@ -346,21 +346,18 @@ def test_roundtrip_bf16_and_fp8_export(src, tmp_path):
 def test_restore_onto_8_device_mesh(orb):
     import sharding
     mesh = sharding.make_mesh("fsdp=8")  # restored with the project's logical-axis rules
-    _, plain = dsv3.load_checkpoint(orb, overrides=["compute_dtype=float32"])
-    seen = []
-
-    def rules(path, shape, axes):
-        seen.append((path, axes))
-        return orbax_io.default_rules(mesh)(path, shape, axes)
-
-    _, sharded = dsv3.load_checkpoint(orb, mesh=mesh, rules=rules, overrides=["compute_dtype=float32"])
-    assert seen and all(len(a) == len(dict(mapping.param_shapes(CFG))[p]) for p, a in seen)
+    _, plain = dsv3.load_checkpoint(orb, runtime=["compute_dtype=float32"])
+    _, sharded = dsv3.load_checkpoint(orb, mesh=mesh, runtime=["compute_dtype=float32"])
     emb = sharded.embed[...]
     assert emb.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")  # 'embed' → fsdp; 48 % 8 == 0
     assert len(emb.addressable_shards) == 8 and emb.addressable_shards[0].data.shape == (300, 6)
     experts = sharded.moe_layers.mlp.experts.gate[...]
     assert experts.sharding.spec[0] is None and len({s.device for s in experts.addressable_shards}) == 8
-    toks = tokens(seed=6)
+    # the rules passed are the ones used
+    _, other = dsv3.load_checkpoint(orb, mesh=mesh, rules=sharding.DEFAULT_RULES.with_(embed=None),
+                                    runtime=["compute_dtype=float32"])
+    assert other.embed[...].sharding.spec == jax.sharding.PartitionSpec(None, None)
+    toks = tokens(batch=8, seed=6)  # built for the mesh: expert-parallel, the batch split over fsdp=8
     from dsv3_jax.inference.scoring import score
     a, b = score(plain, toks), score(sharded, toks)
     np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
@@ -501,7 +498,7 @@ def test_existing_destination_needs_overwrite(src, tmp_path, capsys):
 
 
 def test_interrupted_conversion_leaves_nothing(src, tmp_path, monkeypatch):
-    import orbax.checkpoint.experimental.v1 as ocp
+    ocp = orbax_io.ocp()
     real = ocp.partial.save_async
     calls = []
 

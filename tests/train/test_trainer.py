@@ -18,7 +18,7 @@ from flax import nnx
 import dsv3_jax as dsv3
 from dsv3_jax.model.layers import RouterBias
 from dsv3_jax.train import Trainer, TrainingStopped
-from dsv3_jax.train.checkpointing import CheckpointDirError, check_writable
+from dsv3_jax.checkpoint.orbax_io import CheckpointDirError, check_writable, read_train_state
 
 
 
@@ -77,8 +77,7 @@ def test_nonfinite_steps_are_skipped_then_stop(make_run, tmp_path):
     assert [r["skipped"] for r in recs] == [0, 0, 1, 2]
     assert np.isnan(recs[2]["loss"])
     ck = tmp_path / "run" / "checkpoints"
-    meta2 = json.loads((ck / "2" / "meta" / "metadata").read_text())
-    meta3 = json.loads((ck / "3" / "meta" / "metadata").read_text())
+    meta2, meta3 = read_train_state(ck / "2"), read_train_state(ck / "3")
     assert meta2["applied"] == 2 and meta3["applied"] == 2   # step 3 applied nothing
     _, m2 = dsv3.load_checkpoint(ck / "2")
     _, m3 = dsv3.load_checkpoint(ck / "3")
