@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,parity,data]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,parity,data,tpu]"
 	touch $(STAMP)
 
 test: $(STAMP)

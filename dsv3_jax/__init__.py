@@ -1,4 +1,8 @@
 """dsv3-jax: DeepSeek-V3 (671B MoE, MLA, MTP, FP8 training) in JAX / Flax NNX."""
+from ._platform import avoid_absent_tpu
+
+avoid_absent_tpu()  # before anything touches a JAX backend (see _platform.py)
+
 from .errors import (CheckpointError, ConfigError, DataError, Dsv3Error, GenerationError, MeshError,
                      TokenRangeError)
 from .config import ModelConfig, RopeScaling, RuntimeConfig, load_config, load_runtime

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from .errors import MeshError
+from .kernels import platform_of
 from .rules import DEFAULT_RULES, Rules
 
 STRATEGIES = ("allgather", "ragged_a2a", "a2a_capacity")
@@ -128,7 +129,8 @@ def _exchange(ep: ExpertParallel, expert_fn: ExpertFn, x, experts, weights, w_ga
     recv_offsets = (jnp.cumsum(recv_sizes) - recv_sizes).astype(jnp.int32)
     output_offsets = jax.lax.all_to_all(recv_offsets, "expert", 0, 0, tiled=True)
     back_offsets = jax.lax.all_to_all(input_offsets, "expert", 0, 0, tiled=True)
-    emulate = ep.emulate_ragged if ep.emulate_ragged is not None else jax.default_backend() == "cpu"
+    # XLA:CPU has no ragged_all_to_all; decide by the devices compiled for, not this host's backend
+    emulate = ep.emulate_ragged if ep.emulate_ragged is not None else platform_of(ep.mesh) == "cpu"
     if ep.strategy == "a2a_capacity" or emulate:
         def a2a(op, out, io, ss, oo, rs):
             return emulated_ragged_all_to_all(op, out, io, ss, oo, rs, axis_name="expert", max_chunk=chunk)

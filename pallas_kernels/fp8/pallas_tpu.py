@@ -23,6 +23,12 @@ from jax.experimental.pallas import tpu as pltpu
 from .reference import BLOCK
 
 
+def _precision(*xs):
+    """Mosaic contracts bf16/fp8 operands at default precision only; fp32 operands at full fp32 (a
+    global ``jax_default_matmul_precision='highest'`` would otherwise ask for fp32 contraction of bf16)."""
+    return (jax.lax.Precision.HIGHEST if all(x.dtype == jnp.float32 for x in xs) else jax.lax.Precision.DEFAULT)
+
+
 def block_m(m: int) -> int:
     """Row tile: a multiple of 32 (8-bit operands pack 32 rows per (32, 128) VMEM tile), ≤ 256."""
     return 256 if m >= 256 else -(-m // 32) * 32
@@ -46,7 +52,8 @@ def _kernel(a_ref, as_ref, b_ref, bs_ref, o_ref, acc_ref, *, ks: int):
     for s in range(ks):  # static: KS partial products per grid step
         a = a_ref[:, s * BLOCK:(s + 1) * BLOCK].astype(jnp.bfloat16)   # [BM, 128]
         b = b_ref[:, s * BLOCK:(s + 1) * BLOCK].astype(jnp.bfloat16)   # [BN, 128], K-major
-        part = jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        part = jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_precision(a, b),
+                                   preferred_element_type=jnp.float32)
         acc = acc + (part * as_ref[s]) * bs_ref[s]                     # [BM,1] and [1,BN] scales
     acc_ref[...] = acc
 

@@ -22,6 +22,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+
+def _precision(*xs):
+    """Mosaic contracts bf16/fp8 operands at default precision only; fp32 operands at full fp32 (a
+    global ``jax_default_matmul_precision='highest'`` would otherwise ask for fp32 contraction of bf16)."""
+    return (jax.lax.Precision.HIGHEST if all(x.dtype == jnp.float32 for x in xs) else jax.lax.Precision.DEFAULT)
+
 NEG = -1e30
 
 
@@ -36,7 +42,7 @@ def _online_step(m_sc, l_sc, acc_sc, s, mask, v):
     p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
     corr = jnp.exp(m_prev - m_new)
     l_sc[...] = l_sc[...] * corr + p.sum(axis=-1, keepdims=True)
-    acc_sc[...] = acc_sc[...] * corr + jax.lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    acc_sc[...] = acc_sc[...] * corr + jax.lax.dot(p.astype(v.dtype), v, precision=_precision(v), preferred_element_type=jnp.float32)
     m_sc[...] = m_new
 
 
@@ -64,7 +70,8 @@ def _prefill_kernel(*refs, n_parts: int, scale: float, causal: bool, block_q: in
         _init(m_sc, l_sc, acc_sc)
 
     def compute():
-        s = sum(jax.lax.dot_general(qr[...], kr[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        s = sum(jax.lax.dot_general(qr[...], kr[...], (((1,), (1,)), ((), ())), precision=_precision(qr, kr),
+                                    preferred_element_type=jnp.float32)
                 for qr, kr in zip(q_refs, k_refs)) * scale            # [BQ, BK]
         mask = qseg_ref[...] == kvseg_ref[...]                       # [BQ, 1] == [1, BK]
         if causal:
@@ -121,11 +128,13 @@ def prefill_fwd(q_parts, k_parts, v, q_seg, kv_seg, *, scale: float, causal: boo
 
 # ---- prefill backward (FlashAttention-2: one kernel for dk/dv, one for dq) ------------------------------
 def _nt(a, b):
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_precision(a, b),
+                               preferred_element_type=jnp.float32)
 
 
 def _tn(a, b):
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_precision(a, b),
+                               preferred_element_type=jnp.float32)
 
 
 def _grads_block(q_refs, k_refs, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, i, j, *, scale, causal,
@@ -186,7 +195,7 @@ def _dq_kernel(*refs, n_parts: int, **kw):
     def compute():
         _, ds = _grads_block(q_refs, k_refs, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, i, j, **kw)
         for a, kr in zip(dq_acc, k_refs):
-            a[...] += jax.lax.dot(ds.astype(kr.dtype), kr[...], preferred_element_type=jnp.float32)
+            a[...] += jax.lax.dot(ds.astype(kr.dtype), kr[...], precision=_precision(kr), preferred_element_type=jnp.float32)
 
     if kw["causal"]:
         pl.when(j * kw["block_k"] < (i + 1) * kw["block_q"])(compute)
@@ -274,8 +283,9 @@ def _decode_kernel(len_ref, bt_ref, ql_ref, qr_ref, ckv_ref, kr_ref, o_ref, lse_
     @pl.when(g * page < length)
     def _():
         c = ckv_ref[...]                                              # [page, L]: keys and values
-        s = (jax.lax.dot_general(ql_ref[...], c, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-             + jax.lax.dot_general(qr_ref[...], kr_ref[...], (((1,), (1,)), ((), ())),
+        s = (jax.lax.dot_general(ql_ref[...], c, (((1,), (1,)), ((), ())), precision=_precision(c),
+                                  preferred_element_type=jnp.float32)
+             + jax.lax.dot_general(qr_ref[...], kr_ref[...], (((1,), (1,)), ((), ())), precision=_precision(c),
                                    preferred_element_type=jnp.float32)) * scale     # [H, page]
         pos = g * page + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
         _online_step(m_sc, l_sc, acc_sc, s, pos < length, c)

@@ -116,8 +116,9 @@ def test_prefill_in_the_model_call_path(monkeypatch):
     from dsv3_jax.model import mla as model_mla
     from dsv3_jax.model.rope import rope_angles
 
+    from dsv3_jax.model.execution import execution
     cfg = dsv3.load_config("tiny")
-    layer = model_mla.MLA(cfg, rngs=nnx.Rngs(0))
+    layer = model_mla.MLA(cfg, execution(cfg), rngs=nnx.Rngs(0))
     x = _normal(1, (2, 13, cfg.hidden_size))
     seg = jnp.asarray([[1] * 6 + [2] * 7, [1] * 13], jnp.int32)
     pos = jnp.asarray([list(range(6)) + list(range(7)), list(range(13))], jnp.int32)
@@ -131,7 +132,7 @@ def test_prefill_in_the_model_call_path(monkeypatch):
         if hasattr(model_mla, "prefill_reference"):
             monkeypatch.setattr(model_mla, "prefill_reference", attend)
         monkeypatch.setattr(mla, "prefill", attend)
-        return jax.jit(lambda x: layer(x, cos, sin, seg))(x)
+        return jax.jit(lambda x: layer(x, cos, sin, seg)[0])(x)
 
     want = run(mla.prefill_reference)
     got = run(lambda q, k, v, **kw: ops.prefill(q, k, v, backend="pallas_gpu", interpret=True, **kw))
