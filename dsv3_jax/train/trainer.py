@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sharding import DEFAULT_RULES, make_mesh
 
@@ -30,11 +29,10 @@ from ..checkpoint.orbax_io import Checkpointer, check_writable, state_bytes
 from ..config import ConfigError
 from ..errors import Dsv3Error
 from ..info import model_info
-from ..model import DeepSeekV3
 from ..model.layers import RouterBias
 from .config import RunConfig
-from .optim import lr_schedule, make_optimizer
-from .step import make_eval_step, make_train_step
+from .program import train_program
+from .step import make_eval_step
 
 
 EAGER_INIT_BYTES = 1 << 30
@@ -76,10 +74,6 @@ def get_tokenizer(run: RunConfig, out: Path, log) -> Tokenizer:
     return load_tokenizer(path)
 
 
-def _replicated(mesh):
-    return NamedSharding(mesh, P())
-
-
 class Trainer:
     def __init__(self, run: RunConfig, *, log=print):
         self.run, self.log = run, log
@@ -98,32 +92,25 @@ class Trainer:
                                                                          "train.grad_accum)")
         self.batch_sharding = self.rules.batch_sharding(self.mesh)
 
-        # model: built for the mesh (MoE layers expert-parallel) → state created directly in its shards
-        build = lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(t.seed), runtime=run.runtime, mesh=self.mesh,  # noqa: E731
-                                   rules=self.rules)
-        abstract = nnx.eval_shape(build)
-        graphdef, a_params, a_bias, a_rest = nnx.split(abstract, nnx.Param, RouterBias, ...)
-        self.graphdef = graphdef
-        sh = {k: self.rules.shardings(v, self.mesh) for k, v in
-              (("params", a_params), ("bias", a_bias), ("rest", a_rest))}
+        # the step as one program over the mesh (shared with `dsv3 plan`): model built for the mesh (MoE
+        # layers expert-parallel, kernels per shard), state created directly in its shards
+        prog = train_program(cfg, run.runtime, t, self.mesh, self.rules, seed=t.seed,
+                             donate=jax.default_backend() != "cpu")
+        self.graphdef, sh, a = prog.graphdef, prog.shardings, prog.abstract
+        model_sh = {k: sh[k] for k in ("params", "bias", "rest")}
 
         def init():
-            m = build()
-            _, p, b, r = nnx.split(m, nnx.Param, RouterBias, ...)
+            _, p, b, r = nnx.split(prog.build(), nnx.Param, RouterBias, ...)
             return {"params": p, "bias": b, "rest": r}
-        if state_bytes(a_params, a_bias, a_rest) < EAGER_INIT_BYTES:
+        if state_bytes(a["params"], a["bias"], a["rest"]) < EAGER_INIT_BYTES:
             # small models: initialise eagerly (compiling the whole initialiser costs more than running it)
-            model_state = jax.device_put(init(), sh)
+            model_state = jax.device_put(init(), model_sh)
         else:
-            model_state = jax.jit(init, out_shardings=sh)()
-        self.schedule = lr_schedule(t)
-        self.tx = make_optimizer(t, model_state["params"])
-        a_opt = jax.eval_shape(self.tx.init, model_state["params"])
-        sh["opt"] = self.rules.shardings(a_opt, self.mesh)
+            model_state = jax.jit(init, out_shardings=model_sh)()
+        self.schedule, self.tx = prog.schedule, prog.tx
         opt = jax.jit(self.tx.init, out_shardings=sh["opt"])(model_state["params"])
         self.state = {**model_state, "opt": opt,
-                      "applied": jax.device_put(jnp.zeros((), jnp.int32), _replicated(self.mesh))}
-        sh["applied"] = _replicated(self.mesh)
+                      "applied": jax.device_put(jnp.zeros((), jnp.int32), sh["applied"])}
         self.state_shardings = sh
 
         # checkpoints: fail early when they could not be written
@@ -133,12 +120,8 @@ class Trainer:
                                  tokenizer_file=self.out / "tokenizer.json" if not d.tokenizer else
                                  Path(d.tokenizer) / "tokenizer.json" if Path(d.tokenizer).is_dir() else Path(d.tokenizer))
 
-        step_fn = make_train_step(graphdef, cfg, t, self.tx, self.schedule)
-        bsh = {k: self.batch_sharding for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
-        donate = (0,) if jax.default_backend() != "cpu" else ()
-        self.train_step = jax.jit(step_fn, in_shardings=(sh, bsh, _replicated(self.mesh)),
-                                  out_shardings=(sh, None), donate_argnums=donate)
-        self.eval_step = jax.jit(make_eval_step(graphdef))
+        self.train_step = prog.step
+        self.eval_step = jax.jit(make_eval_step(self.graphdef))
         self.nan_steps = {int(s) for s in t.inject_nan_steps.split(",") if s.strip()}
         info = model_info(cfg, d.seq_len)
         self.flops_per_token = info["train_flops_per_token"]
@@ -186,7 +169,7 @@ class Trainer:
             self.state = model_states = None
             (p, b, r), opt, meta = self.ckpt.restore(latest, *abstract)
             self.state = {"params": p, "bias": b, "rest": r, "opt": opt,
-                          "applied": jax.device_put(jnp.asarray(meta["applied"], jnp.int32), _replicated(self.mesh))}
+                          "applied": jax.device_put(jnp.asarray(meta["applied"], jnp.int32), self.state_shardings["applied"])}
             it.set_state(meta["data_state"])
             step, skipped = int(meta["step"]), int(meta.get("skipped", 0))
             self.log(f"resumed from {self.ckpt_dir / str(latest)} (step {step})")
