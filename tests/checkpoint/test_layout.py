@@ -135,3 +135,13 @@ def test_step_appears_only_complete_and_keep_n(model, tmp_path, monkeypatch):
     (d / ".7.tmp-deadbeef" / "params").mkdir(parents=True)
     ck2 = orbax_io.Checkpointer(d, CFG, keep=2, async_save=True)
     assert sorted(p.name for p in d.iterdir()) == ["2", "3"] and ck2.latest_step() == 3
+
+
+def test_old_stacked_training_layout_is_refused_clearly(trained, tmp_path):
+    import shutil
+    old = tmp_path / "old"
+    shutil.copytree(trained[0], old)
+    meta = json.loads((old / orbax_io.MARKER).read_text())
+    (old / orbax_io.MARKER).write_text(json.dumps({**meta, "version": 1, "layout": "stacked"}))
+    with pytest.raises(dsv3.CheckpointError, match="layout 'stacked'.*fix: train into a fresh"):
+        dsv3.load_checkpoint(old)
