@@ -12,7 +12,6 @@ from sharding import DEFAULT_RULES, MeshConfig, Rules
 from .config import ModelConfig, to_dict
 from .errors import MeshError
 from .model import DeepSeekV3
-from .model.layers import FP8Scale
 
 
 def abstract_state(cfg: ModelConfig):
@@ -33,8 +32,9 @@ def model_info(cfg: ModelConfig, seq_len: int = 4096) -> dict[str, Any]:
       backward, plus causal attention ``3 × 2 × H × (Dqk + Dv) × seq_len / 2`` per layer
       (scores and weighted sum; the mean causal context is seq_len/2). MTP excluded.
     """
-    # FP8 block scales (``fp8_weights``) are storage, not parameters: counts match the float model
-    flat = [(k, v) for k, v in nnx.to_flat_state(abstract_state(cfg)) if not isinstance(v, FP8Scale)]
+    # FP8 storage (``fp8_weights``): a variable's shape is its values' shape (the block scales are
+    # storage, not parameters), so counts match the float model
+    flat = list(nnx.to_flat_state(abstract_state(cfg)))
     mtp = [(k, v) for k, v in flat if k[0] == DeepSeekV3.MTP]
     main = [(k, v) for k, v in flat if k[0] != DeepSeekV3.MTP]
     total, n_mtp = _count(main), _count(mtp)

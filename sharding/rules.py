@@ -24,6 +24,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from pallas_kernels.fp8 import QuantArray
+
 from .errors import MeshError
 
 MeshLike = Mesh | Mapping[str, int]
@@ -92,8 +94,17 @@ class Rules:
             out.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
         return P(*out)
 
-    def variable_spec(self, var: nnx.Variable, mesh: MeshLike) -> P:
+    def variable_specs(self, var: nnx.Variable, mesh: MeshLike):
+        """PartitionSpec of a variable's value: one spec, or for FP8 storage a ``QuantArray`` of
+        specs (values by their logical axes; block scales along the leading expert axes only)."""
         axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+        value = var.get_value()
+        if isinstance(value, QuantArray):
+            # the scales' leading axes (stacked layers, experts) shard like the values'; count them
+            # from the scale's rank: a stacked (vmapped) QuantArray has one more than its n_lead
+            s_axes = QuantArray.scale_axes(axes, value.scale.ndim - 2)
+            return dataclasses.replace(value, values=self.spec(axes, value.shape, mesh),
+                                       scale=self.spec(s_axes, value.scale.shape, mesh))
         return self.spec(axes, var.shape, mesh)
 
     def shardings(self, state: nnx.State, mesh: Mesh) -> nnx.State:
@@ -101,7 +112,9 @@ class Rules:
         Leaves that are not ``nnx.Variable`` (e.g. optimizer step counters) are replicated."""
         def one(x):
             if isinstance(x, nnx.Variable):
-                return x.replace(NamedSharding(mesh, self.variable_spec(x, mesh)))
+                specs = self.variable_specs(x, mesh)
+                return x.replace(jax.tree.map(lambda p: NamedSharding(mesh, p), specs,
+                                              is_leaf=lambda p: isinstance(p, P)))
             return NamedSharding(mesh, P())
         return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -137,25 +150,30 @@ class Rules:
                             "data/fsdp/expert shards).")
 
     # ---- memory from shapes alone (dsv3 info --mesh) ------------------------------------------
-    def _local_elements(self, var, sizes: Mapping[str, int]) -> int:
-        spec = self.variable_spec(var, sizes)
-        n = 1
-        for dim, part in zip(var.shape, tuple(spec) + (None,) * (len(var.shape) - len(spec))):
-            parts = _targets(part)
-            n *= -(-dim // int(np.prod([sizes[a] for a in parts]))) if parts else dim
-        return n
+    def _local_arrays(self, var, sizes: Mapping[str, int]) -> list[tuple[int, int]]:
+        """``(elements on one device, itemsize)`` of each array a variable holds."""
+        specs = jax.tree.leaves(self.variable_specs(var, sizes), is_leaf=lambda p: isinstance(p, P))
+        out = []
+        for arr, spec in zip(jax.tree.leaves(var.get_value()), specs):
+            n = 1
+            for dim, part in zip(arr.shape, tuple(spec) + (None,) * (len(arr.shape) - len(spec))):
+                parts = _targets(part)
+                n *= -(-dim // int(np.prod([sizes[a] for a in parts]))) if parts else dim
+            out.append((n, np.dtype(arr.dtype).itemsize))
+        return out
 
     def per_device_elements(self, state: nnx.State, mesh: MeshLike, kind: type = nnx.Variable) -> int:
-        """Elements of the ``kind`` variables of ``state`` on one device, from abstract shapes only
-        (e.g. ``kind=nnx.Param``: what the optimizer keeps moments for)."""
+        """Parameter elements of the ``kind`` variables of ``state`` on one device, from abstract shapes
+        only (e.g. ``kind=nnx.Param``: what the optimizer keeps moments for; FP8 block scales are
+        storage and not counted)."""
         sizes = _sizes(mesh)
-        return sum(self._local_elements(v, sizes) for v in _variables(state) if isinstance(v, kind))
+        return sum(self._local_arrays(v, sizes)[0][0] for v in _variables(state) if isinstance(v, kind))
 
     def per_device_bytes(self, state: nnx.State, mesh: MeshLike) -> int:
-        """Bytes of ``state`` on one device, each variable at its own dtype (fp32 master weights, or
-        e4m3 + fp32 scales with ``fp8_weights``)."""
+        """Bytes of ``state`` on one device, each array at its own dtype (fp32 master weights, or
+        e4m3 values + fp32 block scales with ``fp8_weights``)."""
         sizes = _sizes(mesh)
-        return sum(self._local_elements(v, sizes) * np.dtype(v.dtype).itemsize for v in _variables(state))
+        return sum(n * b for v in _variables(state) for n, b in self._local_arrays(v, sizes))
 
 
 def _variables(state: nnx.State) -> Iterable[nnx.Variable]:

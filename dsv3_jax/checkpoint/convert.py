@@ -117,8 +117,8 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
         # 1. Check names and shapes of everything before writing anything.
         shapes = mapping.param_shapes(stored_cfg)
         mapping.check_source(cfg, source, include_mtp, shapes)
-        _, _, flat = orbax_io.abstract_state(stored_cfg)
-        dtypes = {p: orbax_io.var_dtype(v) for p, v in flat}
+        _, abstract, _ = orbax_io.abstract_state(stored_cfg)
+        dtypes = {p: np.dtype(a.dtype) for p, a in orbax_io.flat_arrays(abstract).items()}
         units = _units(cfg, include_mtp)
         total = sum(source.nbytes(pc.hf_name) for _, plist in units for pc in plist)
         expected = {k for p, s in shapes.items() for k in orbax_io.disk_keys(p, s)}

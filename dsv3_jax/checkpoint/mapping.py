@@ -25,6 +25,7 @@ from ..errors import CheckpointError
 from ..model import DeepSeekV3
 from . import fp8
 from .hf_source import HFSource, fused_parts, fused_slice
+from .orbax_io import assign_flat, flat_arrays, fp8_scale_path
 
 Path = tuple  # e.g. ("moe_layers", "attn", "q_b_proj", "kernel")
 
@@ -115,10 +116,10 @@ def pieces(cfg: ModelConfig, include_mtp: bool = True) -> list[Piece]:
 
 
 def param_shapes(cfg: ModelConfig) -> dict[Path, tuple]:
-    """Our parameter shapes by path, from the model's abstract state (nothing allocated)."""
+    """Our stored arrays' shapes by path (FP8 storage: values and block scales), from the model's
+    abstract state (nothing allocated)."""
     abstract = nnx.eval_shape(lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(0)))
-    flat = nnx.to_flat_state(nnx.state(abstract))
-    return {tuple(k): tuple(v.shape) for k, v in flat}
+    return {k: tuple(v.shape) for k, v in flat_arrays(nnx.state(abstract)).items()}
 
 
 def to_hf(piece: Piece, our_slice: np.ndarray, in_ndim: int) -> np.ndarray:
@@ -127,12 +128,6 @@ def to_hf(piece: Piece, our_slice: np.ndarray, in_ndim: int) -> np.ndarray:
         s = our_slice.shape
         return np.ascontiguousarray(our_slice.reshape(int(np.prod(s[:in_ndim])), -1).T)
     return our_slice
-
-
-def fp8_scale_path(path: Path) -> Path:
-    """Where the block scales of an FP8-stored weight live (``fp8_weights``): ``.../kernel_scale``
-    beside a Linear's ``kernel``, ``experts/<proj>_scale`` beside a routed expert weight."""
-    return path[:-1] + ((f"{path[-1]}_scale",) if len(path) > 1 and path[-2] == "experts" else ("kernel_scale",))
 
 
 def stored_scale_path(cfg: ModelConfig, path: Path, shapes: Mapping[Path, tuple]) -> Optional[Path]:
@@ -201,23 +196,24 @@ def mtp_shared_tensors(cfg: ModelConfig, k: int, embed: np.ndarray, lm_head: np.
 
 
 def load_params(model, flat: Mapping[Path, np.ndarray]) -> None:
-    """Write flat ``{path: array}`` (from ``hf_to_params``) into an NNX model in place."""
+    """Write flat ``{path: array}`` (from ``hf_to_params``; the stored layout of ``flat_arrays``) into an
+    NNX model in place. Arrays not given keep their values."""
     state = nnx.state(model)
-    flat_state = dict(nnx.to_flat_state(state))
-    unknown = [p for p in flat if p not in flat_state]
+    current = flat_arrays(state)
+    unknown = [p for p in flat if p not in current]
     if unknown:
         raise MappingError(f"parameters {unknown[:3]} do not exist in the model (fix: build the model from the same config).")
     for path, value in flat.items():
-        var = flat_state[path]
-        if tuple(var.shape) != tuple(value.shape):
-            raise MappingError(f"{'/'.join(map(str, path))}: model has shape {var.shape}, weights {value.shape}.")
-        var.set_value(jnp.asarray(value, var.dtype))
-    nnx.update(model, nnx.from_flat_state(flat_state))
+        if tuple(current[path].shape) != tuple(value.shape):
+            raise MappingError(f"{'/'.join(map(str, path))}: model has shape {current[path].shape}, weights {value.shape}.")
+        current[path] = jnp.asarray(value, current[path].dtype)
+    assign_flat(state, current)
+    nnx.update(model, state)
 
 
 def model_params(model) -> dict[Path, np.ndarray]:
-    """Flat ``{path: numpy array}`` of every variable (params and router bias) of an NNX model."""
-    return {tuple(k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model))}
+    """Flat ``{path: numpy array}`` of every stored array (params, router bias, FP8 block scales)."""
+    return {k: np.asarray(v) for k, v in flat_arrays(nnx.state(model)).items()}
 
 
 def unfuse_transformers_experts(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

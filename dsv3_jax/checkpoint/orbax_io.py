@@ -36,6 +36,7 @@ checkpoint; its temporary directory is removed by the writer or, after a kill, b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -49,6 +50,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
+from pallas_kernels.fp8 import QuantArray
 from sharding.rules import DEFAULT_RULES, Rules
 
 from ..config import ModelConfig, RuntimeConfig, load_runtime, model_config_from_stored, to_dict
@@ -109,6 +111,40 @@ def disk_keys(path: tuple, shape: tuple) -> list[tuple[str, ...]]:
     if stack_len(path):
         return [disk_path(path, (i,))[0] for i in range(shape[0])]
     return [disk_path(path)[0]]
+
+
+def fp8_scale_path(path: tuple) -> tuple:
+    """Where the block scales of an FP8-stored weight (a ``QuantArray``) are stored: ``.../kernel_scale``
+    beside a Linear's ``kernel``, ``experts/<proj>_scale`` beside a routed expert weight (the e4m3
+    values are stored under the weight's own path; the release's layout, bit for bit)."""
+    return path[:-1] + ((f"{path[-1]}_scale",) if len(path) > 1 and path[-2] == "experts" else ("kernel_scale",))
+
+
+def stored_arrays(path: tuple, value) -> dict[tuple, Any]:
+    """One variable's value as stored: ``{path: value}``, or for a ``QuantArray`` its values at ``path``
+    and its block scales at ``fp8_scale_path(path)`` (also for a QuantArray of shapes or specs)."""
+    if isinstance(value, QuantArray):
+        return {path: value.values, fp8_scale_path(path): value.scale}
+    return {path: value}
+
+
+def flat_arrays(state: nnx.State) -> dict[tuple, Any]:
+    """A model state as stored: ``{path: array}`` (``stored_arrays`` of every variable). Works on
+    abstract states too."""
+    out: dict[tuple, Any] = {}
+    for k, v in nnx.to_flat_state(state):
+        out.update(stored_arrays(tuple(k), v.get_value() if isinstance(v, nnx.Variable) else v))
+    return out
+
+
+def assign_flat(state: nnx.State, values: Mapping[tuple, Any]) -> None:
+    """Set every variable of ``state`` in place from stored arrays (the inverse of ``flat_arrays``)."""
+    for k, v in nnx.to_flat_state(state):
+        k, val = tuple(k), v.get_value()
+        if isinstance(val, QuantArray):
+            v.set_value(dataclasses.replace(val, values=values[k], scale=values[fp8_scale_path(k)]))
+        else:
+            v.set_value(values[k])
 
 
 def abstract_state(cfg: ModelConfig, runtime: Optional[RuntimeConfig] = None, mesh=None,
@@ -351,12 +387,11 @@ def load_checkpoint(path: str | os.PathLike, mesh=None, rules: Optional[Rules] =
     one = SingleDeviceSharding(jax.devices()[0])
     targets = {}
     for p, var in flat:
-        shape = tuple(var.get_value().shape)
-        sharding = NamedSharding(mesh, rules.variable_spec(var, mesh)) if mesh is not None else one
-        targets[p] = jax.ShapeDtypeStruct(shape, var_dtype(var), sharding=sharding)
-    values = restore_params(path / PARAMS_DIR, targets)
-    for p, var in flat:
-        var.set_value(values.pop(p))
+        specs = stored_arrays(p, rules.variable_specs(var, mesh)) if mesh is not None else {}
+        for k, a in stored_arrays(p, var.get_value()).items():
+            targets[k] = jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                              sharding=NamedSharding(mesh, specs[k]) if mesh is not None else one)
+    assign_flat(state, restore_params(path / PARAMS_DIR, targets))
     return cfg, nnx.merge(graphdef, state)
 
 

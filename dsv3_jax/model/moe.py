@@ -16,12 +16,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import fp8
 from sharding.expert_parallel import ExpertParallel, moe_forward
 
 from ..config import ModelConfig
 from .execution import Execution
 from .grouped_gemm import auto_block_size, expert_ffn, sort_by_expert
-from .layers import MLP, dequantize_fp8, dtype_of, fp8_storage, param
+from .layers import MLP, as_float, dtype_of, fp8_param, param
 from .routing import Router, RouterStats, Routing, route, router_stats
 
 
@@ -49,29 +50,24 @@ def local_expert_sum(x: jax.Array, experts: jax.Array, gates: jax.Array, w_gate:
 
 
 class Experts(nnx.Module):
-    """Stacked routed expert weights ``[E, D, I]`` / ``[E, I, D]`` (with ``fp8_weights``: e4m3 plus
-    per-expert 128×128 block scales ``gate_scale``/``up_scale``/``down_scale``, SPEC §6)."""
+    """Stacked routed expert weights ``[E, D, I]`` / ``[E, I, D]`` (with ``fp8_weights``: per-expert
+    e4m3 + 128×128 block scales, one ``QuantArray`` each, SPEC §6)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.fp8_weights = cfg.fp8_weights
         for name, shape, axes in (("gate", (E, D, I), ("expert", "embed", "moe_mlp")),
                                   ("up", (E, D, I), ("expert", "embed", "moe_mlp")),
                                   ("down", (E, I, D), ("expert", "moe_mlp", "embed"))):
-            if cfg.fp8_weights:
-                q, s = fp8_storage(shape, 1, 1, axes)
-                setattr(self, name, q)
-                setattr(self, f"{name}_scale", s)
-            else:
-                setattr(self, name, param(rngs, shape, axes, std=cfg.init_std, dtype=cfg.param_dtype))
+            setattr(self, name, fp8_param(shape, 1, 1, axes) if cfg.fp8_weights else
+                    param(rngs, shape, axes, std=cfg.init_std, dtype=cfg.param_dtype))
 
     def weights(self, dtype=None) -> list[jax.Array]:
-        """``[gate, up, down]`` as ``dtype`` (FP8 storage dequantised in fp32; ``None``: the stored
-        dtype, or fp32 for FP8 storage — what the FP8 training path quantizes)."""
-        if self.fp8_weights:
-            return [dequantize_fp8(getattr(self, n)[...], getattr(self, f"{n}_scale")[...], 1, dtype or jnp.float32)
-                    for n in ("gate", "up", "down")]
-        return [w[...] if dtype is None else w[...].astype(dtype) for w in (self.gate, self.up, self.down)]
+        """``[gate, up, down]`` as ``dtype`` (``None``: the stored dtype, or fp32 for FP8 storage — what
+        the FP8 training path quantizes; FP8 storage is dequantised block by block)."""
+        ws = [w[...] for w in (self.gate, self.up, self.down)]
+        if dtype is None:
+            return [as_float(w, jnp.float32) if isinstance(w, fp8.QuantArray) else w for w in ws]
+        return [as_float(w, dtype) for w in ws]
 
 
 class MoE(nnx.Module):

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from ..dispatch import resolve_backend as _resolve
 from . import pallas_gpu, pallas_tpu, reference as ref
+from .quant_array import QuantArray
 from .reference import BLOCK, pad_axis
 
 BACKENDS = ("auto", "reference", "pallas", "pallas_gpu", "pallas_tpu")
@@ -151,7 +152,8 @@ _linear.defvjp(_linear_fwd, _linear_bwd)
 def linear(x: jax.Array, w: jax.Array, *, out_dtype=None, backend: str = "auto", interpret: bool = False,
            pow2_scale: bool = False) -> jax.Array:
     """Differentiable FP8 ``x @ w`` with ``x [..., K]`` and ``w [K, N]`` (``[in, out]``, the model's
-    Linear layout; pass the fp32 master weight). All three GEMMs (forward, dgrad, wgrad) run in FP8
+    Linear layout; pass the fp32 master weight, or a 2-D ``QuantArray`` of stored FP8 blocks, which is
+    used as stored — forward only). All three GEMMs (forward, dgrad, wgrad) run in FP8
     with fp32 accumulation; ``dw`` is fp32 (``w.dtype``), ``dx`` is ``x.dtype``. Output dtype
     defaults to ``x.dtype``."""
     if w.ndim != 2 or x.shape[-1] != w.shape[0]:
@@ -159,5 +161,11 @@ def linear(x: jax.Array, w: jax.Array, *, out_dtype=None, backend: str = "auto",
     resolve_backend(backend, interpret)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     lead = x.shape[:-1]
+    if isinstance(w, QuantArray):
+        # Stored FP8 blocks (e.g. the release's): 1×128 activation tiles × the stored 128×128 blocks,
+        # no re-quantization. Inference only: no gradient reaches a QuantArray.
+        xq, xs = quantize_activation(jax.lax.stop_gradient(x), pow2_scale=pow2_scale, backend=backend,
+                                     interpret=interpret)
+        return matmul(xq, xs, w.values.T, w.scale.T, out_dtype=out_dtype, backend=backend, interpret=interpret)
     y = _linear(x.reshape(-1, x.shape[-1]), w, out_dtype, backend, bool(interpret), pow2_scale)
     return y.reshape(*lead, w.shape[1])
