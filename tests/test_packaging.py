@@ -167,7 +167,6 @@ def test_entry_points_are_imported_by_no_library_module():
     assert not bad, "library modules import the CLI/demo entry points:\n" + "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=False, reason="M12 in progress: function-local project imports still to be hoisted")
 def test_no_function_local_project_imports():
     """A project import inside a function hides a dependency (often one that would close a cycle at
     module level). Only entry points may defer imports; third-party ones (torch, matplotlib, ...) may be local."""

@@ -23,7 +23,7 @@ from flax import nnx
 
 from sharding import DEFAULT_RULES, make_mesh
 
-from ..data import make_dataset
+from ..data import document_ids, make_dataset, open_source
 from ..data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from ..checkpoint.orbax_io import Checkpointer, check_writable, state_bytes
 from ..config import ConfigError
@@ -63,8 +63,6 @@ def get_tokenizer(run: RunConfig, out: Path, log) -> Tokenizer:
     path = out / "tokenizer.json"
     if path.is_file():
         return load_tokenizer(path)
-    from ..data.pipeline import document_ids
-    from ..data.sources import open_source
     src = open_source(run.data.path, glob=run.data.glob, text_field=run.data.text_field)
     ids = document_ids(len(src), run.data, "train", shard_index=0, shard_count=1)
     n = run.train.tokenizer_documents or len(ids)
