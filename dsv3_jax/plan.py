@@ -84,6 +84,8 @@ def _quiet_libtpu(topology: str) -> None:
     family = {"v5e": "v5litepod", "v5litepod": "v5litepod", "v6e": "v6e"}.get(name, name)
     cores = chips * (2 if family in ("v4", "v5p") else 1)   # megacore chips count two cores
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # compiling holds no chip: let several processes (parallel tests, notebooks) load libtpu at once
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{family}-{cores}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
