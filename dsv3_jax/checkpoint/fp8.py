@@ -7,6 +7,7 @@ Dimensions need not be multiples of 128 (the last block row/column is partial).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import ml_dtypes
 import numpy as np
@@ -22,7 +23,60 @@ _LUT = np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float32)
 
 
 class FP8FormatError(CheckpointError):
-    """An FP8 weight and its ``weight_scale_inv`` do not fit together."""
+    """An FP8 weight and its ``weight_scale_inv`` do not fit together, or the scales are invalid."""
+
+
+class NonFiniteError(CheckpointError):
+    """A weight or scale holds NaN/Inf (refused unless ``allow_nonfinite``)."""
+
+
+def nonfinite(a: np.ndarray) -> tuple[int, Optional[tuple]]:
+    """``(count, first index)`` of the NaN/Inf values of ``a`` (float or e4m3; ``(0, None)`` when all
+    are finite). One read of ``a`` when it is clean: its sum is finite only if every value is (an
+    overflowing sum of finite values falls through to the exact pass, which also names the culprits)."""
+    a = np.asarray(a)
+    if a.dtype == E4M3:
+        bad = (a.view(np.uint8) & 0x7F) == 0x7F  # e4m3fn has NaN (S.1111.111) and no Inf
+    elif a.dtype.kind not in "fcV" and a.dtype != ml_dtypes.bfloat16 and not str(a.dtype).startswith("float8"):
+        return 0, None
+    else:
+        with np.errstate(all="ignore"):
+            acc = a.dtype if a.dtype in (np.float32, np.float64) else np.float32
+            if a.size == 0 or np.isfinite(np.add.reduce(a, axis=None, dtype=acc)):
+                return 0, None
+        bad = ~np.isfinite(a.astype(np.float32) if a.dtype.kind == "V" else a)
+    n = int(np.count_nonzero(bad))
+    if not n:
+        return 0, None
+    return n, tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), a.shape))
+
+
+def check_finite(a: np.ndarray, name: str, where: str = "", flag: str = "--allow-nonfinite") -> None:
+    """``CheckpointError`` naming tensor ``name`` when ``a`` holds NaN/Inf."""
+    n, first = nonfinite(a)
+    if n:
+        raise NonFiniteError(f"{name}{' (' + where + ')' if where else ''}: {n} of {a.size} values are NaN/Inf "
+                             f"(first at index {first}); the weights are corrupt (fix: re-download or re-export "
+                             f"them, or pass {flag} to convert them anyway).")
+
+
+def check_scales(s: np.ndarray, name: str, allow_nonfinite: bool = False, where: str = "") -> None:
+    """FP8 block scales must be float32, positive and (unless ``allow_nonfinite``) finite: a zero or
+    negative scale silently zeroes or flips a block of 128×128 weights."""
+    at = f" ({where})" if where else ""
+    if np.asarray(s).dtype != np.float32:
+        raise FP8FormatError(f"{name}{at}: block scales are {np.asarray(s).dtype}, not float32; they would "
+                             "be misread (fix: re-export the checkpoint with float32 weight_scale_inv).")
+    if not allow_nonfinite:
+        check_finite(s, name, where)
+    with np.errstate(invalid="ignore"):
+        bad = s <= 0
+    n = int(np.count_nonzero(bad))
+    if n:
+        first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), s.shape))
+        raise FP8FormatError(f"{name}{at}: {n} of {s.size} block scales are <= 0 (first at index {first}: "
+                             f"{float(s[first])}); a scale must be positive (fix: re-download or re-export the "
+                             "weights).")
 
 
 def scale_shape(shape: tuple) -> tuple:

@@ -71,6 +71,18 @@ class _Entry:
         self.reader, self.raw, self.expert, self.part = reader, raw, expert, part
 
 
+def _torch_load_problem(e: Exception) -> str:
+    """torch.load's (long, multi-paragraph) error as a short reason."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if m:
+        return (f"it contains the Python object {m.group(1)}, which is not loaded: unpickling it could run code "
+                "(state dicts are read with torch.load(weights_only=True): tensors and containers only)")
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)
+    why = " ".join((m.group(1) if m else text).split())[:200] or type(e).__name__
+    return f"it is not a readable PyTorch state dict ({why})"
+
+
 class _TorchReader:
     """A torch state dict behind the same small API as ``SafetensorsFile``."""
 
@@ -81,12 +93,18 @@ class _TorchReader:
             raise CheckpointError(f"{path}: reading PyTorch state dicts needs torch "
                                   "(fix: pip install torch, or convert the weights to safetensors).") from None
         self.path = path
+        # weights_only=True: tensors and plain containers only; a pickle that would construct any other
+        # object (i.e. run code) is refused by torch's restricted unpickler, never executed.
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:
-            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read PyTorch state dict ({e}); fix: re-export it.") from None
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e) and "zip" not in str(e):
+                    raise
+                sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        except Exception as e:  # noqa: BLE001 - any failure to read the file is the file's problem
+            raise CheckpointError(f"{path}: {_torch_load_problem(e)} (fix: convert the weights to safetensors, or "
+                                  "re-export them with torch.save(model.state_dict())).") from None
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
         if not isinstance(sd, dict):
@@ -156,26 +174,78 @@ class _DictReader:
         self._t = {}
 
 
+MAX_JSON_BYTES = 64 << 20  # config.json / the index: a real one is < 10 MB
+
+
 def _read_json(path: Path, what: str) -> dict:
     try:
-        return json.loads(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path}: {what} is {size} bytes, more than any real one "
+                                  f"({MAX_JSON_BYTES >> 20} MiB) (fix: point SRC at the model directory).")
+        data = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: {what} is missing (fix: point SRC at a complete model directory).") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: {what} is a directory (fix: point SRC at a complete model directory).") from None
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
         raise CheckpointError(f"{path}: {what} is not valid JSON ({e}); fix: re-download it.") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read {what} ({e.strerror or e}) (fix: check its permissions).") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: {what} must be a JSON object, got {type(data).__name__} (fix: re-download it).")
+    return data
+
+
+def _shard_name_problem(fname) -> Optional[str]:
+    """Why an index entry cannot name a shard inside the model directory (None: it can)."""
+    if not isinstance(fname, str) or not fname:
+        return f"is {fname!r}, not a file name"
+    if "\0" in fname or "\\" in fname:
+        return "is not a plain file name"
+    if fname.startswith("/") or os.path.isabs(fname):
+        return "is an absolute path; shards must be inside the model directory"
+    if ".." in fname.split("/"):
+        return "points outside the model directory ('..')"
+    if not fname.endswith(".safetensors"):
+        return "is not a .safetensors file"
+    return None
+
+
+def read_index(index: Path) -> dict[str, list[str]]:
+    """``model.safetensors.index.json`` → ``{shard file name: [tensor names]}``, every entry checked:
+    names are strings, shards are ``.safetensors`` files named relative to the model directory and
+    inside it (no absolute paths, no ``..``). ``CheckpointError`` naming the entry otherwise.
+    Nothing is opened."""
+    data = _read_json(index, "model.safetensors.index.json")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: has no 'weight_map' object (fix: re-download the index).")
+    by_file: dict[str, list[str]] = {}
+    for name, fname in weight_map.items():
+        problem = _shard_name_problem(fname)
+        if problem:
+            raise CheckpointError(f"{index}: the shard of tensor {name!r} {problem} ({fname!r}) (fix: re-download "
+                                  "the index; it must name shards in the same directory).")
+        by_file.setdefault(os.path.normpath(fname), []).append(name)
+    return by_file
 
 
 class HFSource:
     """Lazy view of a Hugging Face / PyTorch DeepSeek checkpoint. ``names`` are hub names (per
     expert, without ``weight_scale_inv``); ``get(name)`` returns a float array."""
 
-    def __init__(self, src: str | os.PathLike):
-        src = Path(src)
+    def __init__(self, src: str | os.PathLike, allow_nonfinite: bool = False):
+        src = Path(os.path.expanduser(os.fspath(src))).absolute()
         if not src.exists():
             raise CheckpointError(f"{src}: no such file or directory (fix: check SRC).")
+        self.allow_nonfinite = allow_nonfinite
         self.root = src if src.is_dir() else src.parent
         self.hf_config = _read_json(self.root / "config.json", "config.json")
-        self.cfg: ModelConfig = ModelConfig.from_hf(self.hf_config, name=self.root.resolve().name or "hf")
+        try:
+            self.cfg: ModelConfig = ModelConfig.from_hf(self.hf_config, name=self.root.resolve().name or "hf")
+        except ConfigError as e:
+            raise ConfigError(f"{self.root / 'config.json'}: {e}") from None
         self._readers: list = []
         self._entries: dict[str, _Entry] = {}
         try:
@@ -194,11 +264,13 @@ class HFSource:
             raise
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> "HFSource":
+    def from_tensors(cls, tensors: Mapping[str, np.ndarray], cfg: ModelConfig,
+                     allow_nonfinite: bool = False) -> "HFSource":
         """An in-memory state dict (hub or transformers-5 fused names, FP8 with ``weight_scale_inv`` or
         float) read through the same checks and FP8/fused-expert handling as files on disk."""
         self = cls.__new__(cls)
         self.root, self.hf_config, self.cfg = None, cfg.to_hf(), cfg
+        self.allow_nonfinite = allow_nonfinite
         self._readers, self._entries = [], {}
         self._add_reader(_DictReader(tensors))
         self._check_dtypes()
@@ -208,15 +280,9 @@ class HFSource:
     def _open_dir(self, d: Path) -> None:
         index = d / "model.safetensors.index.json"
         if index.exists():
-            weight_map = _read_json(index, "model.safetensors.index.json").get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index}: has no 'weight_map' (fix: re-download the index).")
-            by_file: dict[str, list[str]] = {}
-            for name, fname in weight_map.items():
-                by_file.setdefault(fname, []).append(name)
-            for fname, names in sorted(by_file.items()):
+            for fname, names in sorted(read_index(index).items()):
                 path = d / fname
-                if not path.exists():
+                if not path.is_file():
                     raise CheckpointError(f"{path}: shard listed in model.safetensors.index.json is missing "
                                           f"({len(names)} tensors, e.g. {names[0]!r}); fix: download it.")
                 reader = SafetensorsFile(path)
@@ -246,7 +312,22 @@ class HFSource:
         for n in reader.keys():
             self._add(n, reader)
 
+    def _check_fused(self, raw: str, reader) -> None:
+        """A fused expert tensor's shape against the config, before it is split into per-expert entries
+        (a header declaring 2·10⁶ experts must not cost 4·10⁶ of them)."""
+        c = self.cfg
+        dtype, shape = reader.info(raw)
+        want = ((c.n_routed_experts, 2 * c.moe_intermediate_size, c.hidden_size) if raw.endswith("gate_up_proj")
+                else (c.n_routed_experts, c.hidden_size, c.moe_intermediate_size))
+        if tuple(shape) != want:
+            raise CheckpointError(f"{reader.path}: {raw} has shape {tuple(shape)}, but the config implies {want} "
+                                  f"(n_routed_experts={c.n_routed_experts}, moe_intermediate_size="
+                                  f"{c.moe_intermediate_size}, hidden_size={c.hidden_size}) (fix: check that "
+                                  "config.json belongs to these weights).")
+
     def _add(self, raw: str, reader) -> None:
+        if _FUSED.match(raw):
+            self._check_fused(raw, reader)
         parts = fused_parts(raw, reader.info(raw)[1]) if _FUSED.match(raw) else []
         for name, e, part in parts:  # transformers-5 layout: experts fused on a leading axis
             self._put(name, _Entry(reader, raw, e, part))
@@ -276,12 +357,21 @@ class HFSource:
                 if dtype != "F8_E4M3":
                     raise CheckpointError(f"{name}: FP8 format {dtype} is not the release's F8_E4M3.")
                 s_dtype, s_shape = self.raw_info(self.scales[name])
+                in_memory = isinstance(self._entries[self.scales[name]].reader, _DictReader)
+                if s_dtype != "F32" and not (in_memory and s_dtype in FLOAT_DTYPES):
+                    raise CheckpointError(f"{self.scales[name]} ({self.where(self.scales[name])}) has dtype {s_dtype}; "
+                                          "FP8 block scales must be F32 (read as anything else they would give "
+                                          "wrong weights) (fix: re-export the checkpoint with float32 weight_scale_inv).")
                 if len(shape) != 2 or tuple(s_shape) != fp8.scale_shape(shape):
                     raise CheckpointError(f"{name}: weight_scale_inv has shape {tuple(s_shape)}, but a {shape} "
                                           f"weight in 128x128 blocks needs {fp8.scale_shape(shape) if len(shape) == 2 else '2-D'}.")
             elif dtype not in FLOAT_DTYPES:
-                raise CheckpointError(f"{name} has dtype {dtype}; weights must be F32, BF16, F16 or F8_E4M3 "
-                                      "with weight_scale_inv (fix: re-export the checkpoint).")
+                raise CheckpointError(f"{name} ({self.where(name)}) has dtype {dtype}; weights must be F32, BF16, "
+                                      "F16 or F8_E4M3 with weight_scale_inv (fix: re-export the checkpoint).")
+            elif name in self.scales:
+                raise CheckpointError(f"{self.scales[name]} ({self.where(self.scales[name])}) scales {name}, which "
+                                      f"is {dtype}, not F8_E4M3 (fix: re-export the checkpoint; only FP8 weights "
+                                      "have block scales).")
 
     # -- reading -------------------------------------------------------------------------------
     @property
@@ -316,17 +406,28 @@ class HFSource:
         a = e.reader.get(e.raw)
         return fused_slice(a, e.expert, e.part) if e.expert is not None else a
 
+    def where(self, name: str) -> str:
+        """The file holding tensor ``name`` (for messages)."""
+        return str(getattr(self._entries[name].reader, "path", "?"))
+
+    def _scales(self, name: str) -> np.ndarray:
+        s_name = self.scales[name]
+        s = np.array(self._raw(s_name), np.float32)  # F32 on disk (checked on open); in-memory floats are cast
+        fp8.check_scales(s, s_name, self.allow_nonfinite, self.where(s_name))
+        self._entries[s_name].reader.release(self._entries[s_name].raw)
+        return s
+
     def get(self, name: str, dtype=np.float32) -> np.ndarray:
-        """An owned ``dtype`` copy of tensor ``name`` (FP8 dequantised with its block scales)."""
+        """An owned ``dtype`` copy of tensor ``name`` (FP8 dequantised with its block scales), checked
+        for NaN/Inf unless ``allow_nonfinite`` (the tensor and its file are named)."""
         e = self._entries[name]
         try:
             if name in self.scales:
-                s_name = self.scales[name]
-                out = fp8.dequantize(self._raw(name), np.asarray(self._raw(s_name), np.float32),
-                                     dtype=dtype, name=name)
-                self._entries[s_name].reader.release(self._entries[s_name].raw)
+                out = fp8.dequantize(self._raw(name), self._scales(name), dtype=dtype, name=name)
             else:
                 out = np.array(self._raw(name), dtype=dtype)
+            if not self.allow_nonfinite:
+                fp8.check_finite(out, name, self.where(name))
         except (OSError, ValueError) as err:  # e.g. SIGBUS-free short reads surface as errors
             if isinstance(err, (SafetensorsError, CheckpointError, fp8.FP8FormatError)):
                 raise
@@ -337,10 +438,12 @@ class HFSource:
     def get_fp8(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """Owned copies of an FP8 tensor as stored: e4m3 ``[out, in]`` and its float32
         ``weight_scale_inv`` ``[ceil(out/128), ceil(in/128)]`` (for ``--keep-fp8``)."""
-        e, s_name = self._entries[name], self.scales[name]
+        e = self._entries[name]
         try:
             w8 = np.array(self._raw(name)).view(fp8.E4M3)
-            s = np.array(self._raw(s_name), np.float32)
+            s = self._scales(name)
+            if not self.allow_nonfinite:
+                fp8.check_finite(w8, name, self.where(name))
         except (OSError, ValueError) as err:
             if isinstance(err, (SafetensorsError, CheckpointError)):
                 raise
@@ -350,7 +453,6 @@ class HFSource:
                                      f"128x128 blocks needs {fp8.scale_shape(w8.shape) if w8.ndim == 2 else '2-D'} "
                                      "(fix: re-export the shard).")
         e.reader.release(e.raw)
-        self._entries[s_name].reader.release(self._entries[s_name].raw)
         return w8, s
 
     def close(self) -> None:
@@ -370,4 +472,4 @@ class HFSource:
         return [self.root / f for f in TOKENIZER_FILES if (self.root / f).is_file()]
 
 
-__all__ = ["HFSource", "CheckpointError", "TOKENIZER_FILES", "ConfigError", "fused_parts", "fused_shape", "fused_slice"]
+__all__ = ["HFSource", "CheckpointError", "read_index", "TOKENIZER_FILES", "ConfigError", "fused_parts", "fused_shape", "fused_slice"]

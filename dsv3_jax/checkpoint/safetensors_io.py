@@ -86,11 +86,12 @@ def _is_int(x) -> bool:
 
 
 def _no_duplicates(pairs):
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        dup = next(k for k in keys if keys.count(k) > 1)
-        raise ValueError(f"duplicate key {dup!r}")
-    return dict(pairs)
+    out = {}
+    for k, v in pairs:  # linear: a header with 10⁶ keys must not cost 10¹² comparisons
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
 
 
 class SafetensorsFile:
