@@ -10,7 +10,10 @@ with explicit flags, or, with none, when JAX detects a cluster environment of mo
 cross-process collectives of the CPU backend are gloo, so the same command runs on a laptop
 (``XLA_FLAGS=--xla_force_host_platform_device_count=4``, two processes on ``127.0.0.1``).
 
-Failures: a process that dies stops the others. JAX's coordination service marks it dead after
+Failures: a process that cannot join within ``init_timeout`` seconds (``--init-timeout``, default 300)
+exits with status 2 and one line saying whether nothing answered at the coordinator's address or not all
+processes came (JAX itself would abort with a misleading "another task died"). A process that dies
+stops the others. JAX's coordination service marks it dead after
 ``heartbeat_timeout`` seconds without a heartbeat (default ``DEFAULT_HEARTBEAT_S``, ``--heartbeat-timeout``
 or ``DSV3_HEARTBEAT_TIMEOUT``) and every other process exits (SIGABRT, exit status 134) with JAX's line
 ``Terminating process because the JAX distributed service detected fatal errors`` naming the task that
@@ -25,10 +28,14 @@ data-iterator state for a checkpoint) go through the coordination service's key-
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
 import re
+import socket
+import sys
+import threading
 from typing import Any, Callable, Optional
 
 from .errors import Dsv3Error
@@ -77,6 +84,49 @@ def _check_address(address: str) -> None:
                                "--coordinator-address 10.0.0.1:8476, the address of process 0's host and a free port).")
 
 
+def _reachable(address: str, timeout: float = 2.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _check_port_free(address: str) -> None:
+    """Process 0 binds the coordinator's port on every interface: fail early when it is taken."""
+    port = int(address.rpartition(":")[2])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise DistributedError(f"port {port} of --coordinator-address {address} is in use on this host, "
+                                       "where process 0 runs the coordinator (fix: choose a free port).") from None
+
+
+def _watchdog(seconds: int, address: Optional[str], me: str, n: Optional[int], pid: Optional[int], prog: str):
+    """Exit (status 2, one line) when joining takes longer than ``seconds``: JAX would abort later with
+    "another task died", which is not what happened. Returns the event that disarms it."""
+    joined = threading.Event()
+
+    def run():
+        if joined.wait(seconds):
+            return
+        if pid not in (None, 0) and address and not _reachable(address):
+            why = (f"nothing answers at {address} (process 0 runs the coordinator there: it is not running, or "
+                   "the address/port is wrong or blocked)")
+        else:
+            why = f"not all {n or 'the'} processes joined at {address or 'the coordinator'}"
+        print(f"{prog}: {me} could not join the multi-process run within {seconds} s: {why} (fix: start every "
+              "process with the same --coordinator-address HOST:PORT and --num-processes, each with its own "
+              "--process-id 0..N-1; raise --init-timeout when they start far apart).", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
+    threading.Thread(target=run, name="dsv3-join-watchdog", daemon=True).start()
+    return joined
+
+
 def is_initialized() -> bool:
     try:
         from jax._src import distributed
@@ -87,7 +137,8 @@ def is_initialized() -> bool:
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None, *, heartbeat_timeout: Optional[int] = None,
-               init_timeout: Optional[int] = None, log: Optional[Callable[[str], None]] = None) -> int:
+               init_timeout: Optional[int] = None, log: Optional[Callable[[str], None]] = None,
+               prog: str = "dsv3") -> int:
     """Join a multi-process run; returns the number of processes (1: nothing was joined).
 
     Explicit arguments (the ``--coordinator-address/--num-processes/--process-id`` flags) need all three
@@ -109,6 +160,9 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
             raise DistributedError(f"--num-processes {num_processes}: must be at least 1.")
         if num_processes == 1 and process_id in (None, 0):
             return 1
+        if process_id is not None and (process_id < 0 or num_processes is not None and process_id >= num_processes):
+            raise DistributedError(f"--process-id {process_id} is not in [0, --num-processes={num_processes}) "
+                                   f"(fix: number the processes 0..N-1, one each).")
         missing = [k for k, v in given.items() if v is None]
         if missing and env is None:
             raise DistributedError(f"a multi-process run needs {', '.join(given)}; {', '.join(missing)} "
@@ -117,9 +171,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
                                    "--process-id 0 for the first of two).")
         if coordinator_address is not None:
             _check_address(coordinator_address)
-        if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
-            raise DistributedError(f"--process-id {process_id} is not in [0, --num-processes={num_processes}) "
-                                   f"(fix: number the processes 0..{num_processes - 1}, one each).")
+            if process_id == 0:
+                _check_port_free(coordinator_address)
     else:
         if env is None:
             return 1
@@ -138,9 +191,10 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
         pass
     where = coordinator_address or (env.__name__ if env is not None else "the cluster's coordinator")
     me = f"process {process_id if process_id is not None else '?'} of {num_processes or '?'}"
-    try:
+    joined = _watchdog(init_timeout, coordinator_address, me, num_processes, process_id, prog)
+    try:  # (JAX's own deadline comes later: the watchdog reports what went wrong)
         jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                                   initialization_timeout=init_timeout, heartbeat_timeout_seconds=heartbeat,
+                                   initialization_timeout=init_timeout + 30, heartbeat_timeout_seconds=heartbeat,
                                    shutdown_timeout_seconds=max(heartbeat, 10))
     except Exception as e:  # noqa: BLE001 - XlaRuntimeError, ValueError, RuntimeError
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
@@ -149,6 +203,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
             "process with the same --coordinator-address HOST:PORT (process 0's host; the port free there and "
             "reachable from every host) and the same --num-processes, each with its own --process-id; or raise "
             "--init-timeout when processes start far apart).") from None
+    finally:
+        joined.set()
     n, i = jax.process_count(), jax.process_index()
     if num_processes is not None and n != num_processes:
         raise DistributedError(f"process {i} was started with --num-processes {num_processes}, but the run at "
@@ -164,7 +220,8 @@ def initialize_from_args(args, log: Optional[Callable[[str], None]] = None) -> i
     """``initialize`` with the CLI flags of ``dsv3_jax.cli.common.add_distributed_args``."""
     return initialize(getattr(args, "coordinator_address", None), getattr(args, "num_processes", None),
                       getattr(args, "process_id", None), heartbeat_timeout=getattr(args, "heartbeat_timeout", None),
-                      init_timeout=getattr(args, "init_timeout", None), log=log)
+                      init_timeout=getattr(args, "init_timeout", None), log=log,
+                      prog=getattr(args, "prog", "dsv3"))
 
 
 # ---- who am I ----------------------------------------------------------------------------------
