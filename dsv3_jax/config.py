@@ -273,12 +273,19 @@ def validate_runtime(rt: RuntimeConfig) -> RuntimeConfig:
     _check_choices(rt, _RUNTIME_CHOICES)
     if rt.moe_block_size < 0:
         _fail("moe_block_size", rt.moe_block_size, "cannot be negative", "use 0 (automatic) or e.g. 128")
-    if not rt.capacity_factor > 0:
-        _fail("capacity_factor", rt.capacity_factor, "must be > 0", "use e.g. 1.25")
+    if not 0 < rt.capacity_factor < math.inf:
+        _fail("capacity_factor", rt.capacity_factor, "must be a finite number > 0", "use e.g. 1.25")
     return rt
 
 
 def validate(cfg: ModelConfig) -> ModelConfig:
+    for prefix, obj in (("", cfg), ("rope_scaling.", cfg.rope_scaling)):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                _fail(prefix + f.name, v, "must be a finite number", f"give {prefix + f.name} a finite value")
+    if not cfg.rms_norm_eps > 0:
+        _fail("rms_norm_eps", cfg.rms_norm_eps, "must be > 0 (it keeps RMSNorm from dividing by zero)", "use 1e-6")
     positive = ["vocab_size", "hidden_size", "num_layers", "num_heads", "kv_lora_rank",
                 "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
                 "num_experts_per_tok", "n_group", "topk_group"]
@@ -368,6 +375,18 @@ def _resolve_path(name_or_path: str | os.PathLike) -> Path:
     return cand
 
 
+def read_config_text(path: Path) -> str:
+    """A config file's text; ``ConfigError`` (naming the file) when it is not readable UTF-8 text."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not a YAML config: not UTF-8 text ({e.reason} at byte {e.start}) (fix: pass "
+                          "a config NAME or a .yaml file).") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e} (fix: check the path and its "
+                          "permissions).") from None
+
+
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -428,8 +447,8 @@ def _build(cls, data: Mapping[str, Any], prefix: str = ""):
                               f"(fix: pass it as runtime.{key}=..., or RuntimeConfig({key}=...) in Python).")
         if key not in types_:
             close = difflib.get_close_matches(key, list(types_), n=1)
-            hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {sorted(types_)}"
-            raise ConfigError(f"unknown config key {prefix}{key!r} ({hint}).")
+            hint = f"fix: did you mean {prefix}{close[0]}?" if close else f"fix: use one of {sorted(types_)}"
+            raise ConfigError(f"unknown config key {prefix + str(key)!r} ({hint}).")
         kw[key] = _cast(value, types_[key], prefix + key)
     return cls(**kw)
 
@@ -454,7 +473,7 @@ def load_config(name_or_path: str | os.PathLike | Mapping | ModelConfig = "tiny"
     else:
         path = _resolve_path(name_or_path)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(read_config_text(path))
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
         if not isinstance(loaded, Mapping):

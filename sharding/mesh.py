@@ -24,34 +24,45 @@ class MeshConfig:
 
     @classmethod
     def parse(cls, spec: str | None) -> "MeshConfig":
-        """``"data=2,expert=4"`` → ``MeshConfig(data=2, expert=4)``."""
+        """``"data=2,expert=4"`` → ``MeshConfig(data=2, expert=4)``. Sizes are positive integers, or -1
+        (one axis at most: all remaining devices); ``MeshError`` names the item and the fix."""
         if not spec:
             return cls()
-        kw = {}
+        kw: dict[str, int] = {}
+        example = "(fix: write AXIS=N items, e.g. --mesh data=2,expert=4)"
         for item in spec.split(","):
             if "=" not in item:
-                raise MeshError(f"mesh item {item!r} is not AXIS=N (fix: write e.g. --mesh data=2,expert=4).")
+                raise MeshError(f"mesh {spec}: item {item.strip()!r} is not AXIS=N {example}.")
             k, v = (s.strip() for s in item.split("=", 1))
             if k not in AXES:
-                raise MeshError(f"unknown mesh axis {k!r} (fix: use some of {list(AXES)}).")
+                raise MeshError(f"mesh {spec}: unknown mesh axis {k!r} (fix: use some of {list(AXES)}, "
+                                "e.g. --mesh data=2,expert=4).")
+            if k in kw:
+                raise MeshError(f"mesh {spec}: axis {k!r} is given twice (fix: name each axis once).")
             try:
                 kw[k] = int(v)
             except ValueError:
-                raise MeshError(f"mesh axis {k}={v!r} is not an integer.") from None
+                raise MeshError(f"mesh {spec}: axis size {k}={v!r} is not an integer {example}.") from None
+            if kw[k] < 1 and kw[k] != -1:
+                raise MeshError(f"mesh {spec}: axis size {k}={kw[k]} must be a positive integer, or -1 for all "
+                                f"remaining devices (fix: e.g. {k}=2).")
+        if list(kw.values()).count(-1) > 1:
+            raise MeshError(f"mesh {spec}: only one axis may be -1 (fix: give the other sizes explicitly).")
         return cls(**kw)
 
     def sizes(self, n_devices: int) -> dict[str, int]:
         sizes = {a: getattr(self, a) for a in AXES}
         bad = [a for a, s in sizes.items() if s == 0 or s < -1]
         if bad:
-            raise MeshError(f"mesh axis sizes must be positive or -1, got {sizes}.")
+            raise MeshError(f"mesh axis sizes must be positive or -1, got {sizes} (fix: e.g. data=2,expert=4).")
         free = [a for a, s in sizes.items() if s == -1]
         if len(free) > 1:
-            raise MeshError(f"only one mesh axis may be -1, got {free}.")
+            raise MeshError(f"only one mesh axis may be -1, got {free} (fix: give the other sizes explicitly).")
         fixed = math.prod(s for s in sizes.values() if s != -1)
         if free:
             if n_devices % fixed:
-                raise MeshError(f"{n_devices} devices cannot be split into {sizes} (the fixed axes multiply to {fixed}).")
+                raise MeshError(f"{n_devices} devices cannot be split into {sizes} (the fixed axes multiply to "
+                                f"{fixed}; fix: make them divide {n_devices}).")
             sizes[free[0]] = n_devices // fixed
         if math.prod(sizes.values()) != n_devices:
             raise MeshError(f"mesh {sizes} has {math.prod(sizes.values())} devices but {n_devices} are available "

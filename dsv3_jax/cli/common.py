@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from ..config import list_configs
@@ -32,6 +33,37 @@ def add_overrides(p: argparse.ArgumentParser, help: str) -> None:
     """``key=value`` overrides; they may stand before, between and after the flags (``dsv3_jax.cli``
     collects the ones argparse leaves over)."""
     p.add_argument("overrides", nargs="*", metavar="key=value", help=help)
+
+
+def int_arg(lo: int, example: str):
+    """An argparse ``type``: an integer ``>= lo``; a bad value is one line naming the flag and the fix."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer (fix: e.g. {example})") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {lo} (fix: e.g. {example})")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def float_arg(lo: float, hi: float = math.inf, *, lo_open: bool = False, example: str):
+    """An argparse ``type``: a finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number (fix: e.g. {example})") from None
+        low_ok = value > lo if lo_open else value >= lo
+        if not math.isfinite(value) or not low_ok or value > hi:
+            where = (f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]" if math.isfinite(hi)
+                     else f"{'>' if lo_open else '>='} {lo:g}")
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number {where} (fix: e.g. {example})")
+        return value
+    parse.__name__ = "float"
+    return parse
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:

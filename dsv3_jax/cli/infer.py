@@ -6,15 +6,16 @@ import json
 import sys
 import time
 
-from .common import add_mesh_args, add_overrides
+from .common import add_mesh_args, add_overrides, float_arg, int_arg
 
 
 def register(sub) -> None:
     p = sub.add_parser("score", help="per-token NLL and perplexity of token ids or text under a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (dsv3 convert hf-to-orbax)")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--token-ids", help="int32 .npy of shape [batch, seq]")
+    g.add_argument("--token-ids", help="int32 .npy of shape [batch, seq] (seq >= 2; or one sequence [seq])")
     g.add_argument("--text", help="text, tokenized with the checkpoint's tokenizer.json")
+    g.add_argument("--text-file", metavar="FILE", help="UTF-8 text file, tokenized with the checkpoint's tokenizer.json")
     p.add_argument("--save-logits", metavar="OUT.npy", help="save float32 logits [batch, seq, vocab]")
     p.add_argument("--save-mtp-logits", metavar="OUT.npy",
                    help="save float32 MTP logits [mtp_depth, batch, seq, vocab]")
@@ -27,12 +28,15 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (dsv3 convert / dsv3 train)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", help="prompt text, tokenized with the checkpoint's tokenizer.json")
+    g.add_argument("--prompt-file", metavar="FILE", help="UTF-8 text file holding the prompt")
     g.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3 (for checkpoints without a tokenizer)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int_arg(1, "--max-new-tokens 64"), default=64)
+    p.add_argument("--temperature", type=float_arg(0, example="--temperature 0.7"), default=0.0,
+                   help="0 = greedy (a finite number >= 0)")
+    p.add_argument("--top-k", type=int_arg(0, "--top-k 50"), default=0, help="0 = off")
+    p.add_argument("--top-p", type=float_arg(0, 1, lo_open=True, example="--top-p 0.9"), default=1.0,
+                   help="nucleus mass in (0, 1]; 1 = off")
+    p.add_argument("--seed", type=int_arg(0, "--seed 0"), default=0)
     p.add_argument("--stop-ids", default="", help="comma-separated ids that end generation (default: the tokenizer's EOS)")
     p.add_argument("--speculative", choices=("mtp",), help="draft with the MTP module, verify with the main model")
     p.add_argument("--json", action="store_true",
@@ -57,46 +61,122 @@ def _mesh(args):
 
 
 def _read_token_ids(path: str):
+    """``--token-ids FILE`` → ``[batch, seq]`` integer ids (a 1-D array is one sequence)."""
+    import numpy as np
+
+    from ..errors import DataError, DataNotFoundError
+    from ..inference.scoring import as_token_array
+    fix = "save an int32 [batch, seq] array with numpy.save(path, ids)"
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":
+            kind = "a .npz archive" if magic.startswith(b"PK") else "not a .npy file (no NumPy header)"
+            raise DataError(f"--token-ids {path} is {kind} (fix: {fix}).")
+        tokens = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataNotFoundError(f"--token-ids {path} does not exist (fix: check the path; {fix}).") from None
+    except IsADirectoryError:
+        raise DataError(f"--token-ids {path} is a directory, not a .npy file (fix: {fix}).") from None
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError) as e:
+        what = ("holds Python objects (dtype object)" if "allow_pickle" in str(e)
+                else f"cannot be read: {e}")
+        raise DataError(f"--token-ids {path} {what} (fix: {fix}).") from None
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise DataError(f"--token-ids {path} holds {tokens.dtype}, expected integer ids (fix: {fix}).")
+    return as_token_array(tokens, f"--token-ids {path}")
+
+
+def _read_text_file(path: str, flag: str) -> str:
+    """A UTF-8 text file named by ``flag``; ``DataError`` naming the file and the first bad byte."""
+    from ..errors import DataError, DataNotFoundError
+    try:
+        raw = open(path, "rb").read()
+    except FileNotFoundError:
+        raise DataNotFoundError(f"{flag} {path} does not exist (fix: check the path).") from None
+    except OSError as e:
+        raise DataError(f"{flag} {path} cannot be read: {e.strerror or e} (fix: check the path and its "
+                        "permissions).") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{flag} {path} is not UTF-8 text ({e.reason} at byte {e.start}) (fix: save it as "
+                        "UTF-8).") from None
+
+
+def _check_text(text: str, flag: str) -> str:
+    """Text from the command line: the shell hands over bytes, which Python keeps as lone surrogates when
+    they are not UTF-8; the tokenizer would fail on them, so name the flag and the byte instead."""
+    from ..errors import DataError
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{flag} is not UTF-8 text (character {e.start} is an undecodable byte "
+                        f"{text[e.start]!r}) (fix: pass UTF-8 text, or put it in a file for "
+                        f"{flag}-file).") from None
+    return text
+
+
+def _check_output(path: str | None, flag: str) -> None:
+    """Fail before any work when ``path`` (a file to write) cannot be written."""
+    import os
+    from pathlib import Path
+
+    from ..errors import DataError
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    parent = p.resolve().parent
+    if p.is_dir():
+        raise DataError(f"{flag} {path} is a directory (fix: give a file name, e.g. {Path(path) / 'out.npy'}).")
+    if not parent.is_dir():
+        raise DataError(f"{flag} {path}: the directory {parent} does not exist (fix: create it, or choose "
+                        "another path).")
+    if not os.access(parent, os.W_OK):
+        raise DataError(f"{flag} {path}: the directory {parent} is not writable (fix: choose another path).")
+
+
+def _save(path: str, array, flag: str) -> None:
     import numpy as np
 
     from ..errors import DataError
     try:
-        tokens = np.load(path)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read --token-ids {path}: {e} (fix: save an int32 [batch, seq] array with "
-                        "numpy.save).") from None
-    if not np.issubdtype(tokens.dtype, np.integer):
-        raise DataError(f"--token-ids {path} holds {tokens.dtype}, expected integer ids "
-                        "(fix: save an int32 [batch, seq] array).")
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2:
-        raise DataError(f"--token-ids {path} has shape {tokens.shape}, expected [batch, seq].")
-    return tokens
+        np.save(path, array)
+    except OSError as e:
+        raise DataError(f"{flag} {path}: cannot write it: {e.strerror or e} (fix: free disk space or choose "
+                        "another path).") from None
 
 
 def run_score(args) -> int:
-    import numpy as np
-
-    from sharding import DEFAULT_RULES
-
     from ..checkpoint.orbax_io import load_checkpoint
     from ..errors import CheckpointError
-    from ..inference.scoring import score, tokenize
-    tokens = _read_token_ids(args.token_ids) if args.token_ids else tokenize(args.checkpoint, args.text)
+    from ..inference.scoring import check_score_tokens, score, tokenize
+    _check_output(args.save_logits, "--save-logits")
+    _check_output(args.save_mtp_logits, "--save-mtp-logits")
+    if args.token_ids:
+        what = f"--token-ids {args.token_ids}"
+        tokens = _read_token_ids(args.token_ids)
+    else:
+        what = "--text" if args.text is not None else f"--text-file {args.text_file}"
+        text = _check_text(args.text, "--text") if args.text is not None else _read_text_file(args.text_file,
+                                                                                               "--text-file")
+        tokens = tokenize(args.checkpoint, text)
+        what = f"{what} (encoded)"
+    check_score_tokens(tokens, None, what)   # before loading the weights
     mesh = _mesh(args)
-    if mesh is not None:
-        DEFAULT_RULES.check_batch(tokens.shape[0], mesh)
     cfg, model = load_checkpoint(args.checkpoint, mesh=mesh, runtime=_runtime(args))
+    check_score_tokens(tokens, cfg, what)
     want_mtp = args.save_mtp_logits is not None
     if want_mtp and not cfg.num_mtp_layers:
         raise CheckpointError(f"{args.checkpoint} has no MTP module, so there are no MTP logits to save "
                               "(fix: drop --save-mtp-logits).")
-    res = score(model, tokens, mtp=want_mtp)
+    res = score(model, tokens, mtp=want_mtp)   # on a mesh: padded to its batch shards, padding dropped
     if args.save_logits:
-        np.save(args.save_logits, res.logits)
+        _save(args.save_logits, res.logits, "--save-logits")
     if want_mtp:
-        np.save(args.save_mtp_logits, res.mtp_logits)
+        _save(args.save_mtp_logits, res.mtp_logits, "--save-mtp-logits")
     summary = {"batch": int(tokens.shape[0]), "seq": int(tokens.shape[1]), "scored_tokens": int(res.nll.size),
                "mean_nll": res.mean_nll, "perplexity": res.perplexity}
     if args.json:
@@ -110,33 +190,55 @@ def run_score(args) -> int:
 
 
 def _ids(text: str, flag: str) -> list[int]:
+    """``1,2,3`` → ``[1, 2, 3]`` ("" → []); any other item (empty, not an integer) is an error."""
     from ..errors import GenerationError
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise GenerationError(f"{flag} must be comma-separated integers, got {text!r} "
-                              f"(fix: e.g. {flag} 1,2,3).") from None
+    if not text.strip():
+        return []
+    items = [t.strip() for t in text.split(",")]
+    for i, t in enumerate(items):
+        try:
+            int(t)
+        except ValueError:
+            item = "an empty item" if not t else f"{t!r}"
+            raise GenerationError(f"{flag} must be comma-separated integers, got {text!r}: item {i + 1} is {item} "
+                                  f"(fix: e.g. {flag} 1,2,3).") from None
+    return [int(t) for t in items]
 
 
 def run_generate(args) -> int:
     from ..checkpoint.orbax_io import load_checkpoint
     from ..data.tokenizer import load_tokenizer
+    import numpy as np
+
     from ..errors import GenerationError
     from ..inference.generate import Generator
+    from ..model import check_tokens
 
-    tok = load_tokenizer(args.checkpoint, require=(), missing_ok=True)
-    if args.prompt is not None:
-        if tok is None:
-            raise GenerationError(f"{args.checkpoint} has no tokenizer.json, so --prompt cannot be tokenized "
-                                  "(fix: pass --prompt-ids 1,2,3).")
-        prompt = tok.encode(args.prompt, allow_special=True, add_special_tokens=True)
-    else:
-        prompt = _ids(args.prompt_ids, "--prompt-ids")
     stops = _ids(args.stop_ids, "--stop-ids") if args.stop_ids else []
+    if args.prompt_ids is not None:
+        prompt, what = _ids(args.prompt_ids, "--prompt-ids"), "--prompt-ids"
+        if not prompt:
+            raise GenerationError("--prompt-ids is empty: every prompt needs at least one token "
+                                  "(fix: e.g. --prompt-ids 1,2,3).")
+    else:
+        text = (_check_text(args.prompt, "--prompt") if args.prompt is not None
+                else _read_text_file(args.prompt_file, "--prompt-file"))
+        what = "--prompt" if args.prompt is not None else f"--prompt-file {args.prompt_file}"
+    tok = load_tokenizer(args.checkpoint, require=(), missing_ok=True)
+    if args.prompt_ids is None:
+        if tok is None:
+            raise GenerationError(f"{args.checkpoint} has no tokenizer.json, so {what.split()[0]} cannot be "
+                                  "tokenized (fix: pass --prompt-ids 1,2,3).")
+        prompt = tok.encode(text, allow_special=True, add_special_tokens=True)
+        if not prompt:
+            raise GenerationError(f"{what} encodes to no tokens: every prompt needs at least one "
+                                  "(fix: give a non-empty prompt).")
     if not stops and tok is not None:
         stops = [tok.eos_id] if tok.eos_id is not None else []
     mesh = _mesh(args)
-    _, model = load_checkpoint(args.checkpoint, mesh=mesh, runtime=_runtime(args))
+    cfg, model = load_checkpoint(args.checkpoint, mesh=mesh, runtime=_runtime(args))
+    check_tokens(np.asarray(prompt, np.int64), cfg.vocab_size, what)
+    check_tokens(np.asarray(stops, np.int64), cfg.vocab_size, "--stop-ids")
     gen = Generator(model)
     streamed: list[int] = []
 
@@ -152,7 +254,7 @@ def run_generate(args) -> int:
             sys.stdout.flush()
 
     if not args.json and tok is not None:
-        sys.stdout.write(args.prompt if args.prompt is not None else decode(prompt))
+        sys.stdout.write(text if args.prompt_ids is None else decode(prompt))
     t0 = time.perf_counter()
     res = gen([prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, seed=args.seed, stop_tokens=stops, speculative=args.speculative, on_token=on_token)

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import json
 
-from .common import add_config_args
+from .common import add_config_args, int_arg
 
 
 def register(sub) -> None:
     p = sub.add_parser("info", help="parameter counts, KV-cache bytes and FLOPs of a config (nothing allocated)")
     add_config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--seq-len", type=int, default=4096, help="sequence length for the attention FLOPs")
+    p.add_argument("--seq-len", type=int_arg(1, "--seq-len 4096"), default=4096, help="sequence length for the attention FLOPs")
     p.add_argument("--mesh", help="report per-device bytes of params and AdamW state on this mesh, "
                                   "e.g. expert=64,fsdp=4 (any size: nothing is allocated)")
     p.add_argument("--moment-bytes", type=int, default=4, choices=(2, 4),

@@ -121,15 +121,22 @@ class PackIterDataset(grain.IterDataset):
 
     Checkpointable without storing tokens: the state is the parent's state *before* the document being
     placed plus the token offset reached in it; restoring re-reads that document (the upstream encoding is
-    deterministic) and continues exactly where it stopped."""
+    deterministic) and continues exactly where it stopped.
 
-    def __init__(self, parent: grain.IterDataset, seq_len: int, *, pad_id: int, mask_documents: bool = True):
+    ``max_empty_run``: raise ``DataError`` (naming ``source``) after that many empty documents in a row,
+    which an endless stream of only empty documents would otherwise loop over forever."""
+
+    def __init__(self, parent: grain.IterDataset, seq_len: int, *, pad_id: int, mask_documents: bool = True,
+                 max_empty_run: Optional[int] = None, source: str = "the data source"):
         super().__init__(parent)
         _Packer(seq_len, pad_id, mask_documents)   # validate arguments now
         self.seq_len, self.pad_id, self.mask_documents = seq_len, pad_id, mask_documents
+        self.max_empty_run, self.source = max_empty_run, source
 
     def __iter__(self) -> "_PackIterator":
-        return _PackIterator(self._parent.__iter__(), self.seq_len, self.pad_id, self.mask_documents)
+        it = _PackIterator(self._parent.__iter__(), self.seq_len, self.pad_id, self.mask_documents)
+        it._max_empty_run, it._source = self.max_empty_run, self.source
+        return it
 
     def __str__(self) -> str:
         return f"PackIterDataset(seq_len={self.seq_len}, mask_documents={self.mask_documents})"
@@ -144,8 +151,11 @@ class _PackIterator(grain.DatasetIterator):
         self._offset = 0
         self._state_before_doc: Optional[dict[str, Any]] = None
         self._exhausted = False
+        self._max_empty_run: Optional[int] = None
+        self._source = "the data source"
 
     def __next__(self) -> dict:
+        empty = 0
         while not self._exhausted:
             if self._doc is None:
                 before = self._parent.get_state()
@@ -155,7 +165,13 @@ class _PackIterator(grain.DatasetIterator):
                     self._exhausted = True
                     break
                 if doc is None or len(doc) == 0:
+                    empty += 1
+                    if self._max_empty_run is not None and empty >= self._max_empty_run:
+                        raise DataError(f"{self._source}: {empty} documents in a row are empty, so no sequence "
+                                        "can be packed (fix: point the data path at files with text; empty "
+                                        "files are skipped).")
                     continue
+                empty = 0
                 self._doc, self._offset, self._state_before_doc = np.asarray(doc, np.int32), 0, before
             row, offset = self._packer.take(self._doc, self._offset)
             if offset is None:

@@ -116,7 +116,8 @@ class _EncodeDocument:
         doc_id = int(doc_id)
         text = self.source[doc_id]
         if not text.strip():
-            return None                                  # empty files carry nothing to learn
+            return np.zeros(0, np.int32)  # empty files carry nothing to learn (and not None, which grain
+                                          # drops unseen: the packer counts empty documents, see below)
         c = self.config
         ids = encode_document(text, self.tokenizer, fim_rate=c.fim_rate, seed=c.seed, doc_index=doc_id,
                               epoch=index // self.docs_per_epoch, add_bos=c.add_bos)
@@ -176,7 +177,9 @@ def make_dataset(config: DataConfig, tokenizer: Union[Tokenizer, str, None] = No
     ds = ds.map_with_index(_EncodeDocument(source, tokenizer, config, vocab_size, len(ids)))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                               prefetch_buffer_size=config.prefetch_documents))
-    ds = PackIterDataset(ds, config.seq_len, pad_id=tokenizer.pad_id, mask_documents=config.mask_documents)
+    # a shuffled epoch holds every document once, so a document with text comes within 2 epochs
+    ds = PackIterDataset(ds, config.seq_len, pad_id=tokenizer.pad_id, mask_documents=config.mask_documents,
+                         max_empty_run=2 * len(ids), source=f"{len(ids)} {split} documents of {config.path!r}")
     ds = ds.batch(config.batch_size)
     ds = ds.map(functools.partial(_pad_batch, batch_size=config.batch_size, pad_id=tokenizer.pad_id))
     return ds

@@ -64,8 +64,12 @@ class TextFileSource(Sequence[str]):
         try:
             return path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); select text files "
-                             "with the glob option (e.g. '**/*.py').") from e
+            raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}) (fix: use UTF-8 text or "
+                            "JSONL files; in a directory, select them with the glob option, e.g. "
+                            "'**/*.py').") from None
+        except OSError as e:
+            raise DataError(f"{path} cannot be read: {e.strerror or e} (fix: check the file and its "
+                            "permissions).") from None
 
     def describe(self, index: int) -> str:
         return str(self.files[index])
@@ -96,12 +100,16 @@ class JsonlSource(Sequence[str]):
         self.text_field = text_field
         index: list[tuple[int, int, int]] = []   # (file number, byte offset, line number)
         for fi, path in enumerate(self.files):
-            with open(path, "rb") as f:
-                offset = 0
-                for lineno, line in enumerate(f, start=1):
-                    if line.strip():
-                        index.append((fi, offset, lineno))
-                    offset += len(line)
+            try:
+                with open(path, "rb") as f:
+                    offset = 0
+                    for lineno, line in enumerate(f, start=1):
+                        if line.strip():
+                            index.append((fi, offset, lineno))
+                        offset += len(line)
+            except OSError as e:
+                raise DataError(f"{path} cannot be read: {e.strerror or e} (fix: check the file and its "
+                                "permissions).") from None
         self._index = index
 
     def __len__(self) -> int:
@@ -131,22 +139,29 @@ def stdlib_source(include_tests: bool = False) -> TextFileSource:
     return TextFileSource(stdlib_files(include_tests))
 
 
+def check_path(path: Union[str, os.PathLike]) -> None:
+    """``DataNotFoundError`` unless ``path`` is ``"stdlib"``, a file or a directory (cheap: nothing is read)."""
+    p = Path(path)
+    if str(path) != STDLIB and not (p.is_file() or p.is_dir()):
+        raise DataNotFoundError(f"data path {str(path)!r} does not exist (fix: use a file, a directory, or "
+                                f"{STDLIB!r} for the Python standard library sources).")
+
+
 def open_source(path: Union[str, os.PathLike], *, glob: str = "**/*",
                 text_field: str = "text") -> Union[TextFileSource, JsonlSource]:
     """``"stdlib"``, a file, or a directory (files selected by ``glob``). ``.jsonl``/``.ndjson`` files are
     read as JSONL records, any other file as one text document; a directory must not mix the two."""
     if str(path) == STDLIB:
         return stdlib_source()
+    check_path(path)
     p = Path(path)
     if p.is_file():
         files = [p]
-    elif p.is_dir():
+    else:
         files = list_files(p, glob)
         if not files:
-            raise DataNotFoundError(f"no files match {glob!r} under {p}.")
-    else:
-        raise DataNotFoundError(f"data path {str(path)!r} does not exist (use a file, a directory, or "
-                                f"{STDLIB!r} for the Python standard library sources).")
+            raise DataNotFoundError(f"no files match {glob!r} under {p} (fix: change the glob option, e.g. "
+                                    "'**/*.py', or point at a directory with files).")
     is_jsonl = [f.suffix in JSONL_SUFFIXES for f in files]
     if all(is_jsonl):
         return JsonlSource(files, text_field)

@@ -116,10 +116,19 @@ class Tokenizer:
         """Write ``tokenizer.json`` (``path`` is a directory, or a file name ending in ``.json``)."""
         path = Path(path)
         target = path if path.suffix == ".json" else path / TOKENIZER_FILE
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.parent.exists() and not target.parent.is_dir():
+            raise DataError(f"cannot write {target}: {target.parent} is a file, not a directory (fix: save into "
+                            "a directory).")
         tmp = target.with_name(target.name + ".tmp")
-        self.backend.save(str(tmp))
-        os.replace(tmp, target)   # a failed write never leaves a complete-looking tokenizer.json
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.backend.save(str(tmp))
+            os.replace(tmp, target)   # a failed write never leaves a complete-looking tokenizer.json
+        except Exception as e:        # OSError, or the bare Exception `tokenizers` raises on a failed write
+            if tmp.parent.is_dir():
+                tmp.unlink(missing_ok=True)
+            raise DataError(f"cannot write {target}: {getattr(e, 'strerror', None) or e} (fix: free disk space, "
+                            "or choose another directory).") from None
         return target
 
     def __repr__(self) -> str:
@@ -128,16 +137,19 @@ class Tokenizer:
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int = 4096, *, min_frequency: int = 2,
                     special: SpecialTokens = DEEPSEEK_SPECIAL_TOKENS, length: Optional[int] = None,
-                    show_progress: bool = False) -> Tokenizer:
+                    show_progress: bool = False, source: str = "the training documents") -> Tokenizer:
     """Train a byte-level BPE on ``documents`` with DeepSeek's pre-tokenizer and special tokens.
 
     ``vocab_size`` counts the 256 byte tokens and the special tokens; a small corpus may stop short of it
     (the result's ``vocab_size`` is the real size). ``length``: number of documents, for progress only.
+    Documents that hold no text at all raise ``DataError`` naming ``source``.
     """
     n_special = len(special.items())
     if vocab_size < 256 + n_special:
         raise DataError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs 256 byte tokens plus "
-                         f"{n_special} special tokens (at least {256 + n_special}).")
+                        f"{n_special} special tokens (at least {256 + n_special}) (fix: e.g. 4096).")
+    if min_frequency < 0:
+        raise DataError(f"min_frequency={min_frequency!r}: must be an integer >= 0 (fix: e.g. 2).")
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = deepseek_pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
@@ -145,7 +157,18 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int = 4096, *, min_fre
         vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
         special_tokens=[token for _, token in special.items()],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(documents, trainer=trainer, length=length)
+    seen = {"documents": 0, "with_text": 0}
+
+    def counted(docs: Iterable[str]):
+        for doc in docs:
+            seen["documents"] += 1
+            seen["with_text"] += bool(doc.strip())
+            yield doc
+
+    tok.train_from_iterator(counted(documents), trainer=trainer, length=length)
+    if not seen["with_text"]:
+        raise DataError(f"{source}: the {seen['documents']} document(s) hold no text, so there is nothing to train "
+                        "a tokenizer on (fix: point the data path at files with text).")
     return Tokenizer(tok, special)
 
 

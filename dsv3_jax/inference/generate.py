@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import os
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .. import distributed
 from ..checkpoint.orbax_io import load_checkpoint
 from ..errors import GenerationError
 from ..model import DeepSeekV3, check_tokens, init_cache
@@ -75,6 +78,78 @@ def speculative_accept(key: jax.Array, p_logits: jax.Array, q_logits: jax.Array,
     residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p)
     other = jax.random.categorical(k_r, jnp.log(residual)).astype(jnp.int32)
     return jnp.where(accepted, draft, other), accepted
+
+
+def _prompt_list(prompts) -> list[list[int]]:
+    """``prompts`` (a list of token-id lists, or a ``[batch, seq]`` integer array) → ``list[list[int]]``;
+    ``GenerationError`` naming what is wrong (a flat list, text, floats, the wrong rank) and the fix."""
+    if isinstance(prompts, (str, bytes)):
+        raise GenerationError("prompts must be token ids, got text (fix: encode it first, e.g. "
+                              "[tokenizer.encode(text)], or use `dsv3 generate --prompt`).")
+    if hasattr(prompts, "shape") and hasattr(prompts, "dtype"):  # numpy / jax arrays
+        arr = np.asarray(prompts)
+        if arr.ndim != 2:
+            fix = "one prompt is ids[None]" if arr.ndim == 1 else "pass a list of token-id lists"
+            raise GenerationError(f"prompts array must be [batch, seq] (rank 2), got shape {arr.shape} (fix: {fix}).")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise GenerationError(f"prompts array must hold integer token ids, got dtype {arr.dtype} "
+                                  "(fix: .astype(np.int32)).")
+        return arr.tolist()
+    try:
+        items = list(prompts)
+    except TypeError:
+        raise GenerationError(f"prompts must be a list of token-id lists, got a {type(prompts).__name__} "
+                              "(fix: e.g. [[1, 2, 3]]).") from None
+    if not items:
+        raise GenerationError("no prompts given (fix: pass at least one, e.g. [[1, 2, 3]]).")
+    if all(_is_int(t) for t in items):
+        raise GenerationError(f"prompts is one flat list of {len(items)} token ids, expected a list of prompts "
+                              "(fix: wrap one prompt in a list: [ids], e.g. [[1, 2, 3]]).")
+    out = []
+    for i, p in enumerate(items):
+        if isinstance(p, (str, bytes)):
+            raise GenerationError(f"prompt {i} is text, not token ids (fix: encode it first with the tokenizer).")
+        if hasattr(p, "shape") and hasattr(p, "dtype"):
+            a = np.asarray(p)
+            if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+                raise GenerationError(f"prompt {i} must be a 1-D sequence of integer token ids, got an array of "
+                                      f"shape {a.shape} and dtype {a.dtype} (fix: a list of ints, or .astype(np.int32)).")
+            out.append(a.tolist())
+            continue
+        try:
+            p = list(p)
+        except TypeError:
+            raise GenerationError(f"prompt {i} is a {type(p).__name__}, expected a sequence of token ids "
+                                  "(fix: prompts is a list of lists, e.g. [[1, 2, 3]]).") from None
+        for j, t in enumerate(p):
+            if not _is_int(t):
+                raise GenerationError(f"prompt {i} token {j} is {t!r} ({type(t).__name__}), expected an integer "
+                                      "token id (fix: pass int ids, e.g. [[1, 2, 3]]).")
+        out.append([int(t) for t in p])
+    return out
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_sampling(*, max_new_tokens, temperature, top_k, top_p, seed) -> None:
+    """``GenerationError`` for a sampling parameter that is not finite or out of range (naming it)."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1 (fix: e.g. 64).")
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise GenerationError(f"temperature={temperature!r}: must be a finite number >= 0 (0 = greedy) "
+                              "(fix: e.g. 0.7, or 0 for greedy).")
+    if not _is_int(top_k) or top_k < 0:
+        raise GenerationError(f"top_k={top_k!r}: must be an integer >= 0 (0 = no top-k filter) (fix: e.g. 50).")
+    if not _is_real(top_p) or not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise GenerationError(f"top_p={top_p!r}: must be a number in (0, 1] (1 = no nucleus filter) (fix: e.g. 0.9).")
+    if not _is_int(seed):
+        raise GenerationError(f"seed={seed!r}: must be an integer (fix: e.g. 0).")
 
 
 class Generator:
@@ -146,11 +221,24 @@ class Generator:
                  speculative: Optional[str] = None, on_token: Optional[Callable[[int, int], None]] = None
                  ) -> GenerateResult:
         cfg = self.cfg
-        prompts = [list(map(int, p)) for p in prompts]
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise GenerationError("every prompt needs at least one token (fix: pass a non-empty prompt).")
-        if max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens={max_new_tokens} must be >= 1.")
+        prompts = _prompt_list(prompts)
+        empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+        if empty:
+            raise GenerationError(f"prompt {empty[0]} is empty: every prompt needs at least one token "
+                                  "(fix: pass a non-empty prompt).")
+        check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        if top_k >= cfg.vocab_size:
+            top_k = 0                        # keeps every token: the same as no top-k filter
+        try:
+            stop_list = [t for t in stop_tokens]
+        except TypeError:
+            raise GenerationError(f"stop_tokens={stop_tokens!r}: must be a sequence of token ids "
+                                  "(fix: e.g. stop_tokens=[1]).") from None
+        bad = [t for t in stop_list if not _is_int(t)]
+        if bad:
+            raise GenerationError(f"stop_tokens holds {bad[0]!r} ({type(bad[0]).__name__}), expected integer "
+                                  "token ids (fix: e.g. stop_tokens=[1]).")
+        check_tokens(np.asarray(stop_list, np.int64), cfg.vocab_size, "stop_tokens")
         lengths = np.array([len(p) for p in prompts], np.int32)
         total = int(lengths.max()) + max_new_tokens
         if total > cfg.max_position_embeddings:
@@ -173,17 +261,24 @@ class Generator:
         check_tokens(tokens, cfg.vocab_size, "prompt tokens")
         if self.mesh is not None:
             tokens = jax.device_put(tokens, self.rules.batch_sharding(self.mesh))
-        cache = init_cache(cfg, B, total + 2, mtp=bool(speculative))
+        # a mesh over several processes: the host-made values become replicated global arrays, and the
+        # sampled tokens are read back from all processes (every process runs this loop alike)
+        spread = self.mesh is not None and jax.process_count() > 1
+        rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()) if spread else None
+        glob = (lambda x: jax.device_put(x, rep)) if spread else jnp.asarray  # noqa: E731
+        host = distributed.host_value if spread else np.asarray
+        cache = (jax.jit(lambda: init_cache(cfg, B, total + 2, mtp=bool(speculative)), out_shardings=rep)()
+                 if spread else init_cache(cfg, B, total + 2, mtp=bool(speculative)))
         logits, hidden, cache = self.prefill(self.state, tokens, cache)
-        rows = jnp.arange(B)
-        last = jnp.asarray(lengths - 1)
-        key = jax.random.key(seed)
+        rows = glob(np.arange(B))
+        last = glob(lengths - 1)
+        key = jax.jit(lambda: jax.random.key(seed), out_shardings=rep)() if spread else jax.random.key(seed)
         key, sub = jax.random.split(key)
         nxt = sample(logits[rows, last], sub, temperature, top_k, top_p)
         out: list[list[int]] = [[] for _ in range(B)]
         done = np.zeros(B, bool)
         done[n_real:] = True  # padding rows of a sharded batch
-        stops = set(int(s) for s in stop_tokens)
+        stops = set(int(s) for s in stop_list)
 
         def emit(b: int, t: int) -> None:
             if done[b]:
@@ -194,11 +289,11 @@ class Generator:
             if t in stops or len(out[b]) >= max_new_tokens:
                 done[b] = True
 
-        pos = jnp.asarray(lengths)  # cache position of the next token to feed
+        pos = glob(lengths)  # cache position of the next token to feed
         steps = accepted = proposed = 0
         if not speculative:
             while True:
-                for b, t in enumerate(np.asarray(nxt)):
+                for b, t in enumerate(host(nxt)):
                     emit(b, int(t))
                 if done.all():
                     break
@@ -220,7 +315,7 @@ class Generator:
         else:
             draft = jnp.argmax(mtp_logits[rows, last], -1).astype(jnp.int32)
         while True:
-            for b, t in enumerate(np.asarray(nxt)):
+            for b, t in enumerate(host(nxt)):
                 emit(b, int(t))
             if done.all():
                 break
@@ -233,9 +328,10 @@ class Generator:
                 a1, a2, ok, new_draft, cache = self.spec_step(self.state, nxt, draft, pos, cache)
             live = ~done
             proposed += int(live.sum())
-            accepted += int((np.asarray(ok) & live).sum())
-            for b in np.nonzero(np.asarray(ok))[0]:
-                emit(int(b), int(a1[b]))               # the verified draft (then a2 follows as nxt)
+            ok_h, a1_h = host(ok), host(a1)
+            accepted += int((ok_h & live).sum())
+            for b in np.nonzero(ok_h)[0]:
+                emit(int(b), int(a1_h[b]))             # the verified draft (then a2 follows as nxt)
             nxt = jnp.where(ok, a2, a1)
             pos = pos + jnp.where(ok, 2, 1)
             draft = new_draft
@@ -247,8 +343,11 @@ def generate(model_or_checkpoint, prompts: Sequence[Sequence[int]], **kw) -> Gen
     """``dsv3_jax.generate(model | (cfg, model) | checkpoint_dir, prompts, max_new_tokens=…,
     temperature=…, top_k=…, top_p=…, seed=…, stop_tokens=…, speculative=None|"mtp")``."""
     model = model_or_checkpoint
-    if isinstance(model, tuple):
+    if isinstance(model, tuple) and len(model) == 2:
         model = model[1]
-    elif not isinstance(model, DeepSeekV3):
+    elif isinstance(model, (str, os.PathLike)):
         model = load_checkpoint(model)[1]
+    if not isinstance(model, DeepSeekV3):
+        raise GenerationError(f"generate() takes a DeepSeekV3 model, a (cfg, model) pair or a checkpoint directory, "
+                              f"got a {type(model_or_checkpoint).__name__} (fix: e.g. dsv3.generate('ckpt/', [[1, 2]])).")
     return Generator(model)(prompts, **kw)

@@ -25,7 +25,7 @@ def make_forward(model: DeepSeekV3, *, mtp: bool = True) -> tuple[Callable[..., 
 
     def forward(state: nnx.State, tokens, segment_ids: Optional[jax.Array] = None,
                 positions: Optional[jax.Array] = None) -> ModelOutput:
-        check_tokens(tokens, vocab)  # the model's own check sees tracers under jit: this is the one that runs
+        check_tokens(tokens, vocab, ndim=2)  # the model's own check sees tracers under jit: this is the one that runs
         return _fwd(state, tokens, segment_ids, positions)
 
     return forward, state

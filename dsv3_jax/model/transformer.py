@@ -150,17 +150,27 @@ class ModelOutput(NamedTuple):
     cache: Optional[ModelCache] = None   # the updated cache when one was passed in
 
 
-def check_tokens(tokens: Any, vocab_size: int, what: str = "tokens", allow_missing: bool = False) -> None:
-    """Raise when concrete ``tokens`` hold ids outside ``[0, vocab_size)`` (``-1`` allowed with
-    ``allow_missing``: "no token"). JAX gathers clamp out-of-range indices silently, so this check
-    is the only thing between a bad id and a wrong answer."""
+def check_tokens(tokens: Any, vocab_size: int, what: str = "tokens", allow_missing: bool = False,
+                 ndim: Optional[int] = None) -> None:
+    """Raise when ``tokens`` is not an integer array (of rank ``ndim``, if given: 2 = ``[batch, seq]``),
+    or when concrete ids are outside ``[0, vocab_size)`` (``-1`` allowed with ``allow_missing``: "no
+    token"). JAX gathers clamp out-of-range indices silently, so this check is the only thing between
+    a bad id and a wrong answer. Rank and dtype are checked under ``jit`` too (they are static)."""
+    shape, dtype = getattr(tokens, "shape", None), getattr(tokens, "dtype", None)
+    if shape is None or dtype is None:
+        raise TokenRangeError(f"{what} must be an array of integer token ids, got a {type(tokens).__name__} "
+                              "(fix: pass jnp.asarray(ids, jnp.int32)" + (", shape [batch, seq])." if ndim == 2 else ")."))
+    if ndim is not None and len(shape) != ndim:
+        layout = "[batch, seq]" if ndim == 2 else f"rank {ndim}"
+        fix = "add a batch axis: tokens[None]" if ndim == 2 and len(shape) == 1 else f"pass a {layout} array"
+        raise TokenRangeError(f"{what} must be {layout} (rank {ndim}), got shape {tuple(shape)} (fix: {fix}).")
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TokenRangeError(f"{what} must be integer token ids, got dtype {dtype} (fix: cast to int32).")
     if isinstance(tokens, jax.core.Tracer):
         return
     arr = np.asarray(tokens)
     if arr.size == 0:
         return
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise TokenRangeError(f"{what} must be integer token ids, got dtype {arr.dtype} (fix: cast to int32).")
     lo_ok = -1 if allow_missing else 0
     lo, hi = int(arr.min()), int(arr.max())
     if lo < lo_ok or hi >= vocab_size:
@@ -224,7 +234,7 @@ class DeepSeekV3(nnx.Module):
         The MTP module needs the token after each position, unknown while generating, so with a
         cache it runs only through ``mtp_forward``."""
         cfg = self.cfg
-        check_tokens(tokens, cfg.vocab_size)
+        check_tokens(tokens, cfg.vocab_size, ndim=2)
         B, S = tokens.shape
         cache_positions = positions
         if positions is None:

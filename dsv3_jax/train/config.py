@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -21,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from ..config import (ConfigError, ModelConfig, RuntimeConfig, _build, _parse_override, _resolve_path, _to_dict,
-                      load_config, load_runtime)
+                      load_config, load_runtime, read_config_text)
 from ..data.pipeline import DataConfig
 
 BALANCE = ("aux_free", "aux_loss", "none")
@@ -87,14 +88,14 @@ def validate_train(t: TrainConfig, data: DataConfig) -> None:
             _fail(f"train.{f}", getattr(t, f), "must be >= 1", f"set train.{f} to a positive integer")
     if t.eval_batches < 0:
         _fail("train.eval_batches", t.eval_batches, "cannot be negative", "use 0 to disable evaluation")
-    if not t.lr > 0:
-        _fail("train.lr", t.lr, "must be positive", "use e.g. 2.2e-4")
+    if not 0 < t.lr < math.inf:
+        _fail("train.lr", t.lr, "must be a positive finite number", "use e.g. 2.2e-4")
     for f in ("b1", "b2"):
         if not 0 <= getattr(t, f) < 1:
             _fail(f"train.{f}", getattr(t, f), "must be in [0, 1)", "use 0.9 / 0.95")
     for f in ("weight_decay", "clip_norm", "mtp_weight", "balance_alpha", "bias_rate"):
-        if getattr(t, f) < 0:
-            _fail(f"train.{f}", getattr(t, f), "cannot be negative", f"use 0 to disable")
+        if not 0 <= getattr(t, f) < math.inf:
+            _fail(f"train.{f}", getattr(t, f), "must be a finite number >= 0", f"use 0 to disable")
     for f, choices in (("balance", BALANCE), ("moment_dtype", MOMENT_DTYPES)):
         v = getattr(t, f)
         if v not in choices:
@@ -125,7 +126,7 @@ def load_run_config(name_or_path: str | os.PathLike | Mapping = "tiny",
     else:
         path = _resolve_path(name_or_path)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(read_config_text(path)) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
         if not isinstance(raw, Mapping):
@@ -161,7 +162,7 @@ def load_run_config(name_or_path: str | os.PathLike | Mapping = "tiny",
                 allk = sorted(train_fields | model_fields | runtime_fields | data_fields)
                 close = difflib.get_close_matches(head, allk, n=1)
                 raise ConfigError(f"unknown config key {'.'.join(keys)!r} "
-                                  f"({'did you mean ' + repr(close[0]) + '?' if close else 'use model./runtime./train./data. keys'}).")
+                                  f"(fix: {'did you mean ' + repr(close[0]) + '?' if close else 'use model./runtime./train./data. keys'}).")
         else:
             keys = keys[1:]
         if section in ("model", "runtime"):
