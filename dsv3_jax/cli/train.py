@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import add_overrides
+from .common import add_distributed_args, add_overrides
 
 
 def register(sub) -> None:
@@ -15,14 +15,18 @@ def register(sub) -> None:
     p.add_argument("--balance", choices=["aux_free", "aux_loss", "none"],
                    help="router balancing: aux-loss-free bias update (+α loss), α loss only, or none")
     p.add_argument("--output-dir", help="run directory: checkpoints/, metrics.jsonl, tensorboard/ (resumes if present)")
+    add_distributed_args(p)
     add_overrides(p, "e.g. steps=200 train.lr=1e-3 data.path=corpus/ model.n_routed_experts=32")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from ..distributed import initialize_from_args, is_primary
     from ..data.sources import check_path
     from ..train import load_run_config
     from ..train.trainer import train
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    initialize_from_args(args, log)  # before anything touches a JAX backend
     overrides = list(args.overrides)
     if args.mesh:
         overrides.append(f"train.mesh={args.mesh}")
@@ -32,7 +36,8 @@ def run(args) -> int:
         overrides.append(f"train.output_dir={args.output_dir}")
     run_cfg = load_run_config(args.config, overrides)
     check_path(run_cfg.data.path)  # before the model is built: a wrong path is reported in a second, not a minute
-    res = train(run_cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    res = train(run_cfg, log=log)
     keep = ("step", "loss", "ce", "mtp", "balance", "eval_loss", "skipped", "tokens_per_s", "mfu", "checkpoint")
-    print(json.dumps({k: res[k] for k in keep if k in res}))
+    if is_primary():
+        print(json.dumps({k: res[k] for k in keep if k in res}))
     return 0
