@@ -152,9 +152,11 @@ def _save(path: str, array, flag: str) -> None:
 def run_score(args) -> int:
     from ..checkpoint.orbax_io import load_checkpoint
     from ..errors import CheckpointError
+    from ..checkpoint.orbax_io import checkpoint_config
     from ..inference.scoring import check_score_tokens, score, tokenize
     _check_output(args.save_logits, "--save-logits")
     _check_output(args.save_mtp_logits, "--save-mtp-logits")
+    stored = checkpoint_config(args.checkpoint)   # a checkpoint directory? (reads its marker only)
     if args.token_ids:
         what = f"--token-ids {args.token_ids}"
         tokens = _read_token_ids(args.token_ids)
@@ -164,7 +166,7 @@ def run_score(args) -> int:
                                                                                                "--text-file")
         tokens = tokenize(args.checkpoint, text)
         what = f"{what} (encoded)"
-    check_score_tokens(tokens, None, what)   # before loading the weights
+    check_score_tokens(tokens, stored, what)   # before loading the weights
     mesh = _mesh(args)
     cfg, model = load_checkpoint(args.checkpoint, mesh=mesh, runtime=_runtime(args))
     check_score_tokens(tokens, cfg, what)
@@ -214,6 +216,8 @@ def run_generate(args) -> int:
     from ..inference.generate import Generator
     from ..model import check_tokens
 
+    from ..checkpoint.orbax_io import checkpoint_config
+    stored = checkpoint_config(args.checkpoint)   # a checkpoint directory? (reads its marker only)
     stops = _ids(args.stop_ids, "--stop-ids") if args.stop_ids else []
     if args.prompt_ids is not None:
         prompt, what = _ids(args.prompt_ids, "--prompt-ids"), "--prompt-ids"
@@ -235,10 +239,14 @@ def run_generate(args) -> int:
                                   "(fix: give a non-empty prompt).")
     if not stops and tok is not None:
         stops = [tok.eos_id] if tok.eos_id is not None else []
+    check_tokens(np.asarray(prompt, np.int64), stored.vocab_size, what)   # before loading the weights
+    check_tokens(np.asarray(stops, np.int64), stored.vocab_size, "--stop-ids")
+    if len(prompt) + args.max_new_tokens > stored.max_position_embeddings:
+        raise GenerationError(f"{what} ({len(prompt)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the "
+                              f"model's context of {stored.max_position_embeddings} tokens (fix: shorten the prompt "
+                              "or lower --max-new-tokens).")
     mesh = _mesh(args)
-    cfg, model = load_checkpoint(args.checkpoint, mesh=mesh, runtime=_runtime(args))
-    check_tokens(np.asarray(prompt, np.int64), cfg.vocab_size, what)
-    check_tokens(np.asarray(stops, np.int64), cfg.vocab_size, "--stop-ids")
+    _, model = load_checkpoint(args.checkpoint, mesh=mesh, runtime=_runtime(args))
     gen = Generator(model)
     streamed: list[int] = []
 
