@@ -1,6 +1,6 @@
 """Shared helpers for the benchmark scripts: repo-root import path, thread counts, timing, JSON lines.
 
-Benchmarks are scripts, never timed tests (DESIGN.md): each prints one JSON line per measurement
+Benchmarks are scripts, never timed tests (docs/design.md §Benchmarks): each prints one JSON line per measurement
 with our figure, the baseline's figure measured in the same run, and the ratio.
 """
 from __future__ import annotations
@@ -80,8 +80,8 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def loss_and_grad_step(model):
-    """Our training-step core as a pure function at the boundary (DESIGN.md "Functional at the
-    boundary"): ``(params, rest) = nnx.split(model, nnx.Param, ...)`` and the *un-jitted*
+    """Our training-step core as a pure function at the boundary (docs/design.md §Functional at the
+    boundary): ``(params, rest) = nnx.split(model, nnx.Param, ...)`` and the *un-jitted*
     ``step(params, rest, tokens) -> (loss, grads)`` — mean next-token cross-entropy of the main
     logits (MTP off), gradient w.r.t. every ``nnx.Param``."""
     import jax

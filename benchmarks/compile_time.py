@@ -1,7 +1,7 @@
 """Compile time vs depth: ``jax.jit(step).lower(...).compile()`` of the forward + backward for a narrow
 model with 61 layers (3 dense + 58 MoE, the V3 layout) vs 4 layers (1 dense + 3 MoE), same widths.
 
-Layers are stacked and scanned (DESIGN.md "Scan the stack"), so the program — and its compile time —
+Layers are stacked and scanned (docs/design.md §Scan the stack), so the program — and its compile time —
 should not grow with depth: the ratio should be near 1. The baseline is the same measurement at
 4 layers, taken in the same run. Parameters are abstract (``nnx.eval_shape``): nothing is allocated.
 

@@ -3,8 +3,8 @@
 Both sides hold the same weights (transformers' random init copied into our model through the HF
 mapping), see the same batch, compute in fp32, and differentiate the same loss: mean cross-entropy
 of the logits against the next token. MTP is off (transformers has none). Our step is one
-``jax.jit``-ed pure function of ``(params, rest, tokens)`` built with ``nnx.split`` (DESIGN.md
-"Functional at the boundary"); the gradient covers every ``nnx.Param``. PyTorch runs on all cores
+``jax.jit``-ed pure function of ``(params, rest, tokens)`` built with ``nnx.split`` (docs/design.md
+§Functional at the boundary); the gradient covers every ``nnx.Param``. PyTorch runs on all cores
 (``torch.set_num_threads``; for the tiny model also on one, and the faster counts); XLA:CPU uses all
 cores by default. The candidates are timed round-robin so that load from other processes on a
 shared machine falls on all of them alike; the 1-minute load average is recorded with the figures.

@@ -5,7 +5,7 @@ For each ``M ∈ {4096, 128}`` and ``N×K`` in the V3 shapes (7168×2048, 2048×
 scales, 128×128 weight scales; quantisation not timed) and, in the same run and interleaved, a plain
 XLA dot of the same shape (bf16 operands on GPU/TPU — what FP8 replaces; fp32 on CPU, whose bf16 dot
 is an emulated slow path). Prints one JSON line per shape: both TFLOPS (2·M·N·K / median time),
-the ratio, and on a GPU the fraction of the H100 SXM dense FP8 peak (1979 TFLOPS, SPEC §10).
+the ratio, and on a GPU the fraction of the H100 SXM dense FP8 peak (1979 TFLOPS, docs/architecture.md §10).
 
 On CPU the op is the jnp reference and M is reduced (divided by ``--cpu-m-div``, default 64; the
 JSON says ``m`` measured vs ``m_spec``): the figures there only show the reference runs, the GPU figures are

@@ -1,4 +1,4 @@
-"""FP8 training accuracy (issue M5, SPEC §6): the demo config trained with ``quant=fp8`` vs BF16.
+"""FP8 training accuracy (issue M5, docs/architecture.md §6): the demo config trained with ``quant=fp8`` vs BF16.
 
 Three runs of the same data order and step count, all with bf16 compute:
 

@@ -1,4 +1,4 @@
-"""MLA attention kernels: absorbed decode bandwidth and flash-prefill memory (SPEC §2, §10).
+"""MLA attention kernels: absorbed decode bandwidth and flash-prefill memory (docs/architecture.md §2, §10).
 
 **decode** — one step of absorbed decode over the latent cache (V3: 128 heads, c_kv 512 + k_rope 64)
 for a batch of sequences of ``--context`` tokens. Our figure: ``pallas_kernels.mla.decode`` (auto

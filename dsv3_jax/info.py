@@ -1,5 +1,5 @@
 """Model size figures computed from the model's own abstract parameter tree (``jax.eval_shape``:
-nothing is allocated), as ``dsv3 info`` prints them (SPEC §1)."""
+nothing is allocated), as ``dsv3 info`` prints them (docs/architecture.md §1)."""
 from __future__ import annotations
 
 import math

@@ -79,7 +79,7 @@ def test_from_hf_missing_fields():
 
 
 def test_softmax_scale_671b_matches_spec():
-    # SPEC §2: softmax_scale = 192^-0.5 · mscale², mscale = 0.1·ln(40) + 1 → 0.135234…
+    # docs/architecture.md §2: softmax_scale = 192^-0.5 · mscale², mscale = 0.1·ln(40) + 1 → 0.135234…
     cfg = dsv3.load_config("deepseek_v3_671b")
     assert abs(cfg.softmax_scale - 0.135234) < 5e-7
     assert dsv3.load_config("tiny", ["rope_scaling.type=none"]).softmax_scale == 24 ** -0.5

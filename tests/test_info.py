@@ -1,4 +1,4 @@
-"""`dsv3 info` figures (SPEC §1, exact) and the documented errors for bad configs and token ids."""
+"""`dsv3 info` figures (docs/architecture.md §1, exact) and the documented errors for bad configs and token ids."""
 import json
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""The released checkpoint's FP8 weight format (SPEC §6).
+"""The released checkpoint's FP8 weight format (docs/architecture.md §6).
 
 A linear weight is stored as ``weight`` float8_e4m3fn ``[out, in]`` plus ``weight_scale_inv`` float32
 ``[ceil(out/128), ceil(in/128)]``; the real weight is ``w[i, j] * scale_inv[i // 128, j // 128]``.
@@ -12,7 +12,7 @@ from typing import Optional
 import ml_dtypes
 import numpy as np
 
-from pallas_kernels.fp8 import AMAX_MIN, BLOCK, E4M3_MAX  # the one home of the FP8 constants (SPEC §6)
+from pallas_kernels.fp8 import AMAX_MIN, BLOCK, E4M3_MAX  # the one home of the FP8 constants (docs/architecture.md §6)
 
 from ..errors import CheckpointError
 

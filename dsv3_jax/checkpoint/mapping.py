@@ -53,7 +53,7 @@ _MOE = [
 ] + [(f"mlp.shared_experts.{p}_proj.weight", ("mlp", "shared", f"{p}_proj", "kernel"), LINEAR)
      for p in ("gate", "up", "down")]
 _EXPERT = [(f"{p}_proj.weight", ("mlp", "experts", p), LINEAR) for p in ("gate", "up", "down")]
-# MTP-only tensors of layer ``num_layers + k`` (SPEC §5).
+# MTP-only tensors of layer ``num_layers + k`` (docs/architecture.md §5).
 _MTP = [
     ("enorm.weight", ("enorm", "scale"), COPY),
     ("hnorm.weight", ("hnorm", "scale"), COPY),
@@ -132,7 +132,7 @@ def to_hf(piece: Piece, our_slice: np.ndarray, in_ndim: int) -> np.ndarray:
 
 def stored_scale_path(cfg: ModelConfig, path: Path, shapes: Mapping[Path, tuple]) -> Optional[Path]:
     """The block scales' path when ``cfg`` stores parameter ``path`` in FP8 (``fp8_weights``), else None
-    (``shapes``: ``param_shapes(cfg)``; weights SPEC §6 keeps in high precision have no scales)."""
+    (``shapes``: ``param_shapes(cfg)``; weights docs/architecture.md §6 keeps in high precision have no scales)."""
     if not cfg.fp8_weights:
         return None
     sp = fp8_scale_path(path)
@@ -151,7 +151,7 @@ def fill_piece(source, piece: Piece, out: np.ndarray, scale_out: Optional[np.nda
     ``params[path][index]`` (any float dtype, or e4m3), in one pass: transpose and cast straight into
     place. With ``scale_out`` (block scales ``[ib, ob]``) the weight is stored in FP8: an FP8 source's
     e4m3 bits and scales are copied, transposed into our layout (nothing re-quantised); a float source
-    is quantised like the release (SPEC §6)."""
+    is quantised like the release (docs/architecture.md §6)."""
     name = piece.hf_name
     if scale_out is not None:
         w8, s_inv = source.get_fp8(name) if source.is_fp8(name) else fp8.quantize(source.get(name, np.float32))

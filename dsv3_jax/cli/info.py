@@ -14,7 +14,7 @@ def register(sub) -> None:
     p.add_argument("--mesh", help="report per-device bytes of params and AdamW state on this mesh, "
                                   "e.g. expert=64,fsdp=4 (any size: nothing is allocated)")
     p.add_argument("--moment-bytes", type=int, default=4, choices=(2, 4),
-                   help="bytes per AdamW moment element (2 = bf16 moments, SPEC §6)")
+                   help="bytes per AdamW moment element (2 = bf16 moments, docs/architecture.md §6)")
     p.set_defaults(func=run)
 
 

@@ -1,4 +1,4 @@
-"""Document encoding with document-level Fill-in-the-Middle (SPEC §7).
+"""Document encoding with document-level Fill-in-the-Middle (docs/architecture.md §7).
 
 A document becomes one of (``bos`` is prepended to every document, as DeepSeek's tokenizer does; it is
 the first token of each packed segment, so a document never starts without context marker)::
@@ -42,7 +42,7 @@ def maybe_fim(text: str, rng: np.random.Generator, fim_rate: float) -> Optional[
 
 
 def format_fim(prefix: str, middle: str, suffix: str, special: SpecialTokens = DEEPSEEK_SPECIAL_TOKENS) -> str:
-    """The PSM text of SPEC §7 (without the leading BOS)."""
+    """The PSM text of docs/architecture.md §7 (without the leading BOS)."""
     return (f"{special.fim_begin}{prefix}{special.fim_hole}{suffix}{special.fim_end}{middle}{special.eos}")
 
 

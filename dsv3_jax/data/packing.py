@@ -1,4 +1,4 @@
-"""Packing token documents into fixed-length rows (SPEC §7: packed, with or without document masking).
+"""Packing token documents into fixed-length rows (docs/architecture.md §7: packed, with or without document masking).
 
 A row holds ``L = seq_len + 1`` tokens so that ``inputs = row[:-1]`` and ``targets = row[1:]``. Documents
 are placed greedily in stream order (deterministic, no reordering):

@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer with DeepSeek's special tokens (SPEC §7), on the `tokenizers` library.
+"""Byte-level BPE tokenizer with DeepSeek's special tokens (docs/architecture.md §7), on the `tokenizers` library.
 
 Pre-tokenizer (our choice, documented): DeepSeek-V3's own `tokenizer.json` pre-tokenizer, i.e. three
 isolating regex ``Split``s followed by a ``ByteLevel`` step that only maps bytes (``use_regex=False``):

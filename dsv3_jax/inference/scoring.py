@@ -1,7 +1,7 @@
 """Score token sequences with a model: per-token negative log-likelihood and perplexity.
 
-The forward pass is one ``jax.jit`` of ``(graphdef, state, tokens)`` (DESIGN.md "Functional at the
-boundary"); token ids are checked against the vocabulary before they reach it.
+The forward pass is one ``jax.jit`` of ``(graphdef, state, tokens)`` (docs/design.md §Functional at the
+boundary); token ids are checked against the vocabulary before they reach it.
 """
 from __future__ import annotations
 

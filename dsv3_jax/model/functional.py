@@ -1,4 +1,5 @@
-"""Functional entry points: pure jitted functions of ``(graphdef, state, batch)`` (DESIGN.md).
+"""Functional entry points: pure jitted functions of ``(graphdef, state, batch)``
+(docs/design.md §Functional at the boundary).
 
 ``nnx.split(model)`` gives ``(graphdef, state)``; the forward checks token ids on the host first
 (JAX would clamp them silently), then runs one compiled program per shape.

@@ -1,6 +1,6 @@
 """Building blocks shared by the model: parameters with logical axes, linear maps, RMSNorm, SwiGLU.
 
-Every parameter carries logical axis names (DESIGN.md "Logical axes on every parameter");
+Every parameter carries logical axis names (docs/design.md §Logical axes on every parameter);
 ``sharding/rules.py`` maps them to mesh axes, so a layout change is a rules change.
 """
 from __future__ import annotations
@@ -22,12 +22,12 @@ from .execution import Execution
 
 
 class RouterBias(nnx.Variable):
-    """Aux-loss-free balancing bias ``b`` (SPEC §4): used only to choose experts, updated by
+    """Aux-loss-free balancing bias ``b`` (docs/architecture.md §4): used only to choose experts, updated by
     the training loop from global expert loads, never by the optimizer (it is not an ``nnx.Param``)."""
 
 
 def fp8_param(shape: Sequence[int], n_lead: int, n_in: int, axes: Sequence[str | None]) -> nnx.Param:
-    """A weight stored as the release stores it (``fp8_weights``, SPEC §6): a ``QuantArray`` of e4m3
+    """A weight stored as the release stores it (``fp8_weights``, docs/architecture.md §6): a ``QuantArray`` of e4m3
     values ``[*lead, *in, *out]`` and 128×128 block scales, as one parameter with the values' logical
     axes (the scales shard along the leading expert axes only; ``sharding.Rules`` knows)."""
     return nnx.Param(fp8.QuantArray.zeros(shape, n_lead, n_in), out_sharding=tuple(axes), eager_sharding=False)
@@ -44,7 +44,7 @@ def dtype_of(name: str) -> jnp.dtype:
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], *, std: float,
           dtype: str = "float32", init: str = "normal") -> nnx.Param:
-    """An ``nnx.Param`` initialised N(0, std²) (SPEC §8: std 0.006) or to ones, tagged with logical axes."""
+    """An ``nnx.Param`` initialised N(0, std²) (docs/architecture.md §8: std 0.006) or to ones, tagged with logical axes."""
     if init == "ones":
         value = jnp.ones(shape, dtype_of(dtype))
     elif init == "zeros":
@@ -65,7 +65,7 @@ class Linear(nnx.Module):
                  axes: Sequence[str | None], cfg: ModelConfig, rt: Execution, rngs: nnx.Rngs):
         self.in_shape = (in_features,) if isinstance(in_features, int) else tuple(in_features)
         self.out_shape = (out_features,) if isinstance(out_features, int) else tuple(out_features)
-        if cfg.fp8_weights:  # release-format storage (SPEC §6), e.g. from `convert --keep-fp8`
+        if cfg.fp8_weights:  # release-format storage (docs/architecture.md §6), e.g. from `convert --keep-fp8`
             self.kernel = fp8_param(self.in_shape + self.out_shape, 0, len(self.in_shape), axes)
         else:
             self.kernel = param(rngs, self.in_shape + self.out_shape, axes, std=cfg.init_std, dtype=cfg.param_dtype)
@@ -80,7 +80,7 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = len(self.in_shape)
         if self.quant == "fp8":
-            # SPEC §6: FP8 GEMMs, per shard of tokens on a mesh, the weight whole on every shard (its wgrad
+            # docs/architecture.md §6: FP8 GEMMs, per shard of tokens on a mesh, the weight whole on every shard (its wgrad
             # summed over the mesh). A float master weight is quantized per 128×128 block (forward, dgrad,
             # wgrad in FP8); stored FP8 blocks (QuantArray) are used as stored, as DeepSeek's inference does.
             ex = self.ex
@@ -110,7 +110,7 @@ class RMSNorm(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU FFN ``W2(silu(W1 x) * W3 x)`` (SPEC §4): dense layers and shared experts."""
+    """SwiGLU FFN ``W2(silu(W1 x) * W3 x)`` (docs/architecture.md §4): dense layers and shared experts."""
 
     def __init__(self, dim: int, hidden: int, cfg: ModelConfig, rt: Execution, rngs: nnx.Rngs):
         self.gate_proj = Linear(dim, hidden, ("embed", "mlp"), cfg, rt, rngs)

@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (SPEC §2).
+"""Multi-head Latent Attention (docs/architecture.md §2).
 
 Queries go through an optional low-rank bottleneck (q-LoRA); keys and values are compressed into one
 latent ``c_kv`` (L = kv_lora_rank) plus a single rope key shared by all heads.

@@ -1,4 +1,4 @@
-"""Rotary position embedding with YaRN context extension (SPEC §3).
+"""Rotary position embedding with YaRN context extension (docs/architecture.md §3).
 
 RoPE rotates consecutive channel pairs ``(2i, 2i+1)`` as in the released weights (HF calls this
 ``rope_interleave``); only the 64 rope channels of queries and the shared rope key are rotated.
@@ -15,7 +15,7 @@ from ..config import ModelConfig, yarn_mscale
 
 
 def _correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:
-    # SPEC §3: corr(n) = dim·ln(max_pos/(n·2π)) / (2·ln θ)
+    # docs/architecture.md §3: corr(n) = dim·ln(max_pos/(n·2π)) / (2·ln θ)
     return dim * math.log(max_pos / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
 
 

@@ -1,4 +1,4 @@
-"""DeepSeekMoE routing (SPEC §4): sigmoid (V3) or softmax (V2) affinities, the aux-loss-free
+"""DeepSeekMoE routing (docs/architecture.md §4): sigmoid (V3) or softmax (V2) affinities, the aux-loss-free
 correction bias that only chooses, group-limited top-k, normalised gates × routed_scaling_factor,
 and the per-layer statistics the training loop needs. Pure functions of fp32 router logits, so the
 dense MoE and the expert-parallel path (which routes each device's own tokens inside ``shard_map``)
@@ -23,7 +23,7 @@ class Routing(NamedTuple):
 
 
 class RouterStats(NamedTuple):
-    """Per-layer statistics the training loop needs (SPEC §4).
+    """Per-layer statistics the training loop needs (docs/architecture.md §4).
 
     counts:     [E]    token-slots routed to each expert (valid tokens only) — drives the bias update.
     seq_counts: [B, E] per-sequence counts Σ_t 1[i ∈ TopK_t] — the f_i of the balance loss.
@@ -45,7 +45,7 @@ class RouterStats(NamedTuple):
 
 
 def route(logits: jax.Array, bias: Optional[jax.Array], cfg: ModelConfig) -> Routing:
-    """Expert selection from fp32 router logits ``[T, E]`` (SPEC §4).
+    """Expert selection from fp32 router logits ``[T, E]`` (docs/architecture.md §4).
 
     The bias only chooses; gate values come from the unbiased scores. Group-limited routing keeps
     the ``topk_group`` best of ``n_group`` groups (a group's score: sum of its top-2 biased scores for
@@ -82,7 +82,7 @@ class Router(nnx.Module):
                      if cfg.topk_method == "noaux_tc" else None)
 
     def __call__(self, x: jax.Array) -> Routing:
-        # The MoE gate stays in fp32 (SPEC §6).
+        # The MoE gate stays in fp32 (docs/architecture.md §6).
         logits = x.astype(jnp.float32) @ self.kernel[...].astype(jnp.float32)
         return route(logits, None if self.bias is None else self.bias[...], self.cfg)
 

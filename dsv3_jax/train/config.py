@@ -31,11 +31,11 @@ MOMENT_DTYPES = ("float32", "bfloat16")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Pre-training recipe (SPEC §4, §5, §8), scaled to the run length."""
+    """Pre-training recipe (docs/architecture.md §4, §5, §8), scaled to the run length."""
     steps: int = 1000
     grad_accum: int = 1                  # micro-batches per step (data.batch_size must divide)
     seed: int = 0                        # parameter init (data order: data.seed)
-    # optimizer (SPEC §8)
+    # optimizer (docs/architecture.md §8)
     lr: float = 2.2e-4                   # peak learning rate
     warmup_steps: int = -1               # -1: 2% of steps (the report's 2K of ~100K-step scale, rounded up)
     b1: float = 0.9
@@ -43,8 +43,8 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     clip_norm: float = 1.0               # global-norm clip; 0 disables
-    moment_dtype: str = "float32"        # "bfloat16": AdamW moments in bf16 (SPEC §6)
-    # losses and balancing (SPEC §4, §5)
+    moment_dtype: str = "float32"        # "bfloat16": AdamW moments in bf16 (docs/architecture.md §6)
+    # losses and balancing (docs/architecture.md §4, §5)
     mtp_weight: float = 0.3              # λ
     balance: str = "aux_free"            # aux_free (bias update + α loss) | aux_loss (α loss only) | none
     balance_alpha: float = 1e-4          # α of the sequence-wise balance loss

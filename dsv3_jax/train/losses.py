@@ -1,4 +1,4 @@
-"""Training objective (SPEC §4, §5): next-token CE + λ·MTP CE + sequence-wise balance loss, all fp32.
+"""Training objective (docs/architecture.md §4, §5): next-token CE + λ·MTP CE + sequence-wise balance loss, all fp32.
 
 Every loss is returned as a *sum* plus the denominator it is normalised by, so gradient accumulation
 over micro-batches divides by the global batch's counts and equals the full-batch gradient exactly.
@@ -34,7 +34,7 @@ def mtp_targets(targets: jax.Array, loss_mask: jax.Array, depth: int) -> tuple[j
 
 
 def balance_loss_terms(stats: RouterStats, n_experts: int, top_k: int) -> tuple[jax.Array, jax.Array]:
-    """Sequence-wise balance loss without α (SPEC §4), per layer and sequence:
+    """Sequence-wise balance loss without α (docs/architecture.md §4), per layer and sequence:
     ``f_i = N_r/(K_r·T) Σ_t 1[i∈TopK_t]``, ``P_i = (1/T) Σ_t s'_{i,t}``, ``L = Σ_i f_i P_i``.
 
     ``stats`` is stacked over layers (``seq_counts/seq_probs [L,B,E]``, ``seq_tokens [L,B]``). Returns

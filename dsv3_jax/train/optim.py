@@ -1,4 +1,4 @@
-"""Optimizer (SPEC §8): AdamW β=(0.9, 0.95), weight decay 0.1, global-norm clip 1.0, and the
+"""Optimizer (docs/architecture.md §8): AdamW β=(0.9, 0.95), weight decay 0.1, global-norm clip 1.0, and the
 DeepSeek-V3 learning-rate schedule scaled to the run length.
 
 Schedule, in fractions of the run (the report's 14.8T tokens): linear warm-up to ``lr`` (2K steps there;
@@ -9,7 +9,7 @@ Schedule, in fractions of the run (the report's 14.8T tokens): linear warm-up to
 Weight-decay mask (our choice; the report does not say): decay every matrix — attention, FFN and
 expert weights, the MoE gate, ``eh_proj`` and the output head — but not the RMSNorm scales (1-D) nor
 the embedding table (a lookup; decaying rare tokens' rows towards 0 only hurts them). The router bias
-is not a parameter and never reaches the optimizer (SPEC §4).
+is not a parameter and never reaches the optimizer (docs/architecture.md §4).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import optax
 
 from .config import TrainConfig
 
-# SPEC §8 phase boundaries as fractions of 14.8T tokens.
+# docs/architecture.md §8 phase boundaries as fractions of 14.8T tokens.
 CONSTANT_END = 10.0 / 14.8
 COSINE_END = 14.3 / 14.8
 TAIL_END = (14.3 + 0.333) / 14.8
@@ -67,7 +67,7 @@ class LowpAdamState(NamedTuple):
 
 
 def scale_by_adam_lowp(b1: float, b2: float, eps: float, dtype) -> optax.GradientTransformation:
-    """Adam's moment estimates stored in ``dtype`` (bf16: SPEC §6), computed in fp32."""
+    """Adam's moment estimates stored in ``dtype`` (bf16: docs/architecture.md §6), computed in fp32."""
     dtype = jnp.dtype(dtype)
 
     def init(params):

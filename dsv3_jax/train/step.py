@@ -1,4 +1,5 @@
-"""The train and eval steps: pure jitted functions of ``(graphdef, state, batch)`` (DESIGN.md).
+"""The train and eval steps: pure jitted functions of ``(graphdef, state, batch)``
+(docs/design.md §Functional at the boundary).
 
 ``state`` is a dict of pytrees: ``params`` (every ``nnx.Param``), ``bias`` (the ``RouterBias``
 variables), ``rest`` (any other model variable), ``opt`` (optax state). One step:
@@ -7,7 +8,7 @@ variables), ``rest`` (any other model variable), ``opt`` (optax state). One step
    by the *global* batch's denominators, so accumulation equals the full-batch gradient;
 2. AdamW update (clip, schedule) — skipped, with the state left untouched, when the loss or the
    gradient norm is not finite;
-3. aux-loss-free bias update outside the optimizer (SPEC §4): ``b_i -= γ·sign(load_i − mean load)``
+3. aux-loss-free bias update outside the optimizer (docs/architecture.md §4): ``b_i -= γ·sign(load_i − mean load)``
    from the per-expert counts of the whole global batch (under a mesh the counts are global arrays:
    XLA inserts the reduction), for every MoE layer and MTP block.
 """
@@ -74,7 +75,7 @@ def make_loss_fn(graphdef, cfg: ModelConfig, t: TrainConfig) -> Callable:
 
 def bias_update(bias: nnx.State, counts: Optional[jax.Array], mtp_counts: Optional[jax.Array],
                 rate: float) -> nnx.State:
-    """``b -= γ·sign(c − mean c)`` per layer (SPEC §4): over-loaded experts lose γ, under-loaded gain γ."""
+    """``b -= γ·sign(c − mean c)`` per layer (docs/architecture.md §4): over-loaded experts lose γ, under-loaded gain γ."""
     def one(path, b):
         keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
         if keys[0] == MOE_STACK:

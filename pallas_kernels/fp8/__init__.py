@@ -1,4 +1,4 @@
-"""FP8 (e4m3) quantisation and block-scaled GEMM (SPEC §6). ``reference.py`` is the specification
+"""FP8 (e4m3) quantisation and block-scaled GEMM (docs/architecture.md §6). ``reference.py`` is the specification
 and the CPU path; ``pallas_gpu.py`` (Triton) and ``pallas_tpu.py`` (Mosaic) are the kernels;
 ``ops.py`` dispatches by backend."""
 from .ops import (BACKENDS, gemm_rowscaled, linear, matmul, quantize_activation, quantize_weight,

@@ -1,4 +1,4 @@
-"""FP8 grouped GEMM for routed experts on the block-padded layout (SPEC §6).
+"""FP8 grouped GEMM for routed experts on the block-padded layout (docs/architecture.md §6).
 
 Rows sorted by expert are padded to blocks of ``B`` rows, each block owned by one expert
 (``dsv3_jax.model.grouped_gemm.BlockLayout``). ``grouped_linear(xb, w, block_expert)`` computes

@@ -1,4 +1,4 @@
-"""Public FP8 ops: quantizers, the block-scaled GEMM, and a differentiable FP8 linear (SPEC §6).
+"""Public FP8 ops: quantizers, the block-scaled GEMM, and a differentiable FP8 linear (docs/architecture.md §6).
 
 Every op takes ``backend='auto'|'reference'|'pallas'|'pallas_gpu'|'pallas_tpu'`` and ``interpret``:
 
@@ -124,7 +124,7 @@ def _linear_fwd(x2, w, out_dtype, backend, interpret, pow2_scale):
     xq, xs = ref.quantize_activation(x2, pow2_scale=pow2_scale)      # 1×128 along K
     wq, ws = ref.quantize_weight(w.T, pow2_scale=pow2_scale)          # [N, K], 128×128
     y = gemm(xq, xs, wq, ref.weight_scale_rows(ws, wq.shape[0]), out_dtype=out_dtype)
-    # Residuals in FP8 (SPEC §6): the quantized activation and weight (as uint8 bits, see
+    # Residuals in FP8 (docs/architecture.md §6): the quantized activation and weight (as uint8 bits, see
     # ``reference.to_bits``), plus dtype witnesses.
     return y, (ref.to_bits(xq), xs, ref.to_bits(wq), ws, jnp.zeros((0,), x2.dtype), jnp.zeros((0,), w.dtype))
 

@@ -4,7 +4,7 @@ One program computes a ``[BM, BN]`` output tile; it walks K in steps of 128 (the
 granularity): loads the e4m3 tiles ``a [BM, 128]`` and ``b [BN, 128]`` — both **K-major**, which
 is the operand layout FP8 tensor cores (wgmma) take — multiplies them on the tensor cores with an
 fp32 accumulator, and promotes the partial sum into the fp32 running total scaled by the two
-operands' per-row scales of that K block (SPEC §6; ``reference.matmul_rowscaled`` is the spec).
+operands' per-row scales of that K block (docs/architecture.md §6; ``reference.matmul_rowscaled`` is the spec).
 
 Inputs arrive padded by ``ops.py``: M to a multiple of BM, N of BN, K of 128; scales transposed to
 ``[Kb, M]`` / ``[Kb, N]`` so each K step reads one contiguous row. Triton wants power-of-2 tiles:

@@ -3,7 +3,7 @@
 Grid ``(M/BM, N/BN, K/(KS·128))`` with K innermost and sequential ("arbitrary"): each step loads
 ``KS`` 128-wide K blocks of the e4m3 operands into VMEM, and for each block forms the partial
 product on the MXU with fp32 accumulation, then adds it into an fp32 VMEM accumulator scaled by the
-two operands' per-row scales of that block (SPEC §6; ``reference.matmul_rowscaled`` is the spec).
+two operands' per-row scales of that block (docs/architecture.md §6; ``reference.matmul_rowscaled`` is the spec).
 The operands are widened to bf16 inside the kernel — exact for e4m3 values — so the same kernel
 runs on MXUs without native FP8.
 

@@ -1,4 +1,4 @@
-"""Reference (plain jnp) FP8 quantisation and block-scaled GEMM: the specification (SPEC §6).
+"""Reference (plain jnp) FP8 quantisation and block-scaled GEMM: the specification (docs/architecture.md §6).
 
 Everything the Pallas kernels compute is defined here; they are tested against these functions.
 
@@ -18,7 +18,7 @@ dequantises to NaN at the inf and 0 elsewhere, so the affected GEMM outputs are 
 The GEMM ``matmul_rowscaled`` is the single numerical definition: for each 128-wide block ``k`` of
 the contraction, the partial product of the FP8 operands is formed exactly (e4m3 products are exact
 in bf16/fp32 inputs) with fp32 accumulation, promoted and scaled — ``acc += (P_k * a_s[:, k]) *
-b_s[:, k]`` — every 128 elements of K (SPEC §6, "higher-precision accumulation").
+b_s[:, k]`` — every 128 elements of K (docs/architecture.md §6, "higher-precision accumulation").
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 BLOCK = 128
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
-AMAX_MIN = 1e-4  # SPEC §6
+AMAX_MIN = 1e-4  # docs/architecture.md §6
 
 
 def cdiv(a: int, b: int) -> int:

@@ -1,4 +1,4 @@
-"""MLA attention ops (SPEC §2). ``reference.py`` is the specification and the CPU path;
+"""MLA attention ops (docs/architecture.md §2). ``reference.py`` is the specification and the CPU path;
 ``blockwise.py`` is flash attention in jnp (and the prefill backward); ``pallas_gpu.py`` (Triton) and
 ``pallas_tpu.py`` (Mosaic) are the kernels; ``ops.py`` dispatches by backend."""
 from .ops import BACKENDS, decode, default_num_splits, prefill, resolve_backend

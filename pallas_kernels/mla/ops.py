@@ -1,4 +1,4 @@
-"""Public MLA attention ops (SPEC §2): ``prefill`` (training / prompt) and ``decode`` (absorbed, latent cache).
+"""Public MLA attention ops (docs/architecture.md §2): ``prefill`` (training / prompt) and ``decode`` (absorbed, latent cache).
 
 Both take ``backend='auto'|'reference'|'blockwise'|'pallas'|'pallas_gpu'|'pallas_tpu'`` and
 ``interpret`` (same conventions as ``pallas_kernels.fp8``):

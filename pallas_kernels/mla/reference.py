@@ -40,7 +40,7 @@ def prefill_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
-# ---- absorbed decode over the latent cache (SPEC §2) ---------------------------------------------
+# ---- absorbed decode over the latent cache (docs/architecture.md §2) ---------------------------------------------
 def gather_pages(pool: jax.Array, block_table: jax.Array) -> jax.Array:
     """Paged cache ``pool [P, page, X]`` + ``block_table [B, pages_per_seq]`` → contiguous
     ``[B, pages_per_seq·page, X]`` (entry ``j`` of a row holds tokens ``j·page … (j+1)·page-1``)."""
@@ -90,7 +90,7 @@ def combine_splits(o: jax.Array, lse: jax.Array) -> jax.Array:
 
 def decode_reference(q_latent: jax.Array, q_rope: jax.Array, ckv: jax.Array, krope: jax.Array,
                      lengths: jax.Array, *, scale: float, block_table: Optional[jax.Array] = None) -> jax.Array:
-    """Absorbed MLA decode (SPEC §2), all heads against the one latent stream: scores
+    """Absorbed MLA decode (docs/architecture.md §2), all heads against the one latent stream: scores
     ``(q_lat·c_kv + q_rope·k_rope)·scale`` over cache positions ``< lengths[b]``, fp32 softmax,
     ``o_lat = Σ p·c_kv``. q_latent ``[B, H, L]``, q_rope ``[B, H, R]``, caches ``[B, T, L]`` /
     ``[B, T, R]`` (or page pools ``[P, page, ·]`` with ``block_table [B, pages_per_seq]``),

@@ -239,7 +239,7 @@ def test_keep_fp8_stores_release_bits_and_serves(fp8_src, tmp_path):
     q = stored[("moe_layers", "0", "attn", "q_b_proj", "kernel")]
     assert q.dtype == fp8.E4M3 and q.shape == (cfg.q_lora_rank, cfg.num_heads, cfg.qk_head_dim)
     for k in (("embed",), ("lm_head",), ("moe_layers", "0", "mlp", "router", "kernel")):
-        assert stored[k].dtype == np.float32, k  # SPEC §6: kept in high precision
+        assert stored[k].dtype == np.float32, k  # docs/architecture.md §6: kept in high precision
     f32_bytes = sum(v.nbytes for v in orbax_io.read_params(dst).values() if v.dtype != fp8.E4M3)
     assert sum(v.nbytes for v in stored.values()) < f32_bytes + sum(
         v.size for v in stored.values() if v.dtype == fp8.E4M3) + 1

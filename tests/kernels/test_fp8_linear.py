@@ -1,4 +1,4 @@
-"""Differentiable FP8 linear (SPEC §6: forward, dgrad and wgrad GEMMs in FP8) under jit, grad and
+"""Differentiable FP8 linear (docs/architecture.md §6: forward, dgrad and wgrad GEMMs in FP8) under jit, grad and
 scan, its Pallas kernels in interpret mode, and the model switch ``quant=fp8``."""
 import numpy as np
 import pytest
@@ -51,7 +51,7 @@ def test_linear_forward_and_gradients_within_fp8_bound():
 
 def test_linear_backward_gemms_are_fp8_quantised():
     """dgrad and wgrad are not fp32 GEMMs in disguise: they equal the reference FP8 GEMM of the
-    quantised operands exactly as ops.py defines them (SPEC §6 tilings)."""
+    quantised operands exactly as ops.py defines them (docs/architecture.md §6 tilings)."""
     x, w, g = _problem(40, 160, 72, 1)
     dx, dw = _grads(fp8.linear, x, w, g)
     ref = fp8.reference

@@ -1,4 +1,4 @@
-"""FP8 quantizers and block-scaled GEMM (SPEC §6): reference vs exact math, vs fp32 within the e4m3
+"""FP8 quantizers and block-scaled GEMM (docs/architecture.md §6): reference vs exact math, vs fp32 within the e4m3
 bound, the Pallas GPU (Triton) and TPU (Mosaic) kernels vs the reference in interpret mode, edge
 values, the release checkpoint format, and lowering of both kernels for their real platforms."""
 import numpy as np

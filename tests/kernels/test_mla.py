@@ -1,4 +1,4 @@
-"""MLA attention ops (SPEC §2): flash prefill (jnp blockwise, Pallas Triton and Mosaic kernels in
+"""MLA attention ops (docs/architecture.md §2): flash prefill (jnp blockwise, Pallas Triton and Mosaic kernels in
 interpret mode) against the reference, its gradients, the model's call path; absorbed decode against
 plain per-head attention over re-expanded K/V, paged vs contiguous caches, split-KV vs unsplit; and
 lowering of every kernel for its real platform.

@@ -1,4 +1,4 @@
-"""DeepSeekMoE: routing rules (SPEC §4), dropless grouped GEMM vs a per-expert loop, gradients."""
+"""DeepSeekMoE: routing rules (docs/architecture.md §4), dropless grouped GEMM vs a per-expert loop, gradients."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +13,7 @@ from dsv3_jax.model.routing import route
 
 
 def _route_reference(logits, bias, cfg):
-    """Token by token, written from SPEC §4 prose."""
+    """Token by token, written from docs/architecture.md §4 prose."""
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     weights, experts = [], []
     for u in logits.astype(np.float64):

@@ -1,4 +1,4 @@
-"""MTP (SPEC §5) against a direct computation from the same weights, built from transformers' own
+"""MTP (docs/architecture.md §5) against a direct computation from the same weights, built from transformers' own
 modules: ``h' = W_eh [enorm(Emb(t_{i+1})) ; hnorm(h_i)]`` (embedding first), transformers' MoE decoder
 layer holding the MTP block weights, the MTP's own final norm, the shared head."""
 import numpy as np
@@ -43,7 +43,7 @@ def test_mtp_logits_match_direct_reference():
 
     with torch.no_grad():
         t = torch.tensor(tokens)
-        h = main.model(t).last_hidden_state                      # after the final norm (SPEC §5)
+        h = main.model(t).last_hidden_state                      # after the final norm (docs/architecture.md §5)
         nxt = torch.cat([t[:, 1:], torch.zeros_like(t[:, :1])], 1)
         emb = main.model.embed_tokens(nxt)
         emb[:, -1] = 0                                           # no t_{i+1} beyond the row

@@ -1,4 +1,4 @@
-"""The layer stack is stored stacked and run with ``lax.scan`` (DESIGN.md "Scan the stack").
+"""The layer stack is stored stacked and run with ``lax.scan`` (docs/design.md §Scan the stack).
 
 * every variable under ``dense_layers`` / ``moe_layers`` has a leading ``layers`` axis of the stack's depth;
 * the forward's jaxpr has the same number of equations at 4 and 12 layers: program size (and so compile

@@ -77,7 +77,7 @@ def test_expert_parallel_equals_single_device(reference, strategy, mesh_spec):
 @pytest.mark.parametrize("strategy, mesh_spec", [
     ("allgather", "expert=8"), ("ragged_a2a", "expert=8"), ("allgather", "data=2,expert=4")])
 def test_fp8_expert_parallel_equals_single_device(strategy, mesh_spec):
-    """quant=fp8 (SPEC §6) on a mesh: every FP8 GEMM runs per shard inside shard_map (the Pallas
+    """quant=fp8 (docs/architecture.md §6) on a mesh: every FP8 GEMM runs per shard inside shard_map (the Pallas
     kernels cannot be partitioned by XLA) with the same 1×128 activation tiles and 128×128 weight
     blocks as one device, so the loss, logits and input gradients equal one device up to summation
     order. Weight-gradient GEMMs contract over tokens, and each shard holds only its own tokens: their

@@ -1,4 +1,4 @@
-"""Losses, bias update, schedule and decay mask against direct formulas (SPEC §4, §5, §8)."""
+"""Losses, bias update, schedule and decay mask against direct formulas (docs/architecture.md §4, §5, §8)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,7 +69,7 @@ def test_mtp_targets_and_mask():
 
 
 def test_bias_update_direction_and_magnitude():
-    """b_i -= γ where the global load is above the mean, += γ below, unchanged at the mean (SPEC §4);
+    """b_i -= γ where the global load is above the mean, += γ below, unchanged at the mean (docs/architecture.md §4);
     MTP blocks use their own counts."""
     cfg = dsv3.load_config("tiny")
     model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0))
@@ -92,7 +92,7 @@ def test_bias_update_direction_and_magnitude():
 
 
 def test_schedule_values():
-    """Warm-up → constant → cosine to 0.1·lr → 0.1·lr → lr·7.3/220, at the SPEC §8 fractions of the run."""
+    """Warm-up → constant → cosine to 0.1·lr → 0.1·lr → lr·7.3/220, at the docs/architecture.md §8 fractions of the run."""
     run = load_run_config("tiny", ["steps=1000", "train.lr=1e-3"])
     s = lr_schedule(run.train)
     lr = lambda i: float(s(i))  # noqa: E731
