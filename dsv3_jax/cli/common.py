@@ -78,3 +78,20 @@ def add_mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep-strategy", choices=("allgather", "ragged_a2a", "a2a_capacity"),
                    help="expert-parallel strategy on the mesh (default allgather; same as ep_strategy=...)")
 
+
+def add_distributed_args(p: argparse.ArgumentParser) -> None:
+    """``--coordinator-address/--num-processes/--process-id`` (as ``jax.distributed.initialize`` names
+    them) and the timeouts; ``dsv3_jax.distributed.initialize_from_args`` joins the run with them."""
+    g = p.add_argument_group("multi-process runs", "one process per host, all started with the same command but "
+                             "their own --process-id; none of these under SLURM, Open MPI or on a Cloud TPU pod "
+                             "slice, where the run is joined automatically (see README, Multi-process runs)")
+    g.add_argument("--coordinator-address", metavar="HOST:PORT",
+                   help="process 0's host and a free port there, reachable from every process")
+    g.add_argument("--num-processes", type=int, metavar="N", help="number of processes in the run")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0..N-1")
+    g.add_argument("--heartbeat-timeout", type=int, metavar="S",
+                   help="a process silent this long is declared dead and the run stops (default 30; "
+                        "env DSV3_HEARTBEAT_TIMEOUT)")
+    g.add_argument("--init-timeout", type=int, metavar="S",
+                   help="how long to wait for the coordinator and every process to join (default 300; "
+                        "env DSV3_INIT_TIMEOUT)")

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from .common import add_mesh_args, add_overrides, float_arg, int_arg
+from .common import add_distributed_args, add_mesh_args, add_overrides, float_arg, int_arg
 
 
 def register(sub) -> None:
@@ -21,6 +21,7 @@ def register(sub) -> None:
                    help="save float32 MTP logits [mtp_depth, batch, seq, vocab]")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_mesh_args(p)
+    add_distributed_args(p)
     add_overrides(p, "runtime config overrides, e.g. compute_dtype=float32 moe_impl=ragged")
     p.set_defaults(func=run_score)
 
@@ -44,6 +45,7 @@ def register(sub) -> None:
     p.add_argument("--mesh", help="run on a device mesh, e.g. data=2,expert=4 (expert-parallel MoE)")
     p.add_argument("--ep-strategy", choices=("allgather", "ragged_a2a", "a2a_capacity"),
                    help="expert-parallel strategy on the mesh (default allgather; same as ep_strategy=...)")
+    add_distributed_args(p)
     add_overrides(p, "runtime config overrides, e.g. compute_dtype=float32")
     p.set_defaults(func=run_generate)
 
@@ -151,6 +153,8 @@ def _save(path: str, array, flag: str) -> None:
 
 def run_score(args) -> int:
     from ..checkpoint.orbax_io import load_checkpoint
+    from ..distributed import initialize_from_args, is_primary
+    initialize_from_args(args, lambda m: print(m, file=sys.stderr, flush=True))  # before any JAX backend use
     from ..errors import CheckpointError
     from ..checkpoint.orbax_io import checkpoint_config
     from ..inference.scoring import check_score_tokens, score, tokenize
@@ -175,6 +179,8 @@ def run_score(args) -> int:
         raise CheckpointError(f"{args.checkpoint} has no MTP module, so there are no MTP logits to save "
                               "(fix: drop --save-mtp-logits).")
     res = score(model, tokens, mtp=want_mtp)   # on a mesh: padded to its batch shards, padding dropped
+    if not is_primary():  # several processes: process 0 writes the outputs
+        return 0
     if args.save_logits:
         _save(args.save_logits, res.logits, "--save-logits")
     if want_mtp:
@@ -209,6 +215,9 @@ def _ids(text: str, flag: str) -> list[int]:
 
 def run_generate(args) -> int:
     from ..checkpoint.orbax_io import load_checkpoint
+    from ..distributed import initialize_from_args, is_primary
+    initialize_from_args(args, lambda m: print(m, file=sys.stderr, flush=True))  # before any JAX backend use
+    quiet = not is_primary()  # several processes: process 0 writes the output
     from ..data.tokenizer import load_tokenizer
     import numpy as np
 
@@ -255,19 +264,21 @@ def run_generate(args) -> int:
 
     def on_token(_: int, t: int) -> None:
         streamed.append(t)
-        if not args.json:
+        if not args.json and not quiet:
             piece = decode(streamed) if tok is not None else None
             prev = decode(streamed[:-1]) if tok is not None else None
             sys.stdout.write(piece[len(prev):] if tok is not None else f"{t} ")
             sys.stdout.flush()
 
-    if not args.json and tok is not None:
+    if not args.json and tok is not None and not quiet:
         sys.stdout.write(text if args.prompt_ids is None else decode(prompt))
     t0 = time.perf_counter()
     res = gen([prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, seed=args.seed, stop_tokens=stops, speculative=args.speculative, on_token=on_token)
     dt = time.perf_counter() - t0
     ids = res.tokens[0]
+    if quiet:
+        return 0
     if args.json:
         out = {"token_ids": ids, "text": decode(ids) if tok is not None else None, "steps": res.steps,
                "seconds": dt}

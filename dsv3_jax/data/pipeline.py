@@ -7,8 +7,14 @@
 - Split: documents are ranked by a hash of their index (independent of ``seed``); the first
   ``round(val_fraction · N)`` (at least 1 when ``val_fraction > 0``) are validation, the rest train.
   Disjoint by construction, and stable when ``seed`` or sharding change.
-- Sharding: process ``i`` of ``n`` gets ``ids[i::n]`` of its split (before shuffling): disjoint shards that
-  cover the split. Defaults to ``jax.process_index()/process_count()``.
+- Sharding: shard ``i`` of ``n`` gets ``ids[i::n]`` of its split (before shuffling): disjoint shards that
+  cover the split. ``make_dataset`` defaults to ``jax.process_index()/process_count()``.
+- Virtual shards (what the trainer reads, ``ShardedBatches``): the global batch of ``batch_size`` rows is
+  cut into ``data.shards`` equal row groups (default ``gcd(batch_size, 64)``); group ``v`` is always
+  filled from virtual shard ``v`` (its own document shard, shuffle and packing). A process reads only the
+  shards whose rows its devices hold (``process_shards``), so the global batch at every step is the same
+  for any number of processes (1 × 8 devices or 2 × 4 see the same rows in the same places), and the
+  saved iterator state (one entry per virtual shard) resumes on any process count.
 - Shuffle: a permutation of the shard per epoch from ``seed`` (``grain`` index shuffle), so train data is
   an endless stream by default; validation is read once, in order. A finite stream's last batch is
   padded with empty rows (``loss_mask`` 0): no data is dropped and every batch has the same shape.
@@ -20,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from typing import Optional, Sequence, Union
+import math
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import grain
 import numpy as np
@@ -51,6 +58,7 @@ class DataConfig:
     shuffle: bool = True
     read_threads: int = 2                # grain threads reading + tokenizing documents (0: inline)
     prefetch_documents: int = 64
+    shards: int = 0                      # virtual data shards (row groups of the global batch); 0: gcd(batch_size, 64)
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -62,6 +70,9 @@ class DataConfig:
         need(0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}")
         need(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         need(self.read_threads >= 0 and self.prefetch_documents >= 0, "read_threads/prefetch_documents ≥ 0")
+        need(self.shards >= 0 and (self.shards == 0 or self.batch_size % self.shards == 0),
+             f"shards={self.shards} must divide batch_size={self.batch_size} (fix: pick a divisor, or 0 for "
+             "the default gcd(batch_size, 64))")
 
 
 def check_token_ids(ids: np.ndarray, vocab_size: int, where: str = "") -> None:
@@ -185,5 +196,131 @@ def make_dataset(config: DataConfig, tokenizer: Union[Tokenizer, str, None] = No
     return ds
 
 
+# ---- the global batch, cut into virtual shards -----------------------------------------------------
+MAX_AUTO_SHARDS = 64
+
+
+def num_shards(config: DataConfig) -> int:
+    """The number of virtual data shards: ``config.shards``, or ``gcd(batch_size, 64)`` when 0."""
+    return config.shards or math.gcd(config.batch_size, MAX_AUTO_SHARDS)
+
+
+def process_shards(sharding, config: DataConfig) -> list[int]:
+    """The virtual shards whose rows the devices of this process hold when a ``[batch_size, ...]`` batch
+    is laid out by ``sharding`` (a ``jax.sharding.Sharding``); ascending, so their rows concatenated are
+    this process's rows of the global batch in order (what ``jax.make_array_from_process_local_data``
+    takes). ``DataError`` when the process's rows are not whole shards."""
+    b, v = config.batch_size, num_shards(config)
+    per = b // v
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((b,)).values():
+        rows.update(range(*index[0].indices(b)))
+    shards = sorted({r // per for r in rows})
+    if rows != {r for s in shards for r in range(s * per, (s + 1) * per)}:
+        raise DataError(f"this process holds rows {sorted(rows)[:8]}... of the {b}-row batch, which are not whole "
+                        f"virtual data shards of {per} rows (data.shards={v}) (fix: set data.shards to a multiple of "
+                        "the number of processes that divides data.batch_size).")
+    return shards
+
+
+def empty_rows(n: int, seq_len: int, pad_id: int) -> dict:
+    """``n`` padding rows (``loss_mask`` 0: they add nothing to a loss)."""
+    return {k: np.full((n, seq_len), pad_id if k in ("inputs", "targets") else 0, np.int32) for k in FIELDS}
+
+
+class ShardedBatches:
+    """This process's rows of the global batch stream: ``data.batch_size / data.shards`` rows from each of
+    its virtual ``shards`` (default: all), concatenated in shard order. Each virtual shard is a
+    ``make_dataset`` pipeline over document shard ``v`` of ``num_shards``. A finite stream (validation)
+    continues with padding rows once a shard ends (every process runs the same number of steps);
+    ``exhausted`` says when all of this process's shards have ended.
+
+    ``get_state()`` holds this process's shards (``{"num_shards", "shards": {v: state}}``);
+    ``merge_states`` joins the states of all processes; ``set_state`` takes such a merged state and
+    restores the shards this process reads, whatever process count wrote it."""
+
+    def __init__(self, config: DataConfig, tokenizer: Union[Tokenizer, str, None] = None, *, split: str = "train",
+                 shards: Optional[Iterable[int]] = None, vocab_size: Optional[int] = None,
+                 source: Optional[Sequence[str]] = None):
+        v = num_shards(config)
+        self.num_shards, self.split, self.config = v, split, config
+        self.shards = sorted(set(range(v) if shards is None else (int(s) for s in shards)))
+        if not self.shards or not 0 <= self.shards[0] <= self.shards[-1] < v:
+            raise DataError(f"virtual shards {self.shards} are not a non-empty subset of range({v}).")
+        if tokenizer is None:
+            tokenizer = config.tokenizer
+        if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+            tokenizer = load_tokenizer(tokenizer)
+        if source is None:
+            source = open_source(config.path, glob=config.glob, text_field=config.text_field)
+        self.rows_per_shard = config.batch_size // v
+        n = len(self.shards)
+        sub = dataclasses.replace(config, batch_size=self.rows_per_shard, shards=1,
+                                  read_threads=-(-config.read_threads // n),
+                                  prefetch_documents=-(-config.prefetch_documents // n))
+        self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
+        self._its: dict[int, Any] = {}
+        for s in self.shards:
+            if len(document_ids(len(source), config, split, shard_index=s, shard_count=v)) == 0:
+                if split == "train":
+                    raise DataError(f"virtual data shard {s} of {v} has no training documents ({len(source)} "
+                                    f"documents in {config.path!r}) (fix: lower data.shards, or use more documents).")
+                self._its[s] = None                       # an empty validation shard: padding only
+            else:
+                self._its[s] = iter(make_dataset(sub, tokenizer, split=split, vocab_size=vocab_size,
+                                                 shard_index=s, shard_count=v, source=source))
+
+    @property
+    def exhausted(self) -> bool:
+        return all(it is None for it in self._its.values())
+
+    def __iter__(self) -> "ShardedBatches":
+        return self
+
+    def __next__(self) -> dict:
+        parts = []
+        for s in self.shards:
+            it, batch = self._its[s], None
+            if it is not None:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    self._its[s] = None
+            parts.append(batch if batch is not None else
+                         empty_rows(self.rows_per_shard, self.config.seq_len, self.pad_id))
+        return {k: np.concatenate([p[k] for p in parts]) for k in FIELDS}
+
+    def get_state(self) -> dict:
+        return {"num_shards": self.num_shards,
+                "shards": {str(s): (it.get_state() if it is not None else None) for s, it in self._its.items()}}
+
+    @staticmethod
+    def merge_states(states: Sequence[dict]) -> dict:
+        """One state from the states of every process (each holds its own shards)."""
+        shards: dict = {}
+        for st in states:
+            shards.update(st["shards"])
+        return {"num_shards": states[0]["num_shards"], "shards": dict(sorted(shards.items(), key=lambda kv: int(kv[0])))}
+
+    def set_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or "shards" not in state:
+            raise DataError("the saved data-iterator state predates virtual data shards, so it cannot place this "
+                            "process's rows (fix: train into a fresh train.output_dir).")
+        if int(state["num_shards"]) != self.num_shards:
+            raise DataError(f"the saved data-iterator state has {state['num_shards']} virtual data shards, this run "
+                            f"{self.num_shards} (fix: resume with data.shards={state['num_shards']} and the same "
+                            "data.batch_size).")
+        missing = [s for s in self.shards if str(s) not in state["shards"]]
+        if missing:
+            raise DataError(f"the saved data-iterator state lacks virtual shards {missing} (the checkpoint is "
+                            "incomplete).")
+        for s in self.shards:
+            st = state["shards"][str(s)]
+            if st is None:
+                self._its[s] = None
+            elif self._its[s] is not None:
+                self._its[s].set_state(st)
+
+
 __all__ = ["DataConfig", "make_dataset", "check_token_ids", "split_document_ids", "shard_ids", "document_ids",
-           "FIELDS"]
+           "FIELDS", "ShardedBatches", "num_shards", "process_shards", "empty_rows"]

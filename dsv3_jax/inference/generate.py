@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .. import distributed
 from ..checkpoint.orbax_io import load_checkpoint
 from ..errors import GenerationError
 from ..model import DeepSeekV3, check_tokens, init_cache
@@ -260,11 +261,18 @@ class Generator:
         check_tokens(tokens, cfg.vocab_size, "prompt tokens")
         if self.mesh is not None:
             tokens = jax.device_put(tokens, self.rules.batch_sharding(self.mesh))
-        cache = init_cache(cfg, B, total + 2, mtp=bool(speculative))
+        # a mesh over several processes: the host-made values become replicated global arrays, and the
+        # sampled tokens are read back from all processes (every process runs this loop alike)
+        spread = self.mesh is not None and jax.process_count() > 1
+        rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()) if spread else None
+        glob = (lambda x: jax.device_put(x, rep)) if spread else jnp.asarray  # noqa: E731
+        host = distributed.host_value if spread else np.asarray
+        cache = (jax.jit(lambda: init_cache(cfg, B, total + 2, mtp=bool(speculative)), out_shardings=rep)()
+                 if spread else init_cache(cfg, B, total + 2, mtp=bool(speculative)))
         logits, hidden, cache = self.prefill(self.state, tokens, cache)
-        rows = jnp.arange(B)
-        last = jnp.asarray(lengths - 1)
-        key = jax.random.key(seed)
+        rows = glob(np.arange(B))
+        last = glob(lengths - 1)
+        key = jax.jit(lambda: jax.random.key(seed), out_shardings=rep)() if spread else jax.random.key(seed)
         key, sub = jax.random.split(key)
         nxt = sample(logits[rows, last], sub, temperature, top_k, top_p)
         out: list[list[int]] = [[] for _ in range(B)]
@@ -281,11 +289,11 @@ class Generator:
             if t in stops or len(out[b]) >= max_new_tokens:
                 done[b] = True
 
-        pos = jnp.asarray(lengths)  # cache position of the next token to feed
+        pos = glob(lengths)  # cache position of the next token to feed
         steps = accepted = proposed = 0
         if not speculative:
             while True:
-                for b, t in enumerate(np.asarray(nxt)):
+                for b, t in enumerate(host(nxt)):
                     emit(b, int(t))
                 if done.all():
                     break
@@ -307,7 +315,7 @@ class Generator:
         else:
             draft = jnp.argmax(mtp_logits[rows, last], -1).astype(jnp.int32)
         while True:
-            for b, t in enumerate(np.asarray(nxt)):
+            for b, t in enumerate(host(nxt)):
                 emit(b, int(t))
             if done.all():
                 break
@@ -320,9 +328,10 @@ class Generator:
                 a1, a2, ok, new_draft, cache = self.spec_step(self.state, nxt, draft, pos, cache)
             live = ~done
             proposed += int(live.sum())
-            accepted += int((np.asarray(ok) & live).sum())
-            for b in np.nonzero(np.asarray(ok))[0]:
-                emit(int(b), int(a1[b]))               # the verified draft (then a2 follows as nxt)
+            ok_h, a1_h = host(ok), host(a1)
+            accepted += int((ok_h & live).sum())
+            for b in np.nonzero(ok_h)[0]:
+                emit(int(b), int(a1_h[b]))             # the verified draft (then a2 follows as nxt)
             nxt = jnp.where(ok, a2, a1)
             pos = pos + jnp.where(ok, 2, 1)
             draft = new_draft
