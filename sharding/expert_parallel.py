@@ -11,13 +11,19 @@ update sees every token. Strategies:
   experts (dropless grouped GEMM; token-slots routed elsewhere go to an all-zero "null" expert), and
   ``psum_scatter`` returns each token's summed expert output to its owner. Works on every backend.
 * ``ragged_a2a`` — each token is sent once to every shard that holds at least one of its experts
-  (``ragged_all_to_all`` with exchanged counts/offsets), the shard runs its local experts for the
-  slots it owns, and a reverse ``ragged_all_to_all`` brings the partial sums home. Dropless. XLA:CPU
-  has no ragged_all_to_all, so on CPU the same bookkeeping runs over a padded ``all_to_all``
-  emulation (``emulated_ragged_all_to_all``); GPU/TPU use the real collective.
-* ``a2a_capacity`` — the same exchange over a dense ``all_to_all`` with a fixed per-destination
-  capacity ``ceil(capacity_factor · T · K / n_shards)`` rows; rows beyond it are dropped and the
-  dropped fraction of token-slots is reported. Opt-in only: DeepSeek-V3 never drops tokens.
+  (``ragged_all_to_all``), the shard runs its local experts for the slots it owns (only those: the
+  grouped GEMM never sees foreign slots), and a reverse ``ragged_all_to_all`` brings the partial sums
+  home. Dropless with bounded buffers: the exchange runs in *rounds* of at most
+  ``c = ceil(round_factor · T · K / n_shards)`` slots per source→destination pair (``round_factor``
+  1.25 × the balanced load); a pair with more goes on in further rounds (``_rounds_layout``), so the
+  receive buffers are ``n_shards · c`` rows however skewed the routing, not ``n_shards · T`` (the
+  worst case: 64 × a shard's tokens at 671B). XLA:CPU has no ragged_all_to_all, so on CPU the same
+  bookkeeping runs over a padded ``all_to_all`` emulation (``emulated_ragged_all_to_all``); GPU/TPU
+  use the real collective.
+* ``a2a_capacity`` — one round of the same exchange over a dense ``all_to_all`` with capacity
+  ``c = ceil(capacity_factor · T · K / n_shards)`` slots per destination; what would need a second
+  round is dropped and the dropped token-slots are reported. Opt-in only: DeepSeek-V3 never drops
+  tokens.
 
 With group-limited routing and ``n_group`` a multiple of the expert-shard count, each group lives on
 one shard, so a token reaches at most ``topk_group`` shards (SPEC §4 node-limited routing): ragged
@@ -37,9 +43,11 @@ from .kernels import platform_of
 from .rules import DEFAULT_RULES, Rules
 
 STRATEGIES = ("allgather", "ragged_a2a", "a2a_capacity")
+ROUND_FACTOR = 1.25
 
 # (x [N, D], experts [N, K] local ids — anything outside [0, E_local) belongs to another shard —,
-#  gates [N, K], w_gate, w_up, w_down) -> fp32 [N, D]: Σ_k gate_k · FFN_{e_k}(x) over the local slots
+#  gates [N, K], w_gate, w_up, w_down, *, max_slots=None, out_dtype=float32) -> [N, D]:
+#  Σ_k gate_k · FFN_{e_k}(x) over the local slots, of which there are at most max_slots
 ExpertFn = Callable[..., jax.Array]
 # (x [T, D], router kernel [D, E], bias [E] | None) -> (gates [T, K], experts [T, K], scores [T, E])
 RouteFn = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
@@ -54,6 +62,9 @@ class ExpertParallel:
     batch_axes: tuple
     capacity_factor: float = 1.25
     emulate_ragged: Optional[bool] = None  # None: emulate on CPU only
+    # ragged_a2a: slots per source→destination pair and round, as a multiple of the balanced load
+    # T·K/n (more rounds when a pair has more; never dropped)
+    round_factor: float = ROUND_FACTOR
 
     @classmethod
     def create(cls, mesh: Mesh, strategy: str, n_experts: int, rules: Rules = DEFAULT_RULES, *,
@@ -97,56 +108,99 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
     return output.at[dest.reshape(-1)].set(recv.reshape(-1, *operand.shape[1:]), mode="drop")
 
 
+def _rounds_layout(ep: ExpertParallel, T: int, K: int, e_loc: int) -> tuple[int, int, int, int]:
+    """Static sizes of the ragged exchange: (slot capacity ``c`` per source→destination pair and round,
+    token rows per pair and round ``c_tok``, local slot rows per round ``s_cap``, rounds ``r_max``).
+
+    A token holds at most ``kk = min(K, E_loc)`` slots on one shard. Pairs (token, destination) are sent
+    in rounds: a pair goes in round ``⌊slots queued before it for that destination / c⌋``, so one round
+    carries ``≤ c`` tokens and ``< c + kk`` slots from each source to each destination, and every pair
+    has a round (a source has ``≤ T·kk`` slots for one destination). Nothing is dropped; the buffers are
+    ``n · c_tok`` token rows and ``s_cap`` slot rows whatever the routing."""
+    n = ep.n_expert_shards
+    kk = min(K, e_loc)
+    factor = ep.capacity_factor if ep.strategy == "a2a_capacity" else ep.round_factor
+    c = max(1, min(T * kk, -(-int(factor * T * K) // n)))
+    c_tok = min(T, c)
+    s_cap = n * min(c + kk - 1, c_tok * kk)
+    r_max = 1 if ep.strategy == "a2a_capacity" else -(-(T * kk) // c)
+    return c, c_tok, s_cap, r_max
+
+
 def _exchange(ep: ExpertParallel, expert_fn: ExpertFn, x, experts, weights, w_gate, w_up, w_down):
     """The a2a strategies inside shard_map: x ``[T, D]``, experts/weights ``[T, K]`` (global ids).
-    Returns (fp32 output ``[T, D]``, dropped token-slots, total token-slots)."""
+    Returns (fp32 output ``[T, D]``, dropped token-slots, total token-slots).
+
+    Each token goes once to each shard holding one of its experts (a *pair*), with its local expert
+    ids and gates; pairs are packed per destination into rounds of bounded size (``_rounds_layout``).
+    ``ragged_a2a`` runs as many rounds as the busiest pair of the expert group needs (a ``scan`` over
+    the static maximum, rounds past it skipped by ``cond``; usually one), so it is dropless with buffers
+    of ``~round_factor × the balanced load``. ``a2a_capacity`` runs one round and drops the rest."""
     n = ep.n_expert_shards
     T, D = x.shape
     K = experts.shape[-1]
     e_loc = w_gate.shape[0]
     me = jax.lax.axis_index("expert")
-    dest_of_slot = experts // e_loc                                        # [T, K]
-    need = (dest_of_slot[:, :, None] == jnp.arange(n)).any(1)              # [T, n]: token t goes to shard j
-    send_sizes = need.sum(0).astype(jnp.int32)                             # [n]
-    if ep.strategy == "a2a_capacity":
-        cap = min(T, -(-int(ep.capacity_factor * T * K) // n))
-        rank = jnp.cumsum(need, axis=0) - 1                                # position within destination
-        kept = need & (rank < cap)
-        slots_per_pair = (dest_of_slot[:, :, None] == jnp.arange(n)).sum(1)  # [T, n]
-        dropped = jnp.where(need & ~kept, slots_per_pair, 0).sum()
-        need, send_sizes = kept, jnp.minimum(send_sizes, cap)
-        chunk = cap
-    else:
-        chunk, dropped = T, jnp.zeros((), jnp.int32)
-    # Pairs (j, t) in destination-major order; the first sum(send_sizes) rows are real.
-    pair_order = jnp.argsort(~need.T.reshape(-1), stable=True)
-    src_token = pair_order % T
-    pair_dest = pair_order // T
-    local_ids = jnp.where(dest_of_slot[src_token] == pair_dest[:, None], experts[src_token] % e_loc, -1)
-    send_x, send_w = x[src_token], weights[src_token]
-    input_offsets = (jnp.cumsum(send_sizes) - send_sizes).astype(jnp.int32)
-    recv_sizes = jax.lax.all_to_all(send_sizes, "expert", 0, 0, tiled=True)
-    recv_offsets = (jnp.cumsum(recv_sizes) - recv_sizes).astype(jnp.int32)
-    output_offsets = jax.lax.all_to_all(recv_offsets, "expert", 0, 0, tiled=True)
-    back_offsets = jax.lax.all_to_all(input_offsets, "expert", 0, 0, tiled=True)
+    c, c_tok, s_cap, r_max = _rounds_layout(ep, T, K, e_loc)
+    dest = experts // e_loc                                                # [T, K] shard of each slot
+    same = dest[:, :, None] == dest[:, None, :]                            # [T, K, K]
+    earlier = jnp.arange(K)[None, :] < jnp.arange(K)[:, None]              # [k, k']: k' < k
+    first = ~(same & earlier[None]).any(-1)                                # slot k opens the pair (t, dest)
+    n_pairs = T * min(n, K)                                                # a token reaches ≤ min(n, K) shards
+    key = jnp.where(first, dest, n).reshape(-1)
+    order = jnp.argsort(key, stable=True)[:n_pairs]                        # pairs, destination-major
+    p_dest = key[order]                                                    # n: padding
+    p_tok = order // K
+    real = p_dest < n
+    p_slots = jnp.where(real, same.sum(-1).reshape(-1)[order], 0)          # slots of the pair
+    # slots queued before each pair for its destination → its round
+    slots_to = jax.ops.segment_sum(p_slots, p_dest, n + 1)[:n]
+    before = jnp.cumsum(p_slots) - p_slots - (jnp.cumsum(slots_to) - slots_to)[jnp.minimum(p_dest, n - 1)]
+    p_round = jnp.where(real, before // c, r_max)                          # r_max: not sent
+    dropped = (p_round >= r_max) & real
+    dropped_slots = jnp.where(dropped, p_slots, 0).sum()
+    cnt = jnp.zeros((n + 1, r_max + 1), jnp.int32).at[p_dest, jnp.minimum(p_round, r_max)].add(1)[:n, :r_max]
+    pairs_to = jnp.bincount(p_dest, length=n + 1)[:n].astype(jnp.int32)
+    start = ((jnp.cumsum(pairs_to) - pairs_to)[:, None] + jnp.cumsum(cnt, 1) - cnt).astype(jnp.int32)  # [n, r_max]
+    recv_cnt = jax.lax.all_to_all(cnt, "expert", 0, 0, tiled=True)        # [n sources, r_max]
+    send_x = x[p_tok]
+    send_e = jnp.where(dest[p_tok] == p_dest[:, None], experts[p_tok] % e_loc, -1).astype(jnp.int32)
+    send_w = weights[p_tok]
+    block_off = (jnp.arange(n) * c_tok).astype(jnp.int32)                  # source s's rows at s·c_tok
+    mine_off = jnp.full((n,), me * c_tok, jnp.int32)                       # where my rows land at each peer
     # XLA:CPU has no ragged_all_to_all; decide by the devices compiled for, not this host's backend
     emulate = ep.emulate_ragged if ep.emulate_ragged is not None else platform_of(ep.mesh) == "cpu"
-    if ep.strategy == "a2a_capacity" or emulate:
+    if emulate or ep.strategy == "a2a_capacity":   # a2a_capacity: a dense all_to_all of c_tok rows per peer
         def a2a(op, out, io, ss, oo, rs):
-            return emulated_ragged_all_to_all(op, out, io, ss, oo, rs, axis_name="expert", max_chunk=chunk)
+            return emulated_ragged_all_to_all(op, out, io, ss, oo, rs, axis_name="expert", max_chunk=c_tok)
     else:
         def a2a(op, out, io, ss, oo, rs):
             return jax.lax.ragged_all_to_all(op, out, io, ss, oo, rs, axis_name="expert")
-    buf = n * chunk
-    recv_x = a2a(send_x, jnp.zeros((buf, D), x.dtype), input_offsets, send_sizes, output_offsets, recv_sizes)
-    recv_e = a2a(local_ids, jnp.full((buf, K), -1, local_ids.dtype), input_offsets, send_sizes, output_offsets,
-                 recv_sizes)
-    recv_w = a2a(send_w, jnp.zeros((buf, K), send_w.dtype), input_offsets, send_sizes, output_offsets, recv_sizes)
-    y = expert_fn(recv_x, recv_e, recv_w, w_gate, w_up, w_down)
-    back = a2a(y, jnp.zeros((n * T, D), y.dtype), recv_offsets, recv_sizes, back_offsets, send_sizes)
-    real = jnp.arange(n * T) < send_sizes.sum()
-    out = jnp.zeros((T, D), jnp.float32).at[src_token].add(jnp.where(real[:, None], back, 0))
-    return out, dropped, jnp.asarray(T * K, jnp.int32)
+
+    def one_round(out, r):
+        sizes, offs, rsizes = cnt[:, r], start[:, r], recv_cnt[:, r]
+        buf = n * c_tok
+        recv_x = a2a(send_x, jnp.zeros((buf, D), x.dtype), offs, sizes, mine_off, rsizes)
+        recv_e = a2a(send_e, jnp.full((buf, K), -1, jnp.int32), offs, sizes, mine_off, rsizes)
+        recv_w = a2a(send_w, jnp.zeros((buf, K), send_w.dtype), offs, sizes, mine_off, rsizes)
+        # each token's partial sum over its local slots, summed and sent home in the compute dtype
+        y = expert_fn(recv_x, recv_e, recv_w, w_gate, w_up, w_down, max_slots=s_cap, out_dtype=x.dtype)
+        back = a2a(y, jnp.zeros((buf, D), y.dtype), block_off, rsizes, mine_off, sizes)
+        j = jnp.arange(c_tok)
+        tok = jnp.where(j[None, :] < sizes[:, None],
+                        p_tok[jnp.minimum(offs[:, None] + j[None, :], n_pairs - 1)], T).reshape(-1)
+        return out.at[tok].add(back.astype(jnp.float32), mode="drop")
+
+    out = jnp.zeros((T, D), jnp.float32)
+    if r_max == 1:
+        out = one_round(out, 0)
+    else:
+        # every device takes the same branches (collectives inside), whatever its expert group
+        needed = jax.lax.pmax(jnp.max(jnp.where(real, p_round, -1)) + 1, tuple(ep.mesh.axis_names))
+        step = jax.checkpoint(lambda out, r: jax.lax.cond(r < needed, one_round, lambda o, _: o, out, r),
+                              policy=jax.checkpoint_policies.nothing_saveable)
+        out, _ = jax.lax.scan(lambda o, r: (step(o, r), None), out, jnp.arange(r_max))
+    return out, dropped_slots, jnp.asarray(T * K, jnp.int32)
 
 
 def moe_forward(ep: ExpertParallel, x: jax.Array, router_kernel: jax.Array, bias: Optional[jax.Array],

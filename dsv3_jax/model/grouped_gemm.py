@@ -89,7 +89,8 @@ def expert_ffn(x_sorted: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w
     impl = resolve_impl(impl)
     if impl == "ragged":
         def mm(a, w):
-            return jax.lax.ragged_dot(a, w, group_sizes, preferred_element_type=jnp.float32).astype(a.dtype)
+            # output (and so the backward's cotangents) in the operands' dtype; the MXU accumulates in fp32
+            return jax.lax.ragged_dot(a, w.astype(a.dtype), group_sizes)
         h = jax.nn.silu(mm(x_sorted, w_gate)) * mm(x_sorted, w_up)
         return mm(h, w_down)
     if impl == "blocked":

@@ -28,25 +28,45 @@ from .routing import Router, RouterStats, Routing, route, router_stats
 
 def local_expert_sum(x: jax.Array, experts: jax.Array, gates: jax.Array, w_gate: jax.Array, w_up: jax.Array,
                      w_down: jax.Array, *, impl: str, block: int, quant: str, all_local: bool = False,
-                     fp8_backend: str = "auto", interpret: bool = False) -> jax.Array:
+                     max_slots: Optional[int] = None, out_dtype=jnp.float32, fp8_backend: str = "auto",
+                     interpret: bool = False) -> jax.Array:
     """``Σ_k g_k · FFN_{e_k}(x)`` over the slots whose expert is held here: ids in ``[0, E_loc)``
     (``E_loc = w_gate.shape[0]``); any other id is a slot owned by another shard and contributes 0.
-    ``x: [N, D]``, ``experts/gates: [N, K]`` → fp32 ``[N, D]``. Dropless: rows are sorted by expert
-    and run through the grouped GEMM. ``all_local`` (one device) skips the foreign-slot bookkeeping."""
+    ``x: [N, D]``, ``experts/gates: [N, K]`` → fp32 ``[N, D]``. Dropless: slots are sorted by expert
+    and run through the grouped GEMM. ``all_local`` (one device) skips the foreign-slot bookkeeping.
+
+    With foreign slots, only the local ones are computed: they are sorted first and the grouped GEMM
+    runs over ``max_slots`` rows (default ``N · min(K, E_loc)``: a token has at most that many local
+    slots). A caller passing a smaller ``max_slots`` must guarantee that no more slots are local
+    (``sharding.expert_parallel`` does, by construction). ``out_dtype``: the dtype the slots are summed
+    in when some may be foreign (``sharding.expert_parallel`` sums a token's ≤ ``min(K, E_loc)`` local
+    slots in the compute dtype, as the partial sum it sends home)."""
     N, D = x.shape
     K = experts.shape[-1]
     e_loc = w_gate.shape[0]
-    if not all_local:
-        mine = (experts >= 0) & (experts < e_loc)
-        experts = jnp.where(mine, experts, e_loc)          # e_loc: an all-zero "null" expert
-        gates = jnp.where(mine, gates, 0.0)
+    kw = dict(impl=impl, block=block, quant=quant, fp8_backend=fp8_backend, interpret=interpret)
+    if all_local:
+        order, sizes = sort_by_expert(experts, e_loc)
+        y_sorted = expert_ffn(x[order // K], sizes, w_gate, w_up, w_down, **kw)
+        y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True).reshape(N, K, D)
+        return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), gates)
+    mine = (experts >= 0) & (experts < e_loc)
+    key = jnp.where(mine, experts, e_loc).reshape(-1)                 # e_loc: foreign slots, sorted last
+    S = min(N * K, max_slots if max_slots is not None else N * min(K, e_loc))
+    order = jnp.argsort(key, stable=True)[:S]                          # the local slots, by expert, then padding
+    counts = jnp.bincount(key, length=e_loc + 1)[:e_loc].astype(jnp.int32)
+    rows = order // K
+    g = jnp.where(mine, gates, 0.0).reshape(-1)[order].astype(jnp.float32)
+    if impl == "ragged" and quant != "fp8":
+        sizes = counts               # ragged_dot leaves rows past the groups at zero: no work for the padding
+    else:                            # the blocked layout covers every row: the padding goes to an all-zero expert
+        sizes = jnp.concatenate([counts, (S - counts.sum())[None]])
         pad = lambda w: jnp.concatenate([w, jnp.zeros((1,) + w.shape[1:], w.dtype)])  # noqa: E731
         w_gate, w_up, w_down = pad(w_gate), pad(w_up), pad(w_down)
-    order, sizes = sort_by_expert(experts, w_gate.shape[0])
-    y_sorted = expert_ffn(x[order // K], sizes, w_gate, w_up, w_down, impl=impl, block=block, quant=quant,
-                          fp8_backend=fp8_backend, interpret=interpret)
-    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True).reshape(N, K, D)
-    return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), gates)
+    y = expert_ffn(x[rows], sizes, w_gate, w_up, w_down, **kw)
+    # gate product in fp32; checkpointed so the backward keeps ``y`` in its own dtype, not an fp32 copy
+    weighted = jax.checkpoint(lambda y, g: (y.astype(jnp.float32) * g[:, None]).astype(out_dtype))(y, g)
+    return jnp.zeros((N, D), out_dtype).at[rows].add(weighted)
 
 
 class Experts(nnx.Module):
