@@ -64,9 +64,12 @@ def _remat_policy(name: str):
         return jax.checkpoint_policies.nothing_saveable
     if name == "save_dots":
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    # SPEC §8: keep everything but the RMSNorm outputs and the MLA up-projections (tagged with
-    # checkpoint_name "norm" / "mla_up"), which the backward pass recomputes.
-    return jax.checkpoint_policies.save_anything_except_these_names("norm", "mla_up")
+    # SPEC §8 recomputes the RMSNorms and the MLA up-projections. Besides the layer input (the scan
+    # carry), keep only the MLA down-projections (``checkpoint_name`` "mla_down", [T, q_lora + kv_lora
+    # + rope] per layer). Everything else is recomputed: the MoE's exchange buffers and expert
+    # activations (``save_anything`` kept them for every layer: terabytes per chip at 671B), and the
+    # attention output, whose saving would not spare the flash forward (its backward needs q, k, v).
+    return jax.checkpoint_policies.save_only_these_names("mla_down")
 
 
 def run_stack(blocks: Block, h, cos, sin, segment_ids, valid, rt: Execution,
@@ -218,8 +221,11 @@ class DeepSeekV3(nnx.Module):
         return jnp.where((tokens >= 0)[..., None], emb, 0)
 
     def head(self, h: jax.Array) -> jax.Array:
-        # The output head is kept out of FP8 and its logits are fp32 (SPEC §6).
-        return jnp.dot(h.astype(jnp.float32), self.lm_head[...].astype(jnp.float32))
+        # The output head is kept out of FP8 (SPEC §6): a GEMM in the compute dtype with fp32 logits.
+        # (An fp32 GEMM under bf16 compute gathered the [D, V] head in fp32 on every chip and made an
+        # fp32 [D, V] weight gradient before the reduce-scatter: 7 GiB per chip at 671B.)
+        cdt = dtype_of(self.ex.compute_dtype)
+        return jnp.dot(h.astype(cdt), self.lm_head[...].astype(cdt), preferred_element_type=jnp.float32)
 
     def __call__(self, tokens: jax.Array, *, segment_ids: Optional[jax.Array] = None,
                  positions: Optional[jax.Array] = None, mtp: bool = True,
