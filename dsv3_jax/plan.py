@@ -125,6 +125,8 @@ class Plan:
     est_step_seconds: float
     est_mfu: float
     notes: list
+    # with ``buffers=N``: the N largest buffers live at the compiler's peak (bytes, HLO name, shape, op)
+    peak_buffers: list = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -141,12 +143,21 @@ def _collectives(hlo: str) -> dict:
 
 def plan(cfg: ModelConfig, topology: str, mesh: str, *, step: str = "train", batch: Optional[int] = None,
          seq: int = 4096, runtime: Optional[RuntimeConfig] = None, train: Optional[TrainConfig] = None,
-         rules: Rules = DEFAULT_RULES, context: int = 32768, devices: Optional[list] = None) -> Plan:
+         rules: Rules = DEFAULT_RULES, context: int = 32768, devices: Optional[list] = None,
+         hbm_gib: Optional[float] = None, buffers: int = 0, auto_ep: bool = False) -> Plan:
     """Compile ``step`` of ``cfg`` for ``topology`` on ``mesh`` (``"expert=64,fsdp=4"``) and report it.
 
     ``batch``: sequences per step (default: one per batch shard); ``seq``: tokens per sequence (train and
     prefill); ``context``: the cache length for ``decode``. ``devices`` overrides the topology's devices
-    (e.g. fake CPU devices in tests)."""
+    (e.g. fake CPU devices in tests).
+
+    ``hbm_gib``: compile against this much HBM per chip instead of the chip's (XLA:TPU then schedules and
+    rematerialises to fit it, and ``fits`` is judged against it) — e.g. 85 to ask for headroom, or a
+    small value for a quick "how much would it need" (the compiler stops early with the figure).
+    ``buffers=N``: also report the N largest buffers live at the compiler's peak (from its buffer
+    assignment; also for programs that do not fit). ``auto_ep``: with ``ep_strategy='allgather'`` (the
+    runtime default) on an expert axis of 16 or more, plan ``ragged_a2a`` instead (allgather gathers every
+    peer's tokens: 64 × the batch at expert=64) and say so in the notes."""
     if step not in STEPS:
         raise PlanError(f"step={step!r} (fix: one of {list(STEPS)}).")
     runtime = runtime or RuntimeConfig()
@@ -160,6 +171,21 @@ def plan(cfg: ModelConfig, topology: str, mesh: str, *, step: str = "train", bat
     rules.check_batch(batch, m, "--batch")
     hbm, peak = _chip(devs[0])
     notes = []
+    if auto_ep and runtime.ep_strategy == "allgather" and m.shape.get("expert", 1) >= 16 and cfg.num_moe_layers:
+        runtime = dataclasses.replace(runtime, ep_strategy="ragged_a2a")
+        notes.append(f"ep_strategy=ragged_a2a (allgather would gather {m.shape['expert']} shards' tokens on "
+                     "every chip; pass ep_strategy=allgather explicitly to plan it)")
+    options, dump = {}, None
+    if hbm_gib:
+        if getattr(devs[0], "platform", "") != "tpu":
+            raise PlanError("hbm_gib needs a TPU topology (fix: drop --hbm-gib, or plan for a TPU topology).")
+        options["xla_tpu_max_hbm_size_mib"] = int(hbm_gib * 1024)
+        hbm = hbm_gib * 2**30
+        notes.append(f"compiled against an HBM budget of {hbm_gib:g} GiB per chip (hbm_gib)")
+    if buffers:
+        import tempfile
+        dump = tempfile.mkdtemp(prefix="dsv3_plan_")
+        options.update(xla_dump_to=dump, xla_dump_hlo_as_text=True)
     t0 = time.perf_counter()
     if step == "train":
         t = train or TrainConfig()
@@ -177,12 +203,14 @@ def plan(cfg: ModelConfig, topology: str, mesh: str, *, step: str = "train", bat
         info = model_info(cfg, seq)
         model_flops = 2 * info["params_active"] * tokens
     try:
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=options or None)
     except Exception as e:  # XLA:TPU refuses programs that cannot fit: that is an answer, not a failure
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        return _does_not_fit(str(e), topology, devs, m, step, batch, seq, params, optimizer, hbm,
-                             time.perf_counter() - t0, notes)
+        p = _does_not_fit(str(e), topology, devs, m, step, batch, seq, params, optimizer, hbm,
+                          time.perf_counter() - t0, notes, dump)
+        p.peak_buffers = peak_buffers(dump, buffers) if dump else []
+        return p
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -197,33 +225,108 @@ def plan(cfg: ModelConfig, topology: str, mesh: str, *, step: str = "train", bat
     fits = bool(total <= hbm) if not math.isnan(hbm) else False
     if math.isnan(hbm):
         notes.append(f"unknown chip {getattr(devs[0], 'device_kind', '?')!r}: no HBM/peak figures")
-    est = flops / peak if peak == peak and flops == flops else float("nan")
-    mfu = (model_flops / len(devs)) / (est * peak) if est and est == est else float("nan")
+    # XLA's cost analysis counts a while loop's body once, so with scanned layers the compiled FLOPs fall
+    # far below the model's; then the work is the model's FLOPs (with one recomputed forward under remat)
+    model_chip = model_flops / len(devs)
+    work, basis = flops, "compiled FLOPs"
+    if not flops >= model_chip:
+        recompute = 4 / 3 if step == "train" and (runtime.remat != "none") else 1.0
+        work, basis = model_chip * recompute, ("model FLOPs" + (" x 4/3 (remat)" if recompute > 1 else "")
+                                               + "; the compiled count (scan bodies once) is lower")
+    est = work / peak if peak == peak and work == work else float("nan")
+    mfu = model_chip / (est * peak) if est and est == est else float("nan")
     notes.append("bytes, FLOPs and collectives are the compiler's; params/optimizer from the sharding rules; "
-                 "step time and MFU are estimates (compiled FLOPs at the chip's bf16 peak, compute-bound)")
+                 f"step time and MFU are estimates ({basis}, at the chip's bf16 peak, compute-bound)")
     return Plan(topology, len(devs), getattr(devs[0], "device_kind", "?"), dict(m.shape), step, batch,
                 seq if step != "decode" else 1, bytes_per_chip, hbm, fits, flops, collective_bytes(hlo),
-                _collectives(hlo), round(seconds, 1), est, mfu, notes)
+                _collectives(hlo), round(seconds, 1), est, mfu, notes, peak_buffers(dump, buffers) if dump else [])
 
 
 _SIZE = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
 
 
-def _does_not_fit(message, topology, devs, mesh, step, batch, seq, params, optimizer, hbm, seconds, notes):
+def _does_not_fit(message, topology, devs, mesh, step, batch, seq, params, optimizer, hbm, seconds, notes,
+                  dump=None):
     """The plan of a program the TPU compiler rejected for memory: it names what it needed, e.g.
-    "the total memory required for HLO temporaries (10.20T) exceeds available HBM (95.74G)"."""
+    "the total memory required for HLO temporaries (10.20T) exceeds available HBM (95.74G)". That
+    figure is the whole heap the program needs — its arguments (parameters, optimizer state, batch)
+    included, as the buffer assignment shows — so it is the ``total``; the temporaries are the total
+    less the arguments (from the buffer assignment with ``buffers``, else from the rules' bytes)."""
     import re
     found = re.search(r"required for ([\w ]+?) \(([\d.]+)([KMGTP]?)\)", message)
     need = float(found.group(2)) * _SIZE.get(found.group(3), 1) if found else float("nan")
-    what = found.group(1) if found else "the program"
     line = next((ln for ln in message.splitlines() if "RESOURCE_EXHAUSTED" in ln), message.splitlines()[0])
     notes = notes + [f"compiler: {line.strip()[:300]}"]
-    bytes_per_chip = {"params": params, "optimizer": optimizer, "arguments": float("nan"),
-                      "temporaries": need if "temporar" in what else float("nan"), "outputs": float("nan"),
-                      "aliased": float("nan"), "total": need}
+    args = _dumped_bytes(dump).get("parameter") if dump else None
+    if args is None:
+        args = params + optimizer
+        notes.append("does not fit: total is the compiler's figure; temporaries = total - params - optimizer")
+    bytes_per_chip = {"params": params, "optimizer": optimizer, "arguments": args, "temporaries": need - args,
+                      "outputs": float("nan"), "aliased": float("nan"), "total": need}
     return Plan(topology, len(devs), getattr(devs[0], "device_kind", "?"), dict(mesh.shape), step, batch,
                 seq if step != "decode" else 1, bytes_per_chip, hbm, False, float("nan"), 0, {}, round(seconds, 1),
                 float("nan"), float("nan"), notes)
+
+
+def _dump_file(dump: str, suffix: str) -> Optional[str]:
+    """The largest module's ``*{suffix}`` file in an XLA dump directory (the step, not helper modules)."""
+    import glob
+    import os
+    files = glob.glob(os.path.join(dump, f"*{suffix}"))
+    return max(files, key=os.path.getsize) if files else None
+
+
+def _dumped_bytes(dump: str) -> dict:
+    """Bytes by kind ("parameter", "temp") in the default memory space, from the dumped buffer assignment."""
+    import re
+    path = _dump_file(dump, "after_optimizations-buffer-assignment.txt")
+    out: dict = {}
+    if not path:
+        return out
+    with open(path) as f:
+        for line in f:
+            m = re.match(r"allocation \d+: size (\d+), (.*)", line)
+            if not m or m.group(2).startswith("color"):
+                continue
+            kind = "parameter" if m.group(2).startswith("parameter") else (
+                "temp" if "preallocated-temp" in m.group(2) else "other")
+            out[kind] = out.get(kind, 0) + int(m.group(1))
+    return out
+
+
+def peak_buffers(dump: str, n: int = 20) -> list:
+    """The ``n`` largest buffers live at the peak of the compiled program's memory, from an XLA dump
+    (``xla_dump_to`` + ``xla_dump_hlo_as_text``): ``{bytes, name, shape, op}`` where ``op`` is the JAX
+    operation that made it (``op_name`` metadata) — the first thing to read when a step does not fit."""
+    import re
+    live = _dump_file(dump, "after_optimizations-live-range.txt")
+    hlo = _dump_file(dump, "after_optimizations.txt")
+    if not (live and hlo):
+        return []
+    info = {}
+    with open(hlo) as f:
+        for line in f:
+            m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+(?: \S+)*?) ([\w\-]+)\(", line)
+            if m:
+                op = re.search(r'op_name="([^"]*)"', line)
+                info[m.group(1)] = (m.group(2), op.group(1) if op else m.group(3))
+    with open(live) as f:
+        text = f.read()
+    block = re.search(r"Live ranges at \d+ \(peak\):\n(.*?)(?:\n  \S|\Z)", text, re.S)
+    rows = []
+    for line in (block.group(1).splitlines() if block else []):
+        m = re.match(r"\s*([\w.\-]+)(\{[\d,]*\})?: (\d+) bytes", line)
+        if m:
+            shape, op = info.get(m.group(1), ("?", "?"))
+            if m.group(2) and m.group(2) != "{}" and shape.startswith("("):   # one element of a tuple
+                shape = f"{shape[:80]}... element {m.group(2)}"
+            for a, b in (("transpose(jvp())", "bwd"), ("jvp()", "fwd"), ("closed_call/", ""), ("checkpoint/", ""),
+                         ("rematted_computation/", "remat/"), ("jit(step)/", "")):
+                op = op.replace(a, b)
+            rows.append({"bytes": int(m.group(3)), "name": m.group(1) + (m.group(2) or ""),
+                         "shape": shape[:120], "op": op[-160:]})
+    rows.sort(key=lambda r: -r["bytes"])
+    return rows[:n]
 
 
 def _serving(cfg, runtime, mesh, rules, step, batch, seq, context):
@@ -271,7 +374,10 @@ def format_plan(p: Plan) -> str:
         f"compile time          {p.compile_seconds:.1f} s",
         *(f"note: {n}" for n in p.notes),
     ]
+    if p.peak_buffers:
+        lines.append("largest buffers live at the peak (compiler's buffer assignment):")
+        lines += [f"  {r['bytes'] / 2**30:8.3f} GiB  {r['shape'][:60]:60s}  {r['op'][-90:]}" for r in p.peak_buffers]
     return "\n".join(lines)
 
 
-__all__ = ["plan", "Plan", "PlanError", "format_plan", "topology_devices", "CHIPS", "STEPS"]
+__all__ = ["plan", "Plan", "PlanError", "format_plan", "peak_buffers", "topology_devices", "CHIPS", "STEPS"]

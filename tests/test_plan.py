@@ -44,3 +44,16 @@ def test_cli_json_and_errors(capsys):
         assert key in out
     assert set(out["bytes_per_chip"]) >= {"params", "optimizer", "temporaries", "outputs", "total"}
     assert out["step"] == "decode" and out["chips"] == 8 and out["bytes_per_chip"]["optimizer"] == 0
+
+
+def test_hbm_budget_and_peak_buffers():
+    """``hbm_gib`` compiles against a smaller HBM (the compiler stops early with what it would need:
+    arguments and temporaries together); ``buffers`` lists what is live at the memory peak."""
+    cfg = dsv3.load_config("tiny", TINY)
+    p = plan(cfg, "v5p:2x2x2", "data=2,expert=4", seq=64, hbm_gib=0.005, buffers=4)
+    b = p.bytes_per_chip
+    assert not p.fits and p.hbm_bytes_per_chip == 0.005 * 2**30 < b["total"]
+    assert b["arguments"] > 0 and b["temporaries"] > 0
+    assert b["total"] == pytest.approx(b["arguments"] + b["temporaries"], rel=0.01)  # the compiler's 4 digits
+    assert len(p.peak_buffers) == 4 and p.peak_buffers[0]["bytes"] >= p.peak_buffers[-1]["bytes"] > 0
+    assert all(r["shape"] and r["op"] for r in p.peak_buffers)

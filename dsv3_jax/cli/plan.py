@@ -18,6 +18,10 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, help="sequences per step (default: one per batch shard)")
     p.add_argument("--seq", type=int, default=4096, help="tokens per sequence (train, prefill)")
     p.add_argument("--context", type=int, default=32768, help="latent-cache length for --step decode")
+    p.add_argument("--hbm-gib", type=float, help="compile against this much HBM per chip (e.g. 85 for headroom; "
+                                                  "a small value answers 'how much would it need' quickly)")
+    p.add_argument("--buffers", type=int, default=0, metavar="N",
+                   help="also list the N largest buffers live at the compiler's memory peak")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_overrides(p, "model / runtime / train overrides, e.g. remat=full quant=fp8 moment_dtype=bfloat16")
     p.set_defaults(func=run)
@@ -31,7 +35,11 @@ def run(args) -> int:
     from ..plan import format_plan, plan
     from ..train import load_run_config
     run_cfg = load_run_config(args.config, args.overrides)
+    # the runtime's default allgather on a large expert axis gathers every peer's tokens: plan ragged_a2a
+    # unless the strategy was asked for
+    asked = any(o.split("=", 1)[0].split(".")[-1] == "ep_strategy" for o in args.overrides or [])
     p = plan(run_cfg.model, args.topology, args.mesh, step=args.step, batch=args.batch, seq=args.seq,
-             runtime=run_cfg.runtime, train=run_cfg.train, context=args.context)
+             runtime=run_cfg.runtime, train=run_cfg.train, context=args.context, hbm_gib=args.hbm_gib,
+             buffers=args.buffers, auto_ep=not asked)
     print(json.dumps(p.as_dict()) if args.json else format_plan(p))
     return 0
