@@ -36,6 +36,7 @@ import re
 import socket
 import sys
 import threading
+import warnings
 from typing import Any, Callable, Optional
 
 from .errors import Dsv3Error
@@ -70,8 +71,10 @@ def cluster_environment():
         if getattr(env, "opt_in_only_method", False):
             continue
         try:
-            if env.is_env_present():
-                return env
+            with warnings.catch_warnings():  # e.g. "Kubernetes detected, but the kubernetes package ..."
+                warnings.simplefilter("ignore")
+                if env.is_env_present():
+                    return env
         except Exception:  # noqa: BLE001 - a detector that fails means "not this environment"
             continue
     return None
@@ -179,8 +182,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
         try:
             if env.get_process_count() <= 1:
                 return 1
-        except Exception:  # noqa: BLE001 - let jax.distributed.initialize report what is missing
-            pass
+        except Exception:  # noqa: BLE001 - an environment that cannot say how many processes: run alone
+            return 1
     if xla_bridge.backends_are_initialized():
         raise DistributedError("a JAX backend was initialised before the process joined the multi-process run "
                                "(fix: call dsv3_jax.distributed.initialize before any JAX computation or "
