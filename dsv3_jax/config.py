@@ -44,6 +44,47 @@ class RopeScaling:
         return self.type == "yarn"
 
 
+_INT, _NUM, _NONE = (int,), (int, float), (type(None),)
+# config.json field -> the JSON types it may have (checked before any cast: "yarn", "7", 7.5 or true are
+# refused where an object or an integer belongs, never coerced or silently ignored)
+_HF_TYPES = {
+    **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
+                     "moe_intermediate_size", "first_k_dense_replace", "num_nextn_predict_layers"), _INT),
+    **dict.fromkeys(("q_lora_rank", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "n_group",
+                     "topk_group"), _INT + _NONE),
+    **dict.fromkeys(("rms_norm_eps", "routed_scaling_factor", "initializer_range"), _NUM),
+    "rope_theta": _NUM + _NONE, "scoring_func": (str,), "topk_method": (str,), "norm_topk_prob": (bool,),
+    "rope_scaling": (Mapping,) + _NONE, "rope_parameters": (Mapping,) + _NONE,
+}
+_HF_ROPE_TYPES = {"type": (str,) + _NONE, "rope_type": (str,) + _NONE, "factor": _NUM,
+                  "original_max_position_embeddings": _INT, "beta_fast": _NUM, "beta_slow": _NUM,
+                  "mscale": _NUM + _NONE, "mscale_all_dim": _NUM + _NONE, "rope_theta": _NUM + _NONE}
+
+
+def _check_hf_types(hf: Mapping[str, Any]) -> None:
+    """``ConfigError`` naming the first config.json field (``rope_scaling.factor`` for nested ones) whose
+    JSON type is wrong; YaRN scaling needs its ``factor``."""
+    def check(key, value, types_):
+        if isinstance(value, bool) and bool not in types_ or not isinstance(value, types_):
+            names = "/".join("an object" if t is Mapping else "null" if t is type(None) else
+                             {"int": "an integer", "float": "a number", "str": "a string", "bool": "true/false"}[t.__name__]
+                             for t in types_)
+            raise ConfigError(f"config.json field {key}={value!r}: must be {names}, not {type(value).__name__} "
+                              "(fix: correct config.json; it does not match the DeepSeek-V3 config format).")
+    for key, types_ in _HF_TYPES.items():
+        if key in hf:
+            check(key, hf[key], types_)
+    for outer in ("rope_scaling", "rope_parameters"):
+        rs = hf.get(outer)
+        if isinstance(rs, Mapping):
+            for key, types_ in _HF_ROPE_TYPES.items():
+                if key in rs:
+                    check(f"{outer}.{key}", rs[key], types_)
+            if rs.get("type", rs.get("rope_type")) == "yarn" and "factor" not in rs:
+                raise ConfigError(f"config.json field {outer}: YaRN scaling needs a 'factor' (fix: add it, e.g. 40).")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a DeepSeek-V3-family model (SPEC §1). Defaults are the 671B release."""
@@ -115,6 +156,10 @@ class ModelConfig:
         ``rope_theta`` or transformers-5 ``rope_parameters``)."""
         required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"]
+        if not isinstance(hf, Mapping):
+            raise ConfigError(f"config.json must be a JSON object, got {type(hf).__name__} (fix: point at the "
+                              "model's own config.json).")
+        _check_hf_types(hf)
         missing = [k for k in required if k not in hf]
         if missing:
             raise ConfigError(f"config.json is missing required field(s) {missing}; it does not look "

@@ -46,6 +46,42 @@ def _progress(total: int, desc: str, enabled: Optional[bool]):
                 disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
+# ---- paths --------------------------------------------------------------------------------------
+def resolve_paths(src: str | os.PathLike, dst: str | os.PathLike, what: str = "SRC") -> tuple[Path, Path]:
+    """SRC and DST as absolute paths (``~`` expanded, relative to the working directory), checked so a
+    conversion can never touch its source: DST must not be SRC, be inside SRC, or contain SRC (symlinks
+    resolved, so a link to SRC is SRC). Returns ``(src resolved, dst absolute)``."""
+    src_p = Path(os.path.expanduser(os.fspath(src)))
+    dst_p = Path(os.path.expanduser(os.fspath(dst)))
+    if not src_p.exists():
+        raise CheckpointError(f"{src_p}: no such file or directory (fix: check {what}).")
+    src_real = src_p.resolve()
+    dst_abs = Path(os.path.abspath(dst_p))
+    dst_real = dst_abs.resolve()
+    same = src_real == dst_real
+    if not same and dst_abs.exists():
+        try:
+            same = os.path.samefile(src_real, dst_abs)
+        except OSError:
+            pass
+    if same:
+        why = "is SRC"
+    elif dst_real.is_relative_to(src_real):
+        why = "is inside SRC"
+    elif src_real.is_relative_to(dst_real):
+        why = "contains SRC"
+    else:
+        return src_real, dst_abs
+    raise CheckpointError(f"DST {dst_abs} {why} ({src_real}); writing there would delete or change the source "
+                          "(fix: choose a DST outside SRC, e.g. a sibling directory).")
+
+
+def _finite(name: str, a: np.ndarray, allow: bool, where: str) -> None:
+    """Refuse NaN/Inf in an output tensor (``--allow-nonfinite`` to write it anyway)."""
+    if not allow:
+        fp8.check_finite(a, name, where)
+
+
 # ---- HF → Orbax --------------------------------------------------------------------------------
 def _units(cfg: ModelConfig, include_mtp: bool) -> list[tuple[tuple, list[mapping.Piece]]]:
     """HF pieces grouped into write units: each top-level tensor alone, one unit per layer (experts
@@ -89,7 +125,8 @@ def _groups(units, nbytes, budget: int = GROUP_BYTES) -> Iterator[list[mapping.P
 
 def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfloat16",
                 include_mtp: bool = True, keep_fp8: bool = False, overwrite: bool = False,
-                progress: Optional[bool] = None, group_bytes: int = GROUP_BYTES) -> ModelConfig:
+                progress: Optional[bool] = None, group_bytes: int = GROUP_BYTES,
+                allow_nonfinite: bool = False) -> ModelConfig:
     """Convert a Hugging Face DeepSeek checkpoint (directory or PyTorch state dict) to a
     self-describing Orbax checkpoint at ``dst``. Returns the stored config.
 
@@ -99,11 +136,15 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
 
     ``keep_fp8``: the linear weights SPEC §6 runs in FP8 are stored as e4m3 + 128×128 block scales
     (``fp8_weights`` in the stored config): FP8 source tensors are copied bit for bit (transposed into
-    our layout), others are quantised like the release. ``dtype`` then applies to the rest."""
+    our layout), others are quantised like the release. ``dtype`` then applies to the rest.
+
+    Paths may be relative; DST may not be, contain or lie inside SRC. Every tensor is checked for
+    NaN/Inf (and FP8 scales for being finite and positive) as it is copied; ``allow_nonfinite`` writes
+    non-finite values anyway."""
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype!r}: must be one of {list(DTYPES)}.")
-    src = Path(src)
-    with HFSource(src) as source:
+    src, dst = resolve_paths(src, dst)
+    with HFSource(src, allow_nonfinite=allow_nonfinite) as source:
         cfg = source.cfg
         if not include_mtp or not cfg.num_mtp_layers:
             include_mtp = False
@@ -139,6 +180,7 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
         def out_bytes(pc: mapping.Piece) -> int:
             return int(np.prod(shapes[pc.path][len(pc.index):])) * dtypes[pc.path].itemsize
 
+        orbax_io.check_free_space(dst, sum(out_bytes(pc) for _, plist in units for pc in plist))
         with atomic_dir(dst, overwrite) as tmp, _progress(total, f"convert {src.name}", progress) as bar, \
                 ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool, orbax_io.write_context():
             params_dir = tmp / orbax_io.PARAMS_DIR
@@ -196,10 +238,14 @@ def _fp8_eligible(name: str) -> bool:
 
 def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, fp8_weights: bool = False,
                 include_mtp: bool = True, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
-                progress: Optional[bool] = None) -> None:
+                progress: Optional[bool] = None, allow_nonfinite: bool = False) -> None:
     """Write our checkpoint as a Hugging Face model directory: sharded safetensors + index +
-    ``config.json``. With ``fp8_weights`` linear weights are e4m3 + 128×128 ``weight_scale_inv``."""
-    src = Path(src)
+    ``config.json``. With ``fp8_weights`` linear weights are e4m3 + 128×128 ``weight_scale_inv``.
+    Paths may be relative; DST may not be, contain or lie inside SRC; tensors with NaN/Inf are refused
+    unless ``allow_nonfinite``."""
+    if not max_shard_bytes > 0:
+        raise CheckpointError(f"--max-shard-size {max_shard_bytes / 2**30:g}: must be > 0 GiB (fix: use e.g. 5).")
+    src, dst = resolve_paths(src, dst)
     meta = orbax_io.read_marker(src)
     cfg = orbax_io.checkpoint_config(src)
     if not include_mtp:
@@ -209,6 +255,8 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, fp8_weights: 
     shapes = mapping.param_shapes(cfg_out)
     units = _units(cfg_out, include_mtp)
     total = sum(int(np.prod(shapes[pc.path][len(pc.index):])) * 4 for _, pl in units for pc in pl)
+    out_itemsize = 1 if fp8_weights else (2 if meta.get("dtype") == "bfloat16" else 4)
+    orbax_io.check_free_space(dst, total // 4 * out_itemsize)
     with atomic_dir(dst, overwrite) as tmp, _progress(total, f"export {src.name}", progress) as bar:
         shard: dict[str, np.ndarray] = {}
         shard_bytes = 0
@@ -227,6 +275,9 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, fp8_weights: 
 
         def emit(name: str, w: np.ndarray, scale_inv: Optional[np.ndarray] = None):
             nonlocal shard_bytes
+            if scale_inv is not None:
+                fp8.check_scales(np.asarray(scale_inv), name + "_scale_inv", allow_nonfinite, f"from {src}")
+            _finite(name, w, allow_nonfinite, f"from {src}")
             if scale_inv is not None and not fp8_weights:  # FP8-stored checkpoint exported as float
                 w, scale_inv = fp8.dequantize(w, scale_inv, dtype=out_dtype, name=name), None
             if scale_inv is not None:  # stored FP8 goes out bit for bit

@@ -37,10 +37,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
+import logging
 import os
+import re
 import secrets
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
@@ -53,6 +57,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 from pallas_kernels.fp8 import QuantArray
 from sharding.rules import DEFAULT_RULES, Rules
 
+from .. import distributed
 from ..config import ModelConfig, RuntimeConfig, load_runtime, model_config_from_stored, to_dict
 from ..errors import CheckpointError
 from ..model import DeepSeekV3
@@ -191,10 +196,20 @@ def per_layer_tree(flat: Mapping[tuple, Any]) -> dict:
             x = np.asarray(x)
         if stack_len(p):
             for i in range(x.shape[0]):
-                out[disk_path(p, (i,))[0]] = x[i]
+                out[disk_path(p, (i,))[0]] = x[i] if isinstance(x, np.ndarray) else _layer(x, i)
         else:
             out[disk_path(p)[0]] = x
     return nest(out)
+
+
+def _layer(x: jax.Array, i: int) -> jax.Array:
+    """Layer ``i`` of a stacked array spread over processes: cut from each device's own shard when the
+    layer axis is not sharded (no communication, no program compiled for the whole mesh per slice)."""
+    s = x.sharding
+    if isinstance(s, NamedSharding) and (not s.spec or s.spec[0] is None):
+        pieces = [jax.lax.dynamic_index_in_dim(d.data, i, keepdims=False) for d in x.addressable_shards]
+        return jax.make_array_from_single_device_arrays(x.shape[1:], _layer_sharding(s), pieces)
+    return x[i]
 
 
 # ---- marker ------------------------------------------------------------------------------------
@@ -219,6 +234,9 @@ def read_marker(path: str | os.PathLike) -> dict:
         meta = json.loads(marker.read_text())
     except ValueError as e:
         raise CheckpointError(f"{marker}: not valid JSON ({e}); the checkpoint is damaged.") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{marker}: expected a JSON object with a 'config' object; the checkpoint is damaged "
+                              "(fix: convert or train it again).")
     if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
         raise CheckpointError(f"{marker}: format {meta.get('format')!r} v{meta.get('version')} is not one this "
                               f"version reads ({FORMAT} v{VERSION}) (fix: upgrade dsv3-jax).")
@@ -236,49 +254,205 @@ def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
 
 
 # ---- the commit protocol -----------------------------------------------------------------------
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}$")
+#: errno values that mean "this destination cannot be written" (a user's problem, reported in one line)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _note(msg: str) -> None:
+    print(f"note: {msg}", file=sys.stderr)
+
+
 def staging_dir(dst: Path) -> Path:
-    """A fresh hidden temporary directory next to ``dst`` (``.<name>.tmp-<hex>``)."""
-    tmp = dst.parent / f".{dst.name}{_TMP}{secrets.token_hex(4)}"
+    """A fresh hidden temporary directory next to ``dst``: ``.<name>.tmp-<pid>-<hex>`` (the writer's
+    process id, so a later run can tell a killed write's leftovers from a running one's)."""
+    tmp = dst.parent / f".{dst.name}{_TMP}{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir(parents=True)
     return tmp
 
 
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
 def commit_dir(tmp: Path, dst: Path) -> None:
-    """Move the finished ``tmp`` (marker written) to ``dst``, replacing an existing ``dst``."""
-    if dst.exists():
-        trash = dst.parent / f".{dst.name}.old-{secrets.token_hex(4)}"
+    """Move the finished ``tmp`` (marker written) to ``dst``, replacing an existing ``dst`` (moved
+    aside to ``.<name>.old-<pid>-<hex>`` first, removed last)."""
+    if dst.exists() or dst.is_symlink():
+        trash = dst.parent / f".{dst.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
         os.rename(dst, trash)
         os.rename(tmp, dst)
-        shutil.rmtree(trash, ignore_errors=True)
+        _remove(trash)
     else:
         os.rename(tmp, dst)
 
 
-def remove_leftovers(directory: Path) -> list[Path]:
-    """Remove temporary directories of writes that were killed (``.<name>.tmp-*``, ``.<name>.old-*``)."""
-    gone = []
-    if directory.is_dir():
-        for p in directory.iterdir():
-            if p.name.startswith(".") and (_TMP in p.name or ".old-" in p.name) and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-                gone.append(p)
+def _alive(pid: Optional[int]) -> bool:
+    if pid is None:  # written before writers recorded their pid
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_leftovers(directory: Path, name: Optional[str] = None, note=_note) -> list[Path]:
+    """Clean up after interrupted writes in ``directory`` (of destination ``name`` only, or all):
+    ``.<name>.tmp-<pid>-<hex>`` (an unfinished write) is removed; ``.<name>.old-<pid>-<hex>`` (the
+    previous version, moved aside during a replace) is removed, or put back when the writer was killed
+    between the two renames and ``<name>`` is missing. Leftovers of a process that is still running
+    are reported and left alone. Each action is reported through ``note``. Returns what was removed."""
+    gone: list[Path] = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return gone
+    for p in sorted(directory.iterdir()):
+        m = _LEFTOVER.match(p.name)
+        if not m or (name is not None and m["name"] != name):
+            continue
+        pid = int(m["pid"]) if m["pid"] else None
+        if _alive(pid):
+            note(f"{p} belongs to a running process (pid {pid}); left alone")
+            continue
+        target = directory / m["name"]
+        if m["kind"] == "old" and not (target.exists() or target.is_symlink()):
+            os.rename(p, target)
+            note(f"restored {target} from {p.name} (a replace was interrupted)")
+            continue
+        _remove(p)
+        gone.append(p)
+        note(f"removed {p}, left by an interrupted write")
     return gone
 
 
+def _errno_of(e: BaseException) -> Optional[int]:
+    """The errno behind ``e`` (an ``OSError``, or a tensorstore error naming ``os_error_code``), also
+    through its cause/context chain."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        m = re.search(r"os_error_code='?(\d+)", str(e))
+        if m:
+            return int(m.group(1))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _free_mib(path: Path) -> str:
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return f"{shutil.disk_usage(p).free / 2**20:.1f} MiB free"
+    except OSError:
+        return "free space unknown"
+
+
+def write_error(e: BaseException, dst: Path, what: str = "DST") -> Optional["CheckpointDirError"]:
+    """``e`` as a one-line ``CheckpointDirError`` when it means ``dst`` cannot be written (full disk,
+    quota, permissions, read-only filesystem); None for anything else."""
+    if isinstance(e, CheckpointError):
+        return None
+    code = _errno_of(e)
+    if code not in _WRITE_ERRNOS:
+        return None
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = f"free disk space ({_free_mib(dst.parent)} on its filesystem) or choose a {what} on a larger disk"
+    else:
+        fix = f"choose a {what} in a directory you can write, or fix its permissions"
+    return CheckpointDirError(f"cannot write {dst}: {os.strerror(code)} [errno {code}] (fix: {fix}).")
+
+
+def check_free_space(dst: Path, need_bytes: int, what: str = "DST") -> None:
+    """Refuse before any work when the filesystem of ``dst`` has less than ``need_bytes`` free."""
+    p = Path(dst).parent
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return
+    if free < need_bytes:
+        raise CheckpointDirError(f"cannot write {dst}: its filesystem has {free / 2**20:.1f} MiB free, but the output "
+                                 f"needs about {need_bytes / 2**20:.1f} MiB (fix: free disk space or choose a {what} "
+                                 "on a larger disk).")
+
+
+class _DropThreadErrors(logging.Filter):
+    """Orbax logs a failed background write with its traceback before the caller's ``result()`` raises
+    it again; the caller reports it (one line for a full disk), so the log record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "raised an exception" not in str(record.msg)
+
+
+_THREAD_FILTER = _DropThreadErrors()
+
+
+_previous_unraisablehook = None
+
+
+def _drop_closed_loop(unraisable) -> None:
+    """After a failed write Orbax closes its event loop while tensorstore still completes the other
+    writes; each completion's callback then fails with "Event loop is closed" (dozens of tracebacks
+    after the one-line error). Those are dropped; anything else goes to the previous hook."""
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+        return
+    (_previous_unraisablehook or sys.__unraisablehook__)(unraisable)
+
+
+def quiet_write_errors() -> None:
+    """Install (once) the filters that drop the noise of a failed background write, which the caller
+    reports itself: Orbax's log of the exception and tensorstore's closed-loop callbacks."""
+    global _previous_unraisablehook
+    log = logging.getLogger("absl")
+    if _THREAD_FILTER not in log.filters:
+        log.addFilter(_THREAD_FILTER)
+    if sys.unraisablehook is not _drop_closed_loop:
+        _previous_unraisablehook, sys.unraisablehook = sys.unraisablehook, _drop_closed_loop
+
+
 @contextlib.contextmanager
-def atomic_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to ``dst``; on success it replaces ``dst``, on any
-    failure (exceptions, Ctrl-C) it is removed and ``dst`` is untouched."""
-    dst = Path(dst)
+def atomic_dir(dst: str | os.PathLike, overwrite: bool = False, note=_note) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to ``dst`` (absolute); on success it replaces ``dst``,
+    on any failure (exceptions, Ctrl-C) it is removed and ``dst`` is untouched. Leftovers of an
+    earlier interrupted write to ``dst`` are cleaned up first (``remove_leftovers``); a destination
+    that cannot be written (full disk, permissions) is a one-line ``CheckpointDirError``."""
+    dst = Path(os.path.abspath(os.path.expanduser(os.fspath(dst))))
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(dst.parent, dst.name, note)
+    except OSError as e:
+        raise (write_error(e, dst) or e) from None
     if dst.exists() and not overwrite:
         raise CheckpointError(f"{dst} already exists (fix: choose another DST or pass --overwrite).")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_dir(dst)
+    if (dst.exists() or dst.is_symlink()) and not dst.is_dir():
+        raise CheckpointError(f"{dst} exists and is not a directory (fix: choose another DST, or remove it).")
+    quiet_write_errors()
+    try:
+        tmp = staging_dir(dst)
+    except OSError as e:
+        raise (write_error(e, dst) or e) from None
     try:
         yield tmp
         commit_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        _remove(tmp)
+        err = write_error(e, dst)
+        if err is not None:
+            raise err from None
         raise
 
 
@@ -384,7 +558,7 @@ def load_checkpoint(path: str | os.PathLike, mesh=None, rules: Optional[Rules] =
         runtime = load_runtime(runtime or ())
     rules = rules or DEFAULT_RULES
     graphdef, state, flat = abstract_state(cfg, runtime, mesh, rules)
-    one = SingleDeviceSharding(jax.devices()[0])
+    one = SingleDeviceSharding(jax.local_devices()[0])  # (each process of a multi-process run: its own)
     targets = {}
     for p, var in flat:
         specs = stored_arrays(p, rules.variable_specs(var, mesh)) if mesh is not None else {}
@@ -404,7 +578,7 @@ def check_writable(directory: Path, need_bytes: int) -> None:
     """Fail before training when checkpoints could not be written."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".write_probe"
+        probe = directory / f".write_probe-{os.getpid()}-{secrets.token_hex(4)}"  # processes may share it
         with open(probe, "wb") as f:
             f.write(b"\0" * 4096)
             f.flush()
@@ -438,7 +612,37 @@ def opt_tree(opt_state) -> dict:
 
 def read_train_state(path: str | os.PathLike) -> dict:
     """``train_state.json`` of a training checkpoint (step, applied, skipped, seed, data state, config)."""
-    return json.loads((Path(path) / TRAIN_STATE).read_text())
+    f = Path(path) / TRAIN_STATE
+    try:
+        state = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{f} is missing; the checkpoint cannot be resumed (fix: train into a new "
+                              "train.output_dir, or load its weights with load_checkpoint).") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e}); the checkpoint is damaged (fix: remove that step "
+                              "directory to resume from the one before).") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{f}: expected a JSON object; the checkpoint is damaged (fix: remove that step "
+                              "directory to resume from the one before).")
+    return state
+
+
+def _check_opt_state(opt_dir: Path, abstract: Mapping[str, Any]) -> None:
+    """Refuse (one line) an optimizer state on disk whose leaves do not match the current optimizer's."""
+    if not opt_dir.is_dir():
+        raise CheckpointError(f"{opt_dir} is missing; the checkpoint has no optimizer state to resume from (fix: "
+                              "train into a new train.output_dir, or load its weights with load_checkpoint).")
+    stored = flatten(_tree_metadata(opt_dir))
+    stored = {k[0] if len(k) == 1 else "/".join(k): v for k, v in stored.items()}
+    if sorted(stored) != sorted(abstract):
+        raise CheckpointError(f"{opt_dir}: holds {len(stored)} optimizer arrays, but the current optimizer has "
+                              f"{len(abstract)} (fix: resume with the optimizer settings that wrote it, or train into "
+                              "a new train.output_dir).")
+    for k, a in abstract.items():
+        if tuple(stored[k].shape) != tuple(a.shape):
+            raise CheckpointError(f"{opt_dir}: optimizer array {k} is stored with shape {tuple(stored[k].shape)}, "
+                                  f"the current optimizer needs {tuple(a.shape)} (fix: resume with the settings "
+                                  "that wrote it, or train into a new train.output_dir).")
 
 
 class _Pending:
@@ -456,6 +660,14 @@ class _Pending:
         return True
 
 
+def complete_steps(directory: Path) -> list[int]:
+    """The complete training checkpoints ``<directory>/<step>/`` (marker written), ascending."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / MARKER).is_file())
+
+
 class Checkpointer:
     """Training checkpoints ``<directory>/<step>/`` in the layout above, written asynchronously (the
     device-to-host copy blocks, the files are written in the background), ``keep`` newest kept.
@@ -469,13 +681,17 @@ class Checkpointer:
         self.directory, self.cfg, self.keep = Path(directory).resolve(), cfg, keep
         self.async_save, self.tokenizer_file = async_save, tokenizer_file
         self.directory.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(self.directory)
+        # several processes (a multi-process run) write one checkpoint together: each its shards, through
+        # Orbax, into one staging directory; process 0 alone cleans up, commits and prunes
+        self.primary = jax.process_index() == 0
+        if self.primary:
+            remove_leftovers(self.directory)
+        quiet_write_errors()
         self._pending: Optional[_Pending] = None
 
     def steps(self) -> list[int]:
         """Complete steps, ascending."""
-        return sorted(int(p.name) for p in self.directory.iterdir()
-                      if p.name.isdigit() and (p / MARKER).is_file())
+        return complete_steps(self.directory)
 
     def latest_step(self) -> Optional[int]:
         steps = self.steps()
@@ -484,14 +700,22 @@ class Checkpointer:
     def save(self, step: int, model_states: tuple, opt_state, train_state: dict) -> None:
         """Start writing ``step`` (waits for the previous save first)."""
         self.wait()
-        tmp = staging_dir(self.directory / str(step))
+        if jax.process_count() == 1:
+            tmp = staging_dir(self.directory / str(step))
+        else:  # process 0 creates the staging directory and tells the others its name
+            name = distributed.broadcast(staging_dir(self.directory / str(step)).name if self.primary else None,
+                                         f"checkpoint-{step}")
+            tmp = self.directory / name
         try:
             with write_context():
                 responses = [ocp().save_async(tmp / PARAMS_DIR, per_layer_tree(_flat_values(*model_states)))]
                 if jax.tree.leaves(opt_state):  # (a stateless optimizer has nothing to save)
                     responses.append(ocp().save_async(tmp / OPT_DIR, opt_tree(opt_state)))
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            err = write_error(e, self.directory / str(step), "train.output_dir")
+            if err is not None:
+                raise err from None
             raise
         self._pending = _Pending(step, tmp, responses, dict(train_state))
         if not self.async_save:
@@ -499,6 +723,10 @@ class Checkpointer:
 
     def _finalize(self) -> None:
         pend, self._pending = self._pending, None
+        if not self.primary:  # the others only wait for their shards (process 0's commit waits for all)
+            for r in pend.responses:
+                r.result()
+            return
         try:
             for r in pend.responses:
                 r.result()
@@ -508,8 +736,11 @@ class Checkpointer:
                 shutil.copyfile(tok, pend.tmp / "tokenizer.json")
             write_marker(pend.tmp, self.cfg, step=pend.step, source="dsv3 train")
             commit_dir(pend.tmp, self.directory / str(pend.step))
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(pend.tmp, ignore_errors=True)
+            err = write_error(e, self.directory / str(pend.step), "train.output_dir")
+            if err is not None:
+                raise err from None
             raise
         for old in self.steps()[:-self.keep] if self.keep > 0 else []:
             shutil.rmtree(self.directory / str(old), ignore_errors=True)
@@ -541,6 +772,8 @@ class Checkpointer:
             states.append(nnx.from_flat_state([(k, v.replace(values[tuple(k)]) if isinstance(v, nnx.Variable)
                                                 else values[tuple(k)]) for k, v in nnx.to_flat_state(st)]))
         a_opt = jax.tree.map(abstract, opt_tree(opt_state))
+        if a_opt:
+            _check_opt_state(d / OPT_DIR, a_opt)
         restored = _load(d / OPT_DIR, a_opt) if a_opt else {}
         opt = jax.tree.unflatten(jax.tree.structure(opt_state), [restored[k] for k in sorted(restored)])
         return tuple(states), opt, read_train_state(d)
@@ -549,5 +782,6 @@ class Checkpointer:
 __all__ = ["load_checkpoint", "read_params", "read_marker", "write_marker", "checkpoint_config",
            "restore_params", "per_layer_tree", "disk_path", "disk_keys", "stack_len", "abstract_state",
            "atomic_dir", "staging_dir", "commit_dir", "remove_leftovers", "write_context", "ocp",
-           "Checkpointer", "CheckpointDirError", "check_writable", "state_bytes", "read_train_state",
+           "Checkpointer", "CheckpointDirError", "check_writable", "check_free_space", "write_error",
+           "quiet_write_errors", "complete_steps", "state_bytes", "read_train_state",
            "MARKER", "PARAMS_DIR", "OPT_DIR", "TRAIN_STATE"]

@@ -7,11 +7,17 @@
 
 Resuming after ``kill -9`` restarts from the last complete checkpoint and reproduces the uninterrupted
 run's losses exactly (same config, same device): the data iterator's state is saved with the step.
+
+Several processes (``dsv3_jax.distributed``, joined before this runs): each reads only its virtual data
+shards and the global batch is assembled with ``jax.make_array_from_process_local_data`` (the same rows
+for any process count); process 0 trains the tokenizer and writes logs, metrics and TensorBoard;
+checkpoints are written by all (each its shards) and committed by process 0.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -23,11 +29,13 @@ from flax import nnx
 
 from sharding import DEFAULT_RULES, make_mesh
 
-from ..data import document_ids, make_dataset, open_source
+from .. import distributed
+from ..data import ShardedBatches, document_ids, open_source, process_shards
 from ..data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
-from ..checkpoint.orbax_io import Checkpointer, check_writable, state_bytes
-from ..config import ConfigError
-from ..errors import Dsv3Error
+from ..checkpoint.orbax_io import (Checkpointer, abstract_state, check_writable, complete_steps, flat_arrays,
+                                   read_train_state, state_bytes)
+from ..config import ConfigError, model_config_from_stored
+from ..errors import CheckpointError, Dsv3Error
 from ..info import model_info
 from ..model.layers import RouterBias
 from .config import RunConfig
@@ -61,19 +69,95 @@ def get_tokenizer(run: RunConfig, out: Path, log) -> Tokenizer:
     if run.data.tokenizer:
         return load_tokenizer(run.data.tokenizer)
     path = out / "tokenizer.json"
-    if path.is_file():
-        return load_tokenizer(path)
-    src = open_source(run.data.path, glob=run.data.glob, text_field=run.data.text_field)
-    ids = document_ids(len(src), run.data, "train", shard_index=0, shard_count=1)
-    n = run.train.tokenizer_documents or len(ids)
-    log(f"training a {run.model.vocab_size}-token BPE tokenizer on {min(n, len(ids))} documents of {run.data.path} ...")
-    tok = train_tokenizer((src[int(i)] for i in ids[:n]), run.model.vocab_size, length=min(n, len(ids)))
-    tok.save(path)
+    if distributed.is_primary() and not path.is_file():  # trained once, by process 0
+        src = open_source(run.data.path, glob=run.data.glob, text_field=run.data.text_field)
+        ids = document_ids(len(src), run.data, "train", shard_index=0, shard_count=1)
+        n = run.train.tokenizer_documents or len(ids)
+        log(f"training a {run.model.vocab_size}-token BPE tokenizer on {min(n, len(ids))} documents of {run.data.path} ...")
+        tok = train_tokenizer((src[int(i)] for i in ids[:n]), run.model.vocab_size, length=min(n, len(ids)))
+        tok.save(path)
+    if distributed.process_count() > 1:  # shared with the others (their hosts may not see process 0's disk)
+        data = distributed.broadcast(path.read_bytes() if distributed.is_primary() else None, "tokenizer")
+        if not distributed.is_primary() and (not path.is_file() or path.read_bytes() != data):
+            tmp = path.with_name(f".{path.name}.{distributed.process_index()}")
+            tmp.write_bytes(data)
+            tmp.replace(path)
     return load_tokenizer(path)
+
+
+# Settings that may change between a run and its resume without a word: where and how often things are
+# written or logged, and how the same computation is laid out or executed.
+RESUME_QUIET = frozenset({
+    "model.name", "train.output_dir", "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
+    "train.eval_every", "train.eval_batches", "train.log_every", "train.max_bad_steps", "train.progress",
+    "train.tensorboard", "train.mesh", "train.inject_nan_steps", "train.tokenizer_documents", "data.read_threads",
+    "data.prefetch_documents", "runtime.attention_impl", "runtime.moe_impl", "runtime.moe_block_size",
+    "runtime.remat", "runtime.scan_layers", "runtime.interpret", "runtime.ep_strategy", "runtime.emulate_ragged"})
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_changes(stored: dict, run: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """``{"train.lr": (stored, now), ...}``: the run-config fields that differ from the ones a checkpoint
+    was written with (``train_state.json``'s ``config``), ``RESUME_QUIET`` fields left out."""
+    now = _flat(json.loads(json.dumps(run.to_dict(), default=str)))
+    old = _flat(stored)
+    return {k: (old.get(k), now.get(k)) for k in sorted(set(now) | set(old))
+            if k not in RESUME_QUIET and old.get(k) != now.get(k)}
+
+
+def _stored_arrays(cfg) -> dict[tuple, tuple]:
+    return {p: (tuple(a.shape), str(a.dtype)) for p, a in flat_arrays(abstract_state(cfg)[1]).items()}
+
+
+def check_resume(run: RunConfig, ckpt_dir: Path, log=print) -> Optional[int]:
+    """Before anything is built: compare the run config with the one the latest checkpoint in
+    ``ckpt_dir`` was written with. A model whose stored arrays would differ (shapes, dtypes, which
+    arrays) is refused with a ``ConfigError`` listing the differing fields; any other changed setting
+    (optimizer, schedule, data, numerics) resumes with a warning listing them. Returns the step that
+    will be resumed (None: a fresh run)."""
+    steps = complete_steps(ckpt_dir)
+    if not steps:
+        return None
+    ckpt = Path(ckpt_dir) / str(steps[-1])
+    stored = read_train_state(ckpt).get("config")
+    if not isinstance(stored, dict) or not isinstance(stored.get("model"), dict):
+        log(f"warning: {ckpt / 'train_state.json'} does not record its run config; resuming without checking "
+            "that the settings match.")
+        return steps[-1]
+    changes = config_changes(stored, run)
+    model = {k: v for k, v in changes.items() if k.startswith("model.")}
+    if model:
+        try:
+            old_cfg = model_config_from_stored(stored["model"])
+        except ConfigError:
+            old_cfg = None
+        old = _stored_arrays(old_cfg) if old_cfg is not None else {}
+        new = _stored_arrays(run.model)
+        if old != new:
+            diff = ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in model.items())
+            eg = next((f"; e.g. {'/'.join(map(str, p))} is stored as {old[p][0]} {old[p][1]}, the config implies "
+                       f"{new[p][0]} {new[p][1]}" for p in new if p in old and old[p] != new[p]), "")
+            raise ConfigError(f"{ckpt} holds a model of another shape than this run config: {diff}{eg} (fix: resume "
+                              "with the model settings that wrote it, or set train.output_dir to a new directory "
+                              "to start over).")
+    if changes:
+        log(f"warning: resuming {ckpt} with settings that differ from the run that wrote it (the new values "
+            "apply from here on): " + ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in changes.items()))
+    return steps[-1]
 
 
 class Trainer:
     def __init__(self, run: RunConfig, *, log=print):
+        self.primary = distributed.is_primary()  # process 0 logs and writes metrics; the others stay quiet
+        log = log if self.primary else _quiet
         self.run, self.log = run, log
         cfg, t, d = run.model, run.train, run.data
         if cfg.fp8_weights:
@@ -83,12 +167,16 @@ class Trainer:
         self.out = Path(t.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         check_writable(self.ckpt_dir, 1 << 20)  # before any work; the size check follows below
+        check_resume(run, self.ckpt_dir, log)     # a changed model shape is refused before anything is built
         # no --mesh: the 1×1×1×1 mesh on the first device (same code path); a pod passes e.g. data=-1,expert=8
-        self.mesh = make_mesh(t.mesh) if t.mesh else make_mesh(None, devices=jax.devices()[:1])
+        # (several processes without --mesh: data parallel over all their devices)
+        self.mesh = make_mesh(t.mesh) if t.mesh else make_mesh(None, devices=jax.devices()[:1]) \
+            if jax.process_count() == 1 else make_mesh("data=-1")
         self.rules = DEFAULT_RULES
         self.rules.check_batch(d.batch_size // t.grad_accum, self.mesh, "micro-batch size (data.batch_size / "
                                                                          "train.grad_accum)")
         self.batch_sharding = self.rules.batch_sharding(self.mesh)
+        self.data_shards = process_shards(self.batch_sharding, d)  # the virtual data shards this process reads
 
         # the step as one program over the mesh (shared with `dsv3 plan`): model built for the mesh (MoE
         # layers expert-parallel, kernels per shard), state created directly in its shards
@@ -126,11 +214,20 @@ class Trainer:
         self.n_params = info["params_total"]
 
     # -- data ---------------------------------------------------------------------------------------
-    def _dataset(self, split: str):
-        return make_dataset(self.run.data, self.tokenizer, split=split, vocab_size=self.run.model.vocab_size)
+    def _dataset(self, split: str) -> ShardedBatches:
+        """This process's rows of the global batches (its virtual data shards)."""
+        return ShardedBatches(self.run.data, self.tokenizer, split=split, shards=self.data_shards,
+                              vocab_size=self.run.model.vocab_size)
 
     def _put(self, batch: dict) -> dict:
-        return {k: jax.device_put(np.asarray(v, np.int32), self.batch_sharding) for k, v in batch.items()}
+        """The global batch from this process's rows (no process holds the whole batch)."""
+        shape = (self.run.data.batch_size, self.run.data.seq_len)
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v, np.int32), shape)
+                for k, v in batch.items()}
+
+    def _data_state(self, it: ShardedBatches) -> dict:
+        """The data-iterator state of every virtual shard (gathered from the processes that read them)."""
+        return ShardedBatches.merge_states(distributed.allgather(it.get_state(), "data_state"))
 
     def evaluate(self) -> Optional[dict]:
         t = self.run.train
@@ -138,10 +235,13 @@ class Trainer:
             return None
         tot = n = 0.0
         counts = None
-        for i, batch in enumerate(self._dataset("validation")):
-            if i >= t.eval_batches:
+        ds = self._dataset("validation")
+        for _ in range(t.eval_batches):
+            batch = next(ds)
+            if all(distributed.allgather(ds.exhausted, "eval")):  # every shard has ended: nothing left
                 break
-            s, c, cnt = self.eval_step(self.state["params"], self.state["bias"], self.state["rest"], self._put(batch))
+            s, c, cnt = distributed.host_value(
+                self.eval_step(self.state["params"], self.state["bias"], self.state["rest"], self._put(batch)))
             tot, n = tot + float(s), n + float(c)
             if cnt is not None:
                 counts = np.asarray(cnt) if counts is None else counts + np.asarray(cnt)
@@ -168,22 +268,29 @@ class Trainer:
             (p, b, r), opt, meta = self.ckpt.restore(latest, *abstract)
             self.state = {"params": p, "bias": b, "rest": r, "opt": opt,
                           "applied": jax.device_put(jnp.asarray(meta["applied"], jnp.int32), self.state_shardings["applied"])}
-            it.set_state(meta["data_state"])
-            step, skipped = int(meta["step"]), int(meta.get("skipped", 0))
+            try:
+                it.set_state(meta["data_state"])
+                step, skipped = int(meta["step"]), int(meta.get("skipped", 0))
+            except Exception as e:  # noqa: BLE001 - a state the current data pipeline cannot take
+                raise CheckpointError(f"{self.ckpt_dir / str(latest) / 'train_state.json'}: its data-iterator state "
+                                      f"does not fit the current data settings ({type(e).__name__}: "
+                                      f"{' '.join(str(e).split())[:200]}) (fix: resume with the data settings that "
+                                      "wrote it, or set train.output_dir to a new directory).") from None
             self.log(f"resumed from {self.ckpt_dir / str(latest)} (step {step})")
-        _truncate_metrics(metrics_path, step)
-        writer = _tensorboard(self.out / "tensorboard") if t.tensorboard else None
+        if self.primary:
+            _truncate_metrics(metrics_path, step)
+        writer = _tensorboard(self.out / "tensorboard") if t.tensorboard and self.primary else None
         peak = measure_matmul_peak(jnp.dtype(run.runtime.resolved(run.model).compute_dtype)) * jax.device_count()
         tokens_per_step = d.batch_size * d.seq_len
-        bar = _progress(t.steps, step, t.progress)
+        bar = _progress(t.steps, step, t.progress and self.primary)
         last = {}
         t_last = time.perf_counter()
-        with open(metrics_path, "a") as mf:
+        with open(metrics_path if self.primary else os.devnull, "a") as mf:
             while step < t.steps:
                 batch = next(it)
                 poison = np.float32(np.nan if (step + 1) in self.nan_steps else 0.0)
                 self.state, m = self.train_step(self.state, self._put(batch), poison)
-                m = jax.device_get(m)
+                m = distributed.host_value(m)
                 self.ckpt.poll()
                 step += 1
                 now = time.perf_counter()
@@ -230,13 +337,17 @@ class Trainer:
                     self.ckpt.save(step, (self.state["params"], self.state["bias"], self.state["rest"]),
                                    self.state["opt"],
                                    {"step": step, "applied": int(self.state["applied"]), "skipped": skipped,
-                                    "data_state": it.get_state(), "seed": t.seed, "config": run.to_dict()})
+                                    "data_state": self._data_state(it), "seed": t.seed, "config": run.to_dict()})
         if bar is not None:
             bar.close()
         self.ckpt.close()
         if writer is not None:
             writer.close()
         return {**last, "checkpoint": str(self.ckpt.directory / str(step)), "step": step}
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
