@@ -1,7 +1,7 @@
 """One config object: frozen dataclasses loaded from YAML + ``key=value`` overrides.
 
 Values are cast to the field types (YAML reads ``1e-3`` as a string), and validated once, with
-messages that name the field, the bad value and the fix (DESIGN.md, "One config object").
+messages that name the field, the bad value and the fix (docs/design.md §One config object).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """YaRN context extension (SPEC §3). ``type='none'`` disables it."""
+    """YaRN context extension (docs/architecture.md §3). ``type='none'`` disables it."""
 
     type: str = "none"  # "yarn" or "none"
     factor: float = 1.0
@@ -87,7 +87,7 @@ def _check_hf_types(hf: Mapping[str, Any]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a DeepSeek-V3-family model (SPEC §1). Defaults are the 671B release."""
+    """Architecture of a DeepSeek-V3-family model (docs/architecture.md §1). Defaults are the 671B release."""
 
     name: str = "deepseek_v3_671b"
     vocab_size: int = 129280
@@ -107,7 +107,7 @@ class ModelConfig:
     rope_scaling: RopeScaling = RopeScaling(
         type="yarn", factor=40.0, original_max_position_embeddings=4096,
         beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
-    # DeepSeekMoE (SPEC §4)
+    # DeepSeekMoE (docs/architecture.md §4)
     n_routed_experts: int = 256
     num_experts_per_tok: int = 8
     n_shared_experts: int = 1
@@ -118,12 +118,12 @@ class ModelConfig:
     scoring_func: str = "sigmoid"  # "sigmoid" (V3) | "softmax" (V2)
     topk_method: str = "noaux_tc"  # "noaux_tc" (V3, biased group top-k) | "group_limited_greedy" (V2) | "greedy"
     norm_topk_prob: bool = True
-    # MTP (SPEC §5)
+    # MTP (docs/architecture.md §5)
     num_mtp_layers: int = 1
     # Storage (what a checkpoint holds; execution choices are in RuntimeConfig)
     init_std: float = 0.006
     param_dtype: str = "float32"
-    # Store linear weights as the release does (e4m3 + 128×128 block scales, SPEC §6): half the
+    # Store linear weights as the release does (e4m3 + 128×128 block scales, docs/architecture.md §6): half the
     # memory of bf16, for inference (``dsv3 convert hf-to-orbax --keep-fp8``). Not trainable.
     fp8_weights: bool = False
 
@@ -138,7 +138,7 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """``qk_head_dim^-0.5 * mscale²`` with the YaRN attention temperature (SPEC §2–§3)."""
+        """``qk_head_dim^-0.5 * mscale²`` with the YaRN attention temperature (docs/architecture.md §2–§3)."""
         scale = self.qk_head_dim ** -0.5
         rs = self.rope_scaling
         if rs.enabled and rs.mscale_all_dim:
@@ -250,7 +250,7 @@ class RuntimeConfig:
     """How a model runs, as opposed to what it is (``ModelConfig``): kernels, dtypes of the
     computation, rematerialisation, FP8 GEMMs and the expert-parallel strategy. Never written into a
     checkpoint, so the same checkpoint can be scored in fp32, trained with ``quant='fp8'`` or served
-    expert-parallel without conversion (docs/design.md "Config split")."""
+    expert-parallel without conversion (docs/design.md §Config split)."""
 
     compute_dtype: Optional[str] = None  # None: the parameters' dtype (a float32 checkpoint computes in float32)
     attention_impl: str = "auto"  # pallas_kernels.mla backend: "auto" | "reference" | "blockwise" | "pallas" | "pallas_gpu" | "pallas_tpu"
@@ -258,7 +258,7 @@ class RuntimeConfig:
     moe_block_size: int = 0       # rows per block of the blocked GEMM; 0: from the expected rows per expert
     remat: str = "save_dots_except_mla_up"  # "none" | "full" | "save_dots" | "save_dots_except_mla_up"
     scan_layers: bool = True
-    quant: str = "none"           # "none" | "fp8": every Linear's three GEMMs in FP8 (SPEC §6)
+    quant: str = "none"           # "none" | "fp8": every Linear's three GEMMs in FP8 (docs/architecture.md §6)
     interpret: bool = False       # run the Pallas kernels in the Pallas interpreter (any platform; tests)
     # expert parallelism, used when the model is built for a mesh (DeepSeekV3(..., mesh=mesh))
     ep_strategy: str = "allgather"  # "allgather" | "ragged_a2a" | "a2a_capacity"
@@ -277,7 +277,7 @@ RUNTIME_FIELDS = frozenset(f.name for f in dataclasses.fields(RuntimeConfig))
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    """YaRN attention temperature ``0.1·mscale·ln(s) + 1`` (SPEC §3)."""
+    """YaRN attention temperature ``0.1·mscale·ln(s) + 1`` (docs/architecture.md §3)."""
     if scale <= 1:
         return 1.0
     return 0.1 * mscale * math.log(scale) + 1.0

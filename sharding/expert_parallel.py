@@ -1,4 +1,4 @@
-"""Expert parallelism: the MoE expert compute under ``shard_map`` (issue M3, SPEC §4 and §9).
+"""Expert parallelism: the MoE expert compute under ``shard_map`` (issue M3, docs/architecture.md §4 and §9).
 
 This module sits below the model: it knows collectives and meshes, not DeepSeek-V3. The model's MoE
 layer hands it two functions — ``route_fn`` (router logits → gates, expert ids, scores; run on each
@@ -26,7 +26,7 @@ update sees every token. Strategies:
   tokens.
 
 With group-limited routing and ``n_group`` a multiple of the expert-shard count, each group lives on
-one shard, so a token reaches at most ``topk_group`` shards (SPEC §4 node-limited routing): ragged
+one shard, so a token reaches at most ``topk_group`` shards (docs/architecture.md §4 node-limited routing): ragged
 exchanges move ``≤ topk_group`` copies of a token instead of ``K`` or ``n_shards``.
 """
 from __future__ import annotations

@@ -134,7 +134,7 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
     next is assembled) plus Orbax's buffers; a routed-expert projection of one layer is the
     smallest group, so for the 671B release the bound is ~1/3 of a layer.
 
-    ``keep_fp8``: the linear weights SPEC §6 runs in FP8 are stored as e4m3 + 128×128 block scales
+    ``keep_fp8``: the linear weights docs/architecture.md §6 runs in FP8 are stored as e4m3 + 128×128 block scales
     (``fp8_weights`` in the stored config): FP8 source tensors are copied bit for bit (transposed into
     our layout), others are quantised like the release. ``dtype`` then applies to the rest.
 
@@ -192,7 +192,7 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
                     arrays: dict[tuple, np.ndarray] = {}
                     for pc in group:
                         per_layer = bool(orbax_io.stack_len(pc.path) and pc.index)
-                        # the model's dtype: --dtype (e4m3 with --keep-fp8); the router bias stays fp32 (SPEC §6)
+                        # the model's dtype: --dtype (e4m3 with --keep-fp8); the router bias stays fp32 (docs/architecture.md §6)
                         for path in (pc.path, scale_path(pc.path)):
                             k = path and orbax_io.disk_path(path, pc.index)[0]
                             if path is not None and k not in arrays:
@@ -230,7 +230,7 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
 
 # ---- Orbax → HF --------------------------------------------------------------------------------
 def _fp8_eligible(name: str) -> bool:
-    """Linear weights other than embedding, head, norms and the MoE gate (SPEC §6)."""
+    """Linear weights other than embedding, head, norms and the MoE gate (docs/architecture.md §6)."""
     if not name.endswith(".weight") or "norm" in name or name.endswith("mlp.gate.weight"):
         return False
     return not any(s in name for s in ("embed_tokens", "lm_head", "shared_head.head"))

@@ -1,4 +1,4 @@
-"""Data: sources → tokenizer → FIM → packing → grain pipeline (SPEC §7). See each module's docstring."""
+"""Data: sources → tokenizer → FIM → packing → grain pipeline (docs/architecture.md §7). See each module's docstring."""
 from dsv3_jax.data.fim import encode_document, fim_rng, fim_split, format_fim, maybe_fim
 from dsv3_jax.data.packing import FIELDS, PackIterDataset, build_row, pack_documents, stack_rows
 from dsv3_jax.data.pipeline import (DataConfig, ShardedBatches, check_token_ids, document_ids, make_dataset,

@@ -1,4 +1,4 @@
-"""Batched generation over the latent cache, with optional MTP speculative decoding (SPEC §2, §5).
+"""Batched generation over the latent cache, with optional MTP speculative decoding (docs/architecture.md §2, §5).
 
 Prompts of different lengths are right-padded into one batch; every sequence keeps its own
 position, so a step writes each sequence's new token at its own cache position. With

@@ -1,4 +1,4 @@
-"""DeepSeekMoE (SPEC §4): routed experts with group-limited top-k, shared experts, dropless.
+"""DeepSeekMoE (docs/architecture.md §4): routed experts with group-limited top-k, shared experts, dropless.
 
 ``out = Σ shared FFN(u) + Σ_i g_i FFN_i(u)`` (the residual ``u +`` is added by the block).
 
@@ -71,7 +71,7 @@ def local_expert_sum(x: jax.Array, experts: jax.Array, gates: jax.Array, w_gate:
 
 class Experts(nnx.Module):
     """Stacked routed expert weights ``[E, D, I]`` / ``[E, I, D]`` (with ``fp8_weights``: per-expert
-    e4m3 + 128×128 block scales, one ``QuantArray`` each, SPEC §6)."""
+    e4m3 + 128×128 block scales, one ``QuantArray`` each, docs/architecture.md §6)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -113,7 +113,7 @@ class MoE(nnx.Module):
         """``x: [B, S, D]``, ``valid: [B, S]`` bool (padding excluded from statistics)."""
         B, S, D = x.shape
         cdt = dtype_of(self.rt.compute_dtype)
-        # FP8 (SPEC §6) quantizes the fp32 master weights and returns fp32 weight gradients.
+        # FP8 (docs/architecture.md §6) quantizes the fp32 master weights and returns fp32 weight gradients.
         ws = self.experts.weights(None if self.rt.quant == "fp8" else cdt)
         if self.ep is None:
             flat = x.reshape(B * S, D)

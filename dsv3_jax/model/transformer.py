@@ -1,7 +1,7 @@
-"""The DeepSeek-V3 model: embedding, scanned dense and MoE block stacks, head, MTP (SPEC §1, §5).
+"""The DeepSeek-V3 model: embedding, scanned dense and MoE block stacks, head, MTP (docs/architecture.md §1, §5).
 
 Layers of one kind are stored stacked (leading ``layers`` axis) and run with ``jax.lax.scan``, so
-compile time does not grow with depth (DESIGN.md "Scan the stack"). One forward serves training,
+compile time does not grow with depth (docs/design.md §Scan the stack). One forward serves training,
 scoring, prompt prefill and decoding: pass a latent cache (``model.init_cache``) to get it back
 updated in the output.
 """
@@ -64,7 +64,7 @@ def _remat_policy(name: str):
         return jax.checkpoint_policies.nothing_saveable
     if name == "save_dots":
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    # SPEC §8 recomputes the RMSNorms and the MLA up-projections. Besides the layer input (the scan
+    # docs/architecture.md §8 recomputes the RMSNorms and the MLA up-projections. Besides the layer input (the scan
     # carry), keep only the MLA down-projections (``checkpoint_name`` "mla_down", [T, q_lora + kv_lora
     # + rope] per layer). Everything else is recomputed: the MoE's exchange buffers and expert
     # activations (``save_anything`` kept them for every layer: terabytes per chip at 671B), and the
@@ -99,7 +99,7 @@ def run_stack(blocks: Block, h, cos, sin, segment_ids, valid, rt: Execution,
 
 
 class MTPLayer(nnx.Module):
-    """One MTP depth (SPEC §5): ``h' = W_eh [enorm(Emb(t_{i+k})) ; hnorm(h_i)]``, a full MoE block,
+    """One MTP depth (docs/architecture.md §5): ``h' = W_eh [enorm(Emb(t_{i+k})) ; hnorm(h_i)]``, a full MoE block,
     its own final norm; the embedding and output head are the main model's."""
 
     def __init__(self, cfg: ModelConfig, rt: Execution, rngs: nnx.Rngs, ep: Optional[ExpertParallel] = None):
@@ -221,7 +221,7 @@ class DeepSeekV3(nnx.Module):
         return jnp.where((tokens >= 0)[..., None], emb, 0)
 
     def head(self, h: jax.Array) -> jax.Array:
-        # The output head is kept out of FP8 (SPEC §6): a GEMM in the compute dtype with fp32 logits.
+        # The output head is kept out of FP8 (docs/architecture.md §6): a GEMM in the compute dtype with fp32 logits.
         # (An fp32 GEMM under bf16 compute gathered the [D, V] head in fp32 on every chip and made an
         # fp32 [D, V] weight gradient before the reduce-scatter: 7 GiB per chip at 671B.)
         cdt = dtype_of(self.ex.compute_dtype)
@@ -270,7 +270,7 @@ class DeepSeekV3(nnx.Module):
 
     def mtp_forward(self, hidden: jax.Array, next_tokens: jax.Array, *, positions: Optional[jax.Array] = None,
                     segment_ids: Optional[jax.Array] = None, cache: Optional[ModelCache] = None):
-        """The first ``n = next_tokens.shape[0]`` MTP depths (SPEC §5). ``hidden [B, S, D]``: the main
+        """The first ``n = next_tokens.shape[0]`` MTP depths (docs/architecture.md §5). ``hidden [B, S, D]``: the main
         model's final-normed hidden state; ``next_tokens [n, B, S]``: at depth k, token ``t_{i+k}`` for
         position i (``-1``: none). Depth k combines the previous depth's hidden state with that
         token's embedding and predicts ``t_{i+k+1}``. ``positions``/``cache`` as in ``__call__``.
