@@ -145,3 +145,27 @@ def test_gradients_reach_experts_not_bias():
     graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
     gb = jax.jit(jax.grad(lambda b: nnx.merge(graphdef, params, b)(tokens).logits.mean()))(bias)
     assert all(np.abs(np.asarray(v)).max() == 0 for v in jax.tree.leaves(gb))
+
+
+def test_fp8_expert_ffn_in_chunks_of_blocks_equals_one_call(monkeypatch):
+    """The FP8 grouped GEMM runs over chunks of blocks in sequence (grouped_gemm.FP8_CHUNK_BLOCKS: the
+    per-block weight gathers and weight gradients of a whole layout do not fit a chip at 671B); the
+    output and gradients equal one call over all blocks."""
+    from dsv3_jax.model import grouped_gemm
+    E, D, I, N = 4, 64, 48, 70
+    ks = jax.random.split(jax.random.key(3), 5)
+    x = jax.random.normal(ks[0], (N, D))
+    ws = [0.1 * jax.random.normal(k, s) for k, s in zip(ks[1:4], ((E, D, I), (E, D, I), (E, I, D)))]
+    sizes = jnp.array([20, 0, 41, 9], jnp.int32)
+    g = jax.random.normal(ks[4], (N, D))
+
+    def run(chunk):
+        monkeypatch.setattr(grouped_gemm, "FP8_CHUNK_BLOCKS", chunk)
+        f = lambda x, *ws: grouped_gemm.expert_ffn(x, sizes, *ws, impl="blocked", block=8, quant="fp8")  # noqa: E731
+        y, vjp = jax.vjp(f, x, *ws)
+        return y, vjp(g)
+
+    (y1, g1), (y3, g3) = jax.jit(lambda: run(1000))(), jax.jit(lambda: run(3))()   # 13 blocks: 5 chunks of 3
+    np.testing.assert_allclose(np.asarray(y3), np.asarray(y1), rtol=1e-6, atol=1e-6)
+    for a, b in zip(g3, g1):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
