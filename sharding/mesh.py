@@ -83,12 +83,3 @@ def make_mesh(cfg: MeshConfig | str | None = None, devices: Optional[Sequence[ja
         return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
     except (ImportError, TypeError):  # older jax without axis types
         return Mesh(np.asarray(devices).reshape(shape), AXES)
-
-
-def maybe_initialize_distributed() -> None:
-    """Join a multi-host run when launched under a cluster environment (no-op on one host)."""
-    import os
-    if jax.process_count() > 1:
-        return
-    if any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES")):
-        jax.distributed.initialize()
