@@ -225,16 +225,18 @@ def plan(cfg: ModelConfig, topology: str, mesh: str, *, step: str = "train", bat
     fits = bool(total <= hbm) if not math.isnan(hbm) else False
     if math.isnan(hbm):
         notes.append(f"unknown chip {getattr(devs[0], 'device_kind', '?')!r}: no HBM/peak figures")
-    # XLA's cost analysis counts a while loop's body once, so with scanned layers the compiled FLOPs fall
-    # far below the model's; then the work is the model's FLOPs (with one recomputed forward under remat)
+    # XLA's cost analysis counts a while loop's body once (the scanned layers: once) and custom calls
+    # (Pallas kernels, ragged_dot) not at all, so the compiled FLOPs can fall far below the model's; then
+    # the estimate uses the model's FLOPs (one recomputed forward under remat) and gives no MFU
     model_chip = model_flops / len(devs)
     work, basis = flops, "compiled FLOPs"
     if not flops >= model_chip:
         recompute = 4 / 3 if step == "train" and (runtime.remat != "none") else 1.0
         work, basis = model_chip * recompute, ("model FLOPs" + (" x 4/3 (remat)" if recompute > 1 else "")
-                                               + "; the compiled count (scan bodies once) is lower")
+                                               + "; XLA's count, which takes a scanned layer once and no "
+                                               "kernel or ragged_dot, is lower; no MFU from it")
     est = work / peak if peak == peak and work == work else float("nan")
-    mfu = model_chip / (est * peak) if est and est == est else float("nan")
+    mfu = model_chip / (est * peak) if est and est == est and basis == "compiled FLOPs" else float("nan")
     notes.append("bytes, FLOPs and collectives are the compiler's; params/optimizer from the sharding rules; "
                  f"step time and MFU are estimates ({basis}, at the chip's bf16 peak, compute-bound)")
     return Plan(topology, len(devs), getattr(devs[0], "device_kind", "?"), dict(m.shape), step, batch,
