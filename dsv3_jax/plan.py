@@ -206,10 +206,11 @@ def plan(cfg: ModelConfig, topology: str, mesh: str, *, step: str = "train", bat
         compiled = lowered.compile(compiler_options=options or None)
     except Exception as e:  # XLA:TPU refuses programs that cannot fit: that is an answer, not a failure
         if "RESOURCE_EXHAUSTED" not in str(e):
+            _read_and_remove(dump, 0)
             raise
         p = _does_not_fit(str(e), topology, devs, m, step, batch, seq, params, optimizer, hbm,
                           time.perf_counter() - t0, notes, dump)
-        p.peak_buffers = peak_buffers(dump, buffers) if dump else []
+        p.peak_buffers = _read_and_remove(dump, buffers)
         return p
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -241,7 +242,7 @@ def plan(cfg: ModelConfig, topology: str, mesh: str, *, step: str = "train", bat
                  f"step time and MFU are estimates ({basis}, at the chip's bf16 peak, compute-bound)")
     return Plan(topology, len(devs), getattr(devs[0], "device_kind", "?"), dict(m.shape), step, batch,
                 seq if step != "decode" else 1, bytes_per_chip, hbm, fits, flops, collective_bytes(hlo),
-                _collectives(hlo), round(seconds, 1), est, mfu, notes, peak_buffers(dump, buffers) if dump else [])
+                _collectives(hlo), round(seconds, 1), est, mfu, notes, _read_and_remove(dump, buffers))
 
 
 _SIZE = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
@@ -268,6 +269,17 @@ def _does_not_fit(message, topology, devs, mesh, step, batch, seq, params, optim
     return Plan(topology, len(devs), getattr(devs[0], "device_kind", "?"), dict(mesh.shape), step, batch,
                 seq if step != "decode" else 1, bytes_per_chip, hbm, False, float("nan"), 0, {}, round(seconds, 1),
                 float("nan"), float("nan"), notes)
+
+
+def _read_and_remove(dump: Optional[str], n: int) -> list:
+    """``peak_buffers`` of a dump directory ``plan`` made, which is then deleted (hundreds of MB at 671B)."""
+    if not dump:
+        return []
+    import shutil
+    try:
+        return peak_buffers(dump, n)
+    finally:
+        shutil.rmtree(dump, ignore_errors=True)
 
 
 def _dump_file(dump: str, suffix: str) -> Optional[str]:
