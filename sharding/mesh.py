@@ -83,3 +83,7 @@ def make_mesh(cfg: MeshConfig | str | None = None, devices: Optional[Sequence[ja
         return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
     except (ImportError, TypeError):  # older jax without axis types
         return Mesh(np.asarray(devices).reshape(shape), AXES)
+    except NotImplementedError as e:  # TPU slices: axis sizes must tile the physical torus
+        raise MeshError(f"mesh {sizes} cannot be laid out on these {len(devices)} chips' physical topology "
+                        f"({str(e).splitlines()[0][:160]}) (fix: choose axis sizes that are products of the "
+                        "slice's physical axes, e.g. expert=64 on v5p:8x8x4 but expert=128 on v5p:4x4x8).") from None
