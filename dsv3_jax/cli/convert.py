@@ -16,22 +16,22 @@ def register(sub) -> None:
     c.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="stored parameter dtype")
     c.add_argument("--keep-fp8", action="store_true", help="store linear weights as e4m3 + 128x128 block scales (FP8 sources bit for bit): half the size of bf16; inference only")
     c.add_argument("--no-mtp", action="store_true", help="drop the MTP module (model.layers.{num_layers}.*)")
-    c.add_argument("--overwrite", action="store_true", help="replace DST if it exists (never SRC or a directory "
-                                                              "holding it: refused)")
-    c.add_argument("--allow-nonfinite", action="store_true",
-                   help="convert weights holding NaN/Inf anyway (refused by default, naming the tensor)")
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
-    c.set_defaults(func=run)
+    _safety_flags(c, "convert")
     c = csub.add_parser("orbax-to-hf", help="our Orbax checkpoint → HF layout (sharded safetensors + index + config)")
     c.add_argument("src", help="checkpoint directory written by hf-to-orbax")
     c.add_argument("dst", help="output HF model directory (must not exist unless --overwrite)")
     c.add_argument("--fp8", action="store_true", help="FP8 e4m3 linear weights with 128x128 weight_scale_inv")
     c.add_argument("--no-mtp", action="store_true", help="leave out the MTP layer")
     c.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors shard")
+    _safety_flags(c, "export")
+
+
+def _safety_flags(c, verb: str) -> None:
+    """The flags both directions share: overwriting DST, non-finite weights, the progress bar."""
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists (never SRC or a directory "
                                                               "holding it: refused)")
     c.add_argument("--allow-nonfinite", action="store_true",
-                   help="export weights holding NaN/Inf anyway (refused by default, naming the tensor)")
+                   help=f"{verb} weights holding NaN/Inf anyway (refused by default, naming the tensor)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=run)
 
