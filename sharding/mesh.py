@@ -1,4 +1,5 @@
-"""Device mesh with the four axes of this project: ``data``, ``fsdp``, ``expert``, ``tensor``."""
+"""Device mesh with the five axes of this project: ``stage`` (pipeline stages, docs/design.md §Pipeline),
+``data``, ``fsdp``, ``expert``, ``tensor``."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,12 +12,13 @@ from jax.sharding import Mesh
 
 from .errors import MeshError
 
-AXES = ("data", "fsdp", "expert", "tensor")
+AXES = ("stage", "data", "fsdp", "expert", "tensor")
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Axis sizes; one of them may be -1 (= all remaining devices)."""
+    stage: int = 1
     data: int = 1
     fsdp: int = 1
     expert: int = 1
