@@ -40,6 +40,12 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int_arg(0, "--seed 0"), default=0)
     p.add_argument("--stop-ids", default="", help="comma-separated ids that end generation (default: the tokenizer's EOS)")
     p.add_argument("--speculative", choices=("mtp",), help="draft with the MTP module, verify with the main model")
+    p.add_argument("--chat", action="store_true",
+                   help="the prompt is a user turn, wrapped in DeepSeek-V3's chat template (ends with <｜Assistant｜>)")
+    p.add_argument("--system", default="", help="with --chat: a system prompt")
+    p.add_argument("--jsonl-out", metavar="FILE",
+                   help="with --chat: append the conversation (user turn + generated answer) as one JSONL line "
+                        "{\"messages\": [...]}, SFT data for sequence-level distillation")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (token_ids, text, steps, acceptance_rate) instead of streaming")
     p.add_argument("--mesh", help="run on a device mesh, e.g. data=2,expert=4 (expert-parallel MoE)")
@@ -242,10 +248,18 @@ def run_generate(args) -> int:
         if tok is None:
             raise GenerationError(f"{args.checkpoint} has no tokenizer.json, so {what.split()[0]} cannot be "
                                   "tokenized (fix: pass --prompt-ids 1,2,3).")
-        prompt = tok.encode(text, allow_special=True, add_special_tokens=True)
+        if args.chat:
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                       [{"role": "user", "content": text}]
+            prompt = tok.encode_chat(messages, add_generation_prompt=True)[0]
+        else:
+            prompt = tok.encode(text, allow_special=True, add_special_tokens=True)
         if not prompt:
             raise GenerationError(f"{what} encodes to no tokens: every prompt needs at least one "
                                   "(fix: give a non-empty prompt).")
+    if (args.chat or args.system or args.jsonl_out) and (args.prompt_ids is not None or not args.chat):
+        raise GenerationError("--chat wraps a text prompt in the chat template, and --system / --jsonl-out need it "
+                              "(fix: pass --chat with --prompt or --prompt-file).")
     if not stops and tok is not None:
         stops = [tok.eos_id] if tok.eos_id is not None else []
     check_tokens(np.asarray(prompt, np.int64), stored.vocab_size, what)   # before loading the weights
@@ -271,7 +285,7 @@ def run_generate(args) -> int:
             sys.stdout.flush()
 
     if not args.json and tok is not None and not quiet:
-        sys.stdout.write(text if args.prompt_ids is None else decode(prompt))
+        sys.stdout.write(text if args.prompt_ids is None and not args.chat else decode(prompt))
     t0 = time.perf_counter()
     res = gen([prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, seed=args.seed, stop_tokens=stops, speculative=args.speculative, on_token=on_token)
@@ -279,6 +293,11 @@ def run_generate(args) -> int:
     ids = res.tokens[0]
     if quiet:
         return 0
+    if args.jsonl_out:  # sequence-level distillation data (docs/design.md §Post-training)
+        answer = decode([t for t in ids if t not in stops])
+        with open(args.jsonl_out, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"messages": messages + [{"role": "assistant", "content": answer}]},
+                               ensure_ascii=False) + "\n")
     if args.json:
         out = {"token_ids": ids, "text": decode(ids) if tok is not None else None, "steps": res.steps,
                "seconds": dt}

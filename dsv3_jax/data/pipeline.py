@@ -168,7 +168,7 @@ def make_dataset(config: DataConfig, tokenizer: Union[Tokenizer, str, None] = No
         tokenizer = load_tokenizer(tokenizer)
     vocab_size = tokenizer.vocab_size if vocab_size is None else int(vocab_size)
     for role, tid in tokenizer.special_ids.items():
-        if tid >= vocab_size:
+        if tid is not None and tid >= vocab_size:
             raise DataError(f"token id {tid} of the special token {role!r} is outside the model vocabulary "
                              f"of size {vocab_size}: the tokenizer (vocab {tokenizer.vocab_size}) does not fit "
                              "the model.")

@@ -13,7 +13,8 @@ The pipeline is lossless: ``decode(encode(x)) == x`` for every string (no normal
 
 Special tokens keep DeepSeek's spelling (fullwidth ``｜`` U+FF5C and ``▁`` U+2581) and, in a tokenizer
 trained here, DeepSeek-V3's relative order: BOS 0, EOS 1, PAD 2, then ``fim▁hole``, ``fim▁begin``,
-``fim▁end``. ``Tokenizer.encode`` treats special-token *text* inside documents as plain text (a code file
+``fim▁end``, then the chat turns ``<｜User｜>`` 6 and ``<｜Assistant｜>`` 7 (``render_chat`` / ``Tokenizer.encode_chat``:
+DeepSeek-V3's chat template). ``Tokenizer.encode`` treats special-token *text* inside documents as plain text (a code file
 that mentions ``<｜end▁of▁sentence｜>`` does not inject an EOS); pass ``allow_special=True`` to parse it.
 """
 from __future__ import annotations
@@ -48,6 +49,8 @@ class SpecialTokens:
     fim_hole: str = "<｜fim▁hole｜>"
     fim_begin: str = "<｜fim▁begin｜>"
     fim_end: str = "<｜fim▁end｜>"
+    user: str = "<｜User｜>"              # chat turns (docs/design.md §Post-training); reserved so that
+    assistant: str = "<｜Assistant｜>"    # a tokenizer trained here can be fine-tuned on conversations
 
     def items(self) -> list[tuple[str, str]]:
         """``[(role, token string)]`` in id order for a freshly trained tokenizer."""
@@ -56,6 +59,7 @@ class SpecialTokens:
 
 DEEPSEEK_SPECIAL_TOKENS = SpecialTokens()
 REQUIRED_ROLES = ("bos", "eos", "fim_begin", "fim_hole", "fim_end")  # pad falls back to eos
+CHAT_ROLES = ("bos", "eos", "user", "assistant")  # what `render_chat` / `encode_chat` need
 
 
 def deepseek_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
@@ -79,7 +83,7 @@ class Tokenizer:
         ids, missing = {}, []
         for role, token in special.items():
             tid = backend.token_to_id(token)
-            if tid is None and role not in REQUIRED_ROLES:
+            if tid is None and role == "pad":
                 tid = backend.token_to_id(special.eos)   # no pad token: pad with EOS (always loss-masked)
             if tid is None and role in require:
                 missing.append(f"{role} {token!r}")
@@ -91,6 +95,7 @@ class Tokenizer:
         self.special_ids: dict[str, int] = ids
         self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
         self.fim_begin_id, self.fim_hole_id, self.fim_end_id = ids["fim_begin"], ids["fim_hole"], ids["fim_end"]
+        self.user_id, self.assistant_id = ids["user"], ids["assistant"]   # None: no chat tokens
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         # Two views of one vocabulary: `_plain` encodes special-token text as ordinary text.
         self._plain = tokenizers.Tokenizer.from_str(backend.to_str())
@@ -102,6 +107,35 @@ class Tokenizer:
         ``transformers``' ``tokenizer(text)`` does — how ``score --text`` and ``generate --prompt`` encode."""
         tok = self.backend if allow_special else self._plain
         return tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = False
+                    ) -> tuple[list[int], list[int]]:
+        """DeepSeek-V3's chat template as ids, with a per-token mask: 1 on the tokens an assistant turn
+        produces (its text and the closing EOS), 0 on BOS, system prompt, user turns and the
+        ``<｜Assistant｜>`` markers — the tokens SFT learns (docs/design.md §Post-training). Equals
+        ``encode(render_chat(...), allow_special=True)``: special tokens split a text before BPE runs,
+        so encoding turn by turn gives the same ids. ``add_generation_prompt``: end with
+        ``<｜Assistant｜>`` (the prompt a generator continues)."""
+        missing = [r for r in CHAT_ROLES if self.special_ids.get(r) is None]
+        if missing:
+            raise DataError(f"this tokenizer lacks the chat token(s) {', '.join(getattr(self.special, r) for r in missing)}"
+                            " (fix: train it with `dsv3 tokenizer train`, which reserves them, or use the "
+                            "model's own tokenizer.json).")
+        system, turns = _split_chat(messages)
+        ids = [self.bos_id] + (self.encode(system) if system else [])
+        mask = [0] * len(ids)
+        for role, text in turns:
+            body = self.encode(text)
+            if role == "user":
+                ids += [self.user_id] + body
+                mask += [0] * (1 + len(body))
+            else:
+                ids += [self.assistant_id] + body + [self.eos_id]
+                mask += [0] + [1] * (len(body) + 1)
+        if add_generation_prompt:
+            ids.append(self.assistant_id)
+            mask.append(0)
+        return ids, mask
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._plain.encode_batch(list(texts), add_special_tokens=False)]
@@ -133,6 +167,44 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, special_ids={self.special_ids})"
+
+
+def _split_chat(messages: Sequence[dict]) -> tuple[str, list[tuple[str, str]]]:
+    """``(system prompt, [(role, text)])`` of a conversation; ``DataError`` naming a malformed message."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise DataError(f"a conversation must be a list of {{'role', 'content'}} messages, got "
+                        f"{type(messages).__name__} (fix: e.g. [{{'role': 'user', 'content': '1+1='}}]).")
+    system, turns = [], []
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        text = m.get("content") if isinstance(m, dict) else None
+        if role not in ("system", "user", "assistant") or not isinstance(text, str):
+            raise DataError(f"message {i} of a conversation is {str(m)[:80]!r}; each message needs a role of "
+                            "'system', 'user' or 'assistant' and a string 'content' (fix: e.g. "
+                            "{'role': 'user', 'content': '1+1='}).")
+        if role == "system":
+            if turns:
+                raise DataError(f"message {i} is a system prompt after the conversation started (fix: put system "
+                                "messages first).")
+            system.append(text)
+        else:
+            turns.append((role, text))
+    return "\n\n".join(system), turns
+
+
+def render_chat(messages: Sequence[dict], special: SpecialTokens = DEEPSEEK_SPECIAL_TOKENS, *,
+                add_generation_prompt: bool = False) -> str:
+    """DeepSeek-V3's chat template as text: ``<｜begin▁of▁sentence｜>{system}<｜User｜>{u}<｜Assistant｜>{a}
+    <｜end▁of▁sentence｜>…`` (system messages joined by a blank line, right after BOS; every assistant
+    turn closed by EOS); ``add_generation_prompt`` appends ``<｜Assistant｜>``. ``messages``: a list of
+    ``{"role": "system"|"user"|"assistant", "content": str}``."""
+    system, turns = _split_chat(messages)
+    out = [special.bos, system]
+    for role, text in turns:
+        out += [special.user, text] if role == "user" else [special.assistant, text, special.eos]
+    if add_generation_prompt:
+        out.append(special.assistant)
+    return "".join(out)
 
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int = 4096, *, min_frequency: int = 2,

@@ -24,7 +24,8 @@ def tok(code):
 
 
 def test_special_ids_and_vocab(tok):
-    assert tok.special_ids == {"bos": 0, "eos": 1, "pad": 2, "fim_hole": 3, "fim_begin": 4, "fim_end": 5}
+    assert tok.special_ids == {"bos": 0, "eos": 1, "pad": 2, "fim_hole": 3, "fim_begin": 4, "fim_end": 5,
+                               "user": 6, "assistant": 7}
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
     assert (tok.fim_begin_id, tok.fim_hole_id, tok.fim_end_id) == (4, 3, 5)
     assert 256 + 6 < tok.vocab_size <= 1024
