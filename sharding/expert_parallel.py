@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from .errors import MeshError
-from .kernels import platform_of
+from .kernels import context_mesh, free_axes, platform_of
 from .rules import DEFAULT_RULES, Rules
 
 STRATEGIES = ("allgather", "ragged_a2a", "a2a_capacity")
@@ -196,7 +196,7 @@ def _exchange(ep: ExpertParallel, expert_fn: ExpertFn, x, experts, weights, w_ga
         out = one_round(out, 0)
     else:
         # every device takes the same branches (collectives inside), whatever its expert group
-        needed = jax.lax.pmax(jnp.max(jnp.where(real, p_round, -1)) + 1, tuple(ep.mesh.axis_names))
+        needed = jax.lax.pmax(jnp.max(jnp.where(real, p_round, -1)) + 1, free_axes(ep.mesh))
         step = jax.checkpoint(lambda out, r: jax.lax.cond(r < needed, one_round, lambda o, _: o, out, r),
                               policy=jax.checkpoint_policies.nothing_saveable)
         out, _ = jax.lax.scan(lambda o, r: (step(o, r), None), out, jnp.arange(r_max))
@@ -234,11 +234,11 @@ def moe_forward(ep: ExpertParallel, x: jax.Array, router_kernel: jax.Array, bias
             out, dropped, _ = _exchange(ep, expert_fn, xt, et, wt, w_gate, w_up, w_down)
             if tensor:
                 out = jax.lax.psum(out, "tensor")
-        dropped = jax.lax.psum(dropped, tuple(ep.mesh.axis_names)) // ep.n_tensor  # tokens replicated over tensor
+        dropped = jax.lax.psum(dropped, free_axes(ep.mesh)) // ep.n_tensor  # tokens replicated over tensor
         shaped = lambda a: a.reshape(B, S, -1)  # noqa: E731
         return out.reshape(B, S, D).astype(x.dtype), shaped(gates), shaped(experts), shaped(scores), dropped
 
-    fn = jax.shard_map(local, mesh=ep.mesh, in_specs=(tok, P(), P(), w_in, w_in, w_out),
+    fn = jax.shard_map(local, mesh=context_mesh(ep.mesh), in_specs=(tok, P(), P(), w_in, w_in, w_out),
                        out_specs=(tok, tok, tok, tok, P()), check_vma=False)
     dummy_bias = bias if has_bias else jnp.zeros((), jnp.float32)
     out, gates, experts, scores, dropped = fn(x, router_kernel, dummy_bias, w_gate, w_up, w_down)

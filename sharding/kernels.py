@@ -32,6 +32,25 @@ def platform_of(mesh: Optional[Mesh]) -> str:
     return "gpu" if platform in ("cuda", "rocm") else platform
 
 
+def context_mesh(mesh: Mesh):
+    """The mesh to give a ``shard_map`` for ``mesh``: ``mesh`` itself, or, inside an enclosing
+    ``shard_map`` that is already manual over some of its axes (the pipelined step is manual over
+    ``stage``, docs/design.md §Pipeline), the context's abstract mesh, which jax requires there."""
+    ctx = jax.sharding.get_abstract_mesh()
+    if not ctx.empty and ctx.manual_axes and tuple(ctx.axis_names) == tuple(mesh.axis_names):
+        return ctx
+    return mesh
+
+
+def free_axes(mesh: Mesh) -> tuple[str, ...]:
+    """``mesh``'s axes not already manual in an enclosing ``shard_map``: the axes a reduction over
+    "the whole mesh" may span. Inside the pipelined step each ``stage`` group runs its own program,
+    so a collective over ``stage`` there would pair devices doing different work."""
+    ctx = jax.sharding.get_abstract_mesh()
+    manual = set(ctx.manual_axes) if not ctx.empty else set()
+    return tuple(a for a in mesh.axis_names if a not in manual)
+
+
 def per_shard(fn: Callable, mesh: Optional[Mesh], rules: Rules, in_axes: Sequence[Axes],
               out_axes: Axes | Sequence[Axes]) -> Callable:
     """``fn(*arrays)`` run per shard of ``mesh`` (unchanged when there is no mesh or one device).
@@ -61,9 +80,9 @@ def per_shard(fn: Callable, mesh: Optional[Mesh], rules: Rules, in_axes: Sequenc
             out_specs = tuple(spec(ax, o.shape) for ax, o in zip(out_axes, out_shape))
         else:
             out_specs = spec(out_axes, out_shape.shape)
-        return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*arrays)
+        return jax.shard_map(local, mesh=context_mesh(mesh), in_specs=in_specs, out_specs=out_specs, check_vma=False)(*arrays)
 
     return wrapped
 
 
-__all__ = ["per_shard", "platform_of"]
+__all__ = ["per_shard", "platform_of", "context_mesh", "free_axes"]
