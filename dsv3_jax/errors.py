@@ -30,9 +30,13 @@ class DataError(Dsv3Error, ValueError):
     """A data source, tokenizer or batch is missing or malformed."""
 
 
+class PipelineConfigError(ConfigError):
+    """A pipeline setting (schedule, stages, micro-batches) that cannot run; the message names the fix."""
+
+
 class DataNotFoundError(DataError, FileNotFoundError):
     """A data path or tokenizer file does not exist (also a ``FileNotFoundError``)."""
 
 
 __all__ = ["Dsv3Error", "ConfigError", "CheckpointError", "MeshError", "TokenRangeError", "GenerationError",
-           "DataError", "DataNotFoundError"]
+           "DataError", "DataNotFoundError", "PipelineConfigError"]
