@@ -27,6 +27,7 @@ from ..data.pipeline import DataConfig
 
 BALANCE = ("aux_free", "aux_loss", "none")
 MOMENT_DTYPES = ("float32", "bfloat16")
+LR_SCHEDULES = ("v3", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +44,22 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     clip_norm: float = 1.0               # global-norm clip; 0 disables
-    moment_dtype: str = "float32"        # "bfloat16": AdamW moments in bf16 (docs/architecture.md §6)
+    moment_dtype: str = "bfloat16"       # AdamW moments in bf16, the report's (docs/architecture.md §6); or float32
+    lr_schedule: str = "v3"              # v3 (warm-up/constant/cosine/tails, optim.py) | constant (extension stages)
+    batch_ramp_start: float = 0.2        # rows trained at step 0 / data.batch_size (3072/15360); 1 = no ramp
     # losses and balancing (docs/architecture.md §4, §5)
-    mtp_weight: float = 0.3              # λ
+    mtp_weight: float = 0.3              # λ for the first 10T/14.8T of the run
+    mtp_weight_final: float = 0.1        # λ after that
     balance: str = "aux_free"            # aux_free (bias update + α loss) | aux_loss (α loss only) | none
     balance_alpha: float = 1e-4          # α of the sequence-wise balance loss
     bias_rate: float = 1e-3              # γ of the aux-loss-free bias update
+    bias_freeze: bool = True             # γ = 0 for the last 500B/14.8T tokens of the run
+    # parameter EMA on the host (dsv3_jax/train/ema.py)
+    ema_every: int = 0                   # snapshot the parameters every N steps (0: no EMA)
+    ema_decay: float = 0.999             # per step; a snapshot N steps after the last uses decay**N
+    # continue another run's checkpoint (long-context stages, docs/design.md §Long-context stages)
+    init_from: str = ""                  # a checkpoint dir whose weights start a fresh run (new optimizer)
+    init_rope: bool = False              # allow init_from's model to differ in its RoPE/YaRN fields only
     # bookkeeping
     output_dir: str = "runs/train"       # checkpoints/, metrics.jsonl, tensorboard/, tokenizer.json
     checkpoint_every: int = 100
@@ -93,10 +104,17 @@ def validate_train(t: TrainConfig, data: DataConfig) -> None:
     for f in ("b1", "b2"):
         if not 0 <= getattr(t, f) < 1:
             _fail(f"train.{f}", getattr(t, f), "must be in [0, 1)", "use 0.9 / 0.95")
-    for f in ("weight_decay", "clip_norm", "mtp_weight", "balance_alpha", "bias_rate"):
+    for f in ("weight_decay", "clip_norm", "mtp_weight", "mtp_weight_final", "balance_alpha", "bias_rate"):
         if not 0 <= getattr(t, f) < math.inf:
             _fail(f"train.{f}", getattr(t, f), "must be a finite number >= 0", f"use 0 to disable")
-    for f, choices in (("balance", BALANCE), ("moment_dtype", MOMENT_DTYPES)):
+    if not 0 < t.batch_ramp_start <= 1:
+        _fail("train.batch_ramp_start", t.batch_ramp_start, "must be in (0, 1]", "use 0.2 (the report's) or 1 for no ramp")
+    if t.ema_every < 0 or not 0 < t.ema_decay < 1:
+        _fail("train.ema_every/ema_decay", (t.ema_every, t.ema_decay), "need ema_every >= 0 and 0 < ema_decay < 1",
+              "e.g. ema_every=10 ema_decay=0.999")
+    if t.init_rope and not t.init_from:
+        _fail("train.init_rope", t.init_rope, "only applies with train.init_from", "set train.init_from=CHECKPOINT")
+    for f, choices in (("balance", BALANCE), ("moment_dtype", MOMENT_DTYPES), ("lr_schedule", LR_SCHEDULES)):
         v = getattr(t, f)
         if v not in choices:
             close = difflib.get_close_matches(str(v), choices, n=1)

@@ -14,7 +14,7 @@ is not a parameter and never reaches the optimizer (docs/architecture.md §4).
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,9 @@ COSINE_END = 14.3 / 14.8
 TAIL_END = (14.3 + 0.333) / 14.8
 COSINE_FLOOR = 2.2e-5 / 2.2e-4
 FINAL = 7.3e-6 / 2.2e-4
+RAMP_END = 0.469 / 14.8          # batch 3072 → 15360 sequences over the first 469B tokens
+BIAS_FREEZE = (14.8 - 0.5) / 14.8  # γ = 0 for the last 500B tokens (= COSINE_END)
+MTP_SWITCH = CONSTANT_END        # λ 0.3 → 0.1 after the first 10T tokens
 
 
 def warmup_steps(t: TrainConfig) -> int:
@@ -35,7 +38,10 @@ def warmup_steps(t: TrainConfig) -> int:
 
 
 def lr_schedule(t: TrainConfig) -> optax.Schedule:
-    """``step -> lr`` for update ``step`` (0-based)."""
+    """``step -> lr`` for update ``step`` (0-based). ``lr_schedule: constant``: ``lr`` throughout (the
+    report's long-context stages run at the final pre-training LR, docs/architecture.md §3)."""
+    if t.lr_schedule == "constant":
+        return lambda step: jnp.full((), t.lr, jnp.float32)
     total, peak, warm = t.steps, t.lr, warmup_steps(t)
     c_end = max(warm, round(CONSTANT_END * total))
     cos_end = max(c_end + 1, round(COSINE_END * total))
@@ -50,6 +56,43 @@ def lr_schedule(t: TrainConfig) -> optax.Schedule:
         lr = jnp.where(s >= cos_end, peak * COSINE_FLOOR, lr)
         return jnp.where(s >= tail_end, peak * FINAL, lr)
     return schedule
+
+
+def phase_step(t: TrainConfig, fraction: float) -> int:
+    """The first update of the phase that starts at ``fraction`` of the report's 14.8T tokens, in this
+    run's steps (rounded like the LR schedule's boundaries)."""
+    return round(fraction * t.steps)
+
+
+def active_rows(t: TrainConfig, batch_size: int) -> Callable:
+    """``step -> rows of the batch that train`` (int32): the batch-size ramp (docs/architecture.md §8),
+    ``batch_ramp_start·B`` rows at update 0 rising linearly to ``B`` at ``RAMP_END`` of the run (floor,
+    at least 1), then ``B``. ``batch_ramp_start = 1`` switches it off."""
+    ramp = phase_step(t, RAMP_END)
+    start = t.batch_ramp_start
+
+    def rows(step):
+        if start >= 1 or ramp == 0:
+            return jnp.full((), batch_size, jnp.int32)
+        s = jnp.asarray(step, jnp.float32)
+        frac = start + (1.0 - start) * jnp.minimum(s / ramp, 1.0)
+        return jnp.clip(jnp.floor(batch_size * frac + 1e-4), 1, batch_size).astype(jnp.int32)
+    return rows
+
+
+def bias_rate_schedule(t: TrainConfig) -> Callable:
+    """``step -> γ``: ``bias_rate`` until the last 500B-token phase (``BIAS_FREEZE`` of the run), then 0
+    (docs/architecture.md §4), unless ``bias_freeze`` is off."""
+    stop = phase_step(t, BIAS_FREEZE) if t.bias_freeze else None
+    return lambda step: (jnp.float32(t.bias_rate) if stop is None else
+                         jnp.where(jnp.asarray(step) < stop, t.bias_rate, 0.0).astype(jnp.float32))
+
+
+def mtp_weight_schedule(t: TrainConfig) -> Callable:
+    """``step -> λ``: ``mtp_weight`` for the first 10T/14.8T of the run, then ``mtp_weight_final``
+    (docs/architecture.md §5)."""
+    switch = phase_step(t, MTP_SWITCH)
+    return lambda step: jnp.where(jnp.asarray(step) < switch, t.mtp_weight, t.mtp_weight_final).astype(jnp.float32)
 
 
 def decay_mask(params) -> Any:
@@ -100,4 +143,4 @@ def make_optimizer(t: TrainConfig, params) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-__all__ = ["lr_schedule", "warmup_steps", "decay_mask", "make_optimizer", "scale_by_adam_lowp"]
+__all__ = ["active_rows", "bias_rate_schedule", "mtp_weight_schedule", "phase_step", "lr_schedule", "warmup_steps", "decay_mask", "make_optimizer", "scale_by_adam_lowp"]

@@ -11,6 +11,9 @@ variables), ``rest`` (any other model variable), ``opt`` (optax state). One step
 3. aux-loss-free bias update outside the optimizer (docs/architecture.md §4): ``b_i -= γ·sign(load_i − mean load)``
    from the per-expert counts of the whole global batch (under a mesh the counts are global arrays:
    XLA inserts the reduction), for every MoE layer and MTP block.
+
+The recipe's step-dependent settings (docs/design.md §Recipe schedules) are functions of the applied
+update count: the rows that train (batch-size ramp), λ and γ.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from flax import nnx
 from ..config import ModelConfig
 from .config import TrainConfig
 from ..model import DeepSeekV3
+from .optim import active_rows, bias_rate_schedule, mtp_weight_schedule
 from .losses import balance_loss_terms, concat_stats, mtp_targets, token_ce_sum
 
 
@@ -43,7 +47,7 @@ def denominators(batch: dict, n_mtp: int) -> dict:
 def make_loss_fn(graphdef, cfg: ModelConfig, t: TrainConfig) -> Callable:
     """``loss(params, bias, rest, batch, denoms, poison) -> (total, aux)``; ``poison`` (0 or NaN) is
     the NaN-injection test hook: ``total · (1 + poison)``."""
-    n_mtp = cfg.num_mtp_layers if t.mtp_weight > 0 else 0
+    n_mtp = cfg.num_mtp_layers if max(t.mtp_weight, t.mtp_weight_final) > 0 else 0
     use_bal = t.balance != "none" and t.balance_alpha > 0
 
     def loss_fn(params, bias, rest, batch, denoms, poison):
@@ -58,7 +62,7 @@ def make_loss_fn(graphdef, cfg: ModelConfig, t: TrainConfig) -> Callable:
             tgt, m = mtp_targets(batch["targets"], batch["loss_mask"], k + 1)
             s, _ = token_ce_sum(out.mtp_logits[k], tgt, m)
             mtp = mtp + s / denoms["mtp"][k] / n_mtp
-        total = total + t.mtp_weight * mtp
+        total = total + denoms.get("mtp_weight", t.mtp_weight) * mtp  # λ(step), see make_train_step
         stats = concat_stats(out.router, out.mtp_router)
         bal = jnp.zeros((), jnp.float32)
         if stats is not None:
@@ -103,37 +107,50 @@ def make_train_step(graphdef, cfg: ModelConfig, t: TrainConfig, tx: optax.Gradie
     loss_fn = make_loss_fn(graphdef, cfg, t)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     A = t.grad_accum
-    n_mtp = cfg.num_mtp_layers if t.mtp_weight > 0 else 0
+    n_mtp = cfg.num_mtp_layers if max(t.mtp_weight, t.mtp_weight_final) > 0 else 0
+    gamma_fn, lam_fn = bias_rate_schedule(t), mtp_weight_schedule(t)
 
     def step(state: dict, batch: dict, poison: jax.Array):
         params, bias, rest = state["params"], state["bias"], state["rest"]
-        denoms = denominators(batch, n_mtp)
+        # batch-size ramp (docs/design.md §Recipe schedules): rows past the active count become padding
+        # (segment 0, no loss, not routed into the counts); rows are ranked micro-batch by micro-batch
+        # (micro-batch j = rows j, j+A, ...), so a micro-batch with no active row is skipped below.
+        B = batch["inputs"].shape[0]
+        rows = active_rows(t, B)(state["applied"])
+        rank = (jnp.arange(B) % A) * (B // A) + jnp.arange(B) // A
+        live = (rank < rows).astype(jnp.int32)[:, None]
+        batch = {**batch, "loss_mask": batch["loss_mask"] * live, "segment_ids": batch["segment_ids"] * live}
+        denoms = {**denominators(batch, n_mtp), "mtp_weight": lam_fn(state["applied"])}
         if A == 1:
             (total, aux), grads = grad_fn(params, bias, rest, batch, denoms, poison)
         else:
             # micro-batch j = rows j, j+A, ...: the (sharded) leading dim stays put
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), batch)
-
-            def body(carry, mb):
-                (tot, aux), g = grad_fn(params, bias, rest, mb, denoms, poison)
-                return jax.tree.map(jnp.add, carry, (tot, aux, g)), None
             zero = jax.eval_shape(lambda: grad_fn(params, bias, rest, jax.tree.map(lambda x: x[0], micro),
                                                   denoms, poison))
             zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), ((zero[0][0], zero[0][1], zero[1])))
-            (total, aux, grads), _ = jax.lax.scan(body, zero, micro)
+
+            def body(carry, xs):
+                mb, j = xs
+                (tot, aux), g = jax.lax.cond(j * (B // A) < rows,  # an all-padding micro-batch costs nothing
+                                             lambda: grad_fn(params, bias, rest, mb, denoms, poison),
+                                             lambda: ((zero[0], zero[1]), zero[2]))
+                return jax.tree.map(jnp.add, carry, (tot, aux, g)), None
+            (total, aux, grads), _ = jax.lax.scan(body, zero, (micro, jnp.arange(A)))
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state["opt"], params)
         new_params = optax.apply_updates(params, updates)
         new_bias = bias
         if t.balance == "aux_free" and t.bias_rate > 0 and aux["counts"] is not None:
-            new_bias = bias_update(bias, aux["counts"], aux["mtp_counts"], t.bias_rate)
+            new_bias = bias_update(bias, aux["counts"], aux["mtp_counts"], gamma_fn(state["applied"]))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_state = {"params": keep(new_params, params), "bias": keep(new_bias, bias), "rest": rest,
                      "opt": keep(new_opt, state["opt"]), "applied": state["applied"] + finite.astype(jnp.int32)}
         metrics = {"loss": total, "ce": aux["ce"], "mtp": aux["mtp"], "balance": aux["balance"],
                    "grad_norm": grad_norm, "lr": schedule(state["applied"]), "finite": finite,
-                   "tokens": denoms["tokens"]}
+                   "tokens": denoms["tokens"], "rows": rows, "mtp_weight": denoms["mtp_weight"],
+                   "bias_rate": gamma_fn(state["applied"])}
         if aux["counts"] is not None:
             metrics["counts"] = aux["counts"]
             metrics["imbalance"] = imbalance(aux["counts"])
