@@ -26,8 +26,9 @@ from ..config import (ConfigError, ModelConfig, RuntimeConfig, _build, _parse_ov
 from ..data.pipeline import DataConfig
 
 BALANCE = ("aux_free", "aux_loss", "none")
+OBJECTIVES = ("pretrain", "sft", "grpo", "distill")
 MOMENT_DTYPES = ("float32", "bfloat16")
-LR_SCHEDULES = ("v3", "constant")
+LR_SCHEDULES = ("v3", "constant", "finetune")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,7 @@ class TrainConfig:
     clip_norm: float = 1.0               # global-norm clip; 0 disables
     moment_dtype: str = "bfloat16"       # AdamW moments in bf16, the report's (docs/architecture.md §6); or float32
     lr_schedule: str = "v3"              # v3 (warm-up/constant/cosine/tails, optim.py) | constant (extension stages)
+                                         # | finetune (post-training: warm-up, one cosine to 0.1·lr)
     batch_ramp_start: float = 0.2        # rows trained at step 0 / data.batch_size (3072/15360); 1 = no ramp
     # losses and balancing (docs/architecture.md §4, §5)
     mtp_weight: float = 0.3              # λ for the first 10T/14.8T of the run
@@ -74,6 +76,17 @@ class TrainConfig:
     mesh: str = ""                       # e.g. "data=2,expert=4" (also --mesh)
     tokenizer_documents: int = 0         # when data.tokenizer is unset: train one on N docs (0: all)
     inject_nan_steps: str = ""           # test hook: comma list of steps whose loss is made NaN
+    # post-training (docs/design.md §Post-training)
+    objective: str = "pretrain"          # pretrain | sft | grpo | distill
+    reward: str = "dsv3_jax.train.rewards:exact_answer"  # grpo: module:callable(prompt, completion, answer)
+    reward_timeout: float = 10.0         # grpo: seconds a reward call may take (then it scores 0)
+    group_size: int = 4                  # grpo: G completions per prompt (data.batch_size prompts a step)
+    max_new_tokens: int = 16             # grpo: completion length limit (stops at EOS)
+    temperature: float = 1.0             # grpo: sampling temperature of the rollouts
+    clip_eps: float = 0.2                # grpo: ε of the clipped policy ratio
+    kl_coef: float = 0.04                # grpo: β of the k3 KL penalty to the frozen reference
+    policy_updates: int = 2              # grpo: optimizer steps per batch of samples
+    teacher: str = ""                    # distill: teacher checkpoint (same tokenizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +127,22 @@ def validate_train(t: TrainConfig, data: DataConfig) -> None:
               "e.g. ema_every=10 ema_decay=0.999")
     if t.init_rope and not t.init_from:
         _fail("train.init_rope", t.init_rope, "only applies with train.init_from", "set train.init_from=CHECKPOINT")
-    for f, choices in (("balance", BALANCE), ("moment_dtype", MOMENT_DTYPES), ("lr_schedule", LR_SCHEDULES)):
+    for f in ("group_size", "max_new_tokens", "policy_updates"):
+        if getattr(t, f) < 1:
+            _fail(f"train.{f}", getattr(t, f), "must be >= 1", f"set train.{f} to a positive integer")
+    for f in ("reward_timeout", "temperature", "clip_eps", "kl_coef"):
+        if not 0 <= getattr(t, f) < math.inf:
+            _fail(f"train.{f}", getattr(t, f), "must be a finite number >= 0", "see configs/grpo_demo.yaml")
+    if t.objective == "grpo" and (t.group_size < 2 or t.temperature <= 0):
+        bad = "group_size" if t.group_size < 2 else "temperature"
+        _fail(f"train.{bad}", getattr(t, bad), "GRPO's baseline is the mean reward of a group of sampled "
+              "completions, so it needs at least 2 samples drawn at a temperature > 0",
+              "e.g. train.group_size=8 train.temperature=1.0")
+    if t.objective in ("grpo", "distill") and not (t.init_from if t.objective == "grpo" else t.teacher):
+        f = "init_from" if t.objective == "grpo" else "teacher"
+        _fail(f"train.{f}", "", f"train.objective={t.objective} needs a checkpoint", f"set train.{f}=CKPT_DIR")
+    for f, choices in (("balance", BALANCE), ("moment_dtype", MOMENT_DTYPES), ("lr_schedule", LR_SCHEDULES),
+                       ("objective", OBJECTIVES)):
         v = getattr(t, f)
         if v not in choices:
             close = difflib.get_close_matches(str(v), choices, n=1)

@@ -43,6 +43,9 @@ def lr_schedule(t: TrainConfig) -> optax.Schedule:
     if t.lr_schedule == "constant":
         return lambda step: jnp.full((), t.lr, jnp.float32)
     total, peak, warm = t.steps, t.lr, warmup_steps(t)
+    if t.lr_schedule == "finetune":  # post-training: warm-up, one cosine to 0.1·lr (docs/design.md §Post-training)
+        return optax.join_schedules([optax.linear_schedule(peak / max(warm, 1), peak, max(warm - 1, 0)),
+                                     optax.cosine_decay_schedule(peak, max(total - warm, 1), alpha=0.1)], [warm])
     c_end = max(warm, round(CONSTANT_END * total))
     cos_end = max(c_end + 1, round(COSINE_END * total))
     tail_end = max(cos_end, round(TAIL_END * total))
