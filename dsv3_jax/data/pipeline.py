@@ -267,8 +267,11 @@ class ShardedBatches:
                                     f"documents in {config.path!r}) (fix: lower data.shards, or use more documents).")
                 self._its[s] = None                       # an empty validation shard: padding only
             else:
-                self._its[s] = iter(make_dataset(sub, tokenizer, split=split, vocab_size=vocab_size,
-                                                 shard_index=s, shard_count=v, source=source))
+                self._its[s] = iter(self.shard_dataset(sub, tokenizer, split=split, vocab_size=vocab_size,
+                                                       shard_index=s, shard_count=v, source=source))
+
+    # one virtual shard's batches; a subclass packs other records the same way (SFT conversations)
+    shard_dataset = staticmethod(make_dataset)
 
     @property
     def exhausted(self) -> bool:
