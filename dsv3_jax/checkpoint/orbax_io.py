@@ -10,6 +10,8 @@ A checkpoint directory (``dsv3 convert hf-to-orbax DST`` or a training run's ``c
     tokenizer.json ...     the tokenizer files (the source's, or the run's)
     hf_config.json         the source's Hugging Face config (converted checkpoints)
     opt_state/             training only: Orbax checkpoint of the optax state, leaves in tree order
+    ema/                   training with an EMA only: the parameters' EMA (and the router bias), laid out
+                           as params/ (``load_checkpoint(..., ema=True)``, ``--ema``)
     train_state.json       training only: step, applied updates, skipped steps, seed, data-iterator
                            state, run config
 
@@ -65,6 +67,7 @@ from ..model import DeepSeekV3
 MARKER = "dsv3_checkpoint.json"
 PARAMS_DIR = "params"
 OPT_DIR = "opt_state"
+EMA_DIR = "ema"      # training with train.ema_every: the host EMA of the parameters (+ the router bias), as params/
 TRAIN_STATE = "train_state.json"
 FORMAT = "dsv3-jax-checkpoint"
 VERSION = 2          # 1: trainer "stacked" layout under model/params (no longer read)
@@ -542,17 +545,21 @@ def restore_params(params_dir: Path, targets: Mapping[tuple, jax.ShapeDtypeStruc
 
 
 def load_checkpoint(path: str | os.PathLike, mesh=None, rules: Optional[Rules] = None,
-                    runtime: Optional[RuntimeConfig | Sequence[str] | Mapping] = None):
+                    runtime: Optional[RuntimeConfig | Sequence[str] | Mapping] = None, ema: bool = False):
     """Load a checkpoint written by ``dsv3 convert hf-to-orbax`` or ``dsv3 train``.
 
     Returns ``(config, model)``. With a ``mesh``, the model is built for it (MoE layers expert-parallel)
     and every parameter is restored straight into the layout of ``rules`` (default
     ``sharding.DEFAULT_RULES``; Orbax reads only each device's shard). ``runtime``: how the model
     runs — a ``RuntimeConfig`` or ``key=value`` overrides (``compute_dtype=bfloat16``); by default
-    it computes in the stored parameters' dtype.
+    it computes in the stored parameters' dtype. ``ema``: the parameters' EMA (``ema/``) instead.
     """
     path = Path(path).resolve()  # Orbax needs absolute paths
     meta = read_marker(path)
+    item = EMA_DIR if ema else PARAMS_DIR
+    if ema and not (path / EMA_DIR).is_dir():
+        raise CheckpointError(f"{path} holds no parameter EMA ({EMA_DIR}/) (fix: drop --ema, or train with "
+                              "train.ema_every=N so that checkpoints carry one).")
     cfg = model_config_from_stored(meta["config"])
     if not isinstance(runtime, RuntimeConfig):
         runtime = load_runtime(runtime or ())
@@ -565,7 +572,7 @@ def load_checkpoint(path: str | os.PathLike, mesh=None, rules: Optional[Rules] =
         for k, a in stored_arrays(p, var.get_value()).items():
             targets[k] = jax.ShapeDtypeStruct(a.shape, a.dtype,
                                               sharding=NamedSharding(mesh, specs[k]) if mesh is not None else one)
-    assign_flat(state, restore_params(path / PARAMS_DIR, targets))
+    assign_flat(state, restore_params(path / item, targets))
     return cfg, nnx.merge(graphdef, state)
 
 
@@ -697,8 +704,10 @@ class Checkpointer:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def save(self, step: int, model_states: tuple, opt_state, train_state: dict) -> None:
-        """Start writing ``step`` (waits for the previous save first)."""
+    def save(self, step: int, model_states: tuple, opt_state, train_state: dict,
+             ema: Optional[Mapping[tuple, Any]] = None) -> None:
+        """Start writing ``step`` (waits for the previous save first). ``ema``: ``{path: host array}`` of
+        the parameters' EMA, written as ``ema/`` with the other model variables (the router bias) as they are."""
         self.wait()
         if jax.process_count() == 1:
             tmp = staging_dir(self.directory / str(step))
@@ -709,6 +718,9 @@ class Checkpointer:
         try:
             with write_context():
                 responses = [ocp().save_async(tmp / PARAMS_DIR, per_layer_tree(_flat_values(*model_states)))]
+                if ema is not None:
+                    responses.append(ocp().save_async(tmp / EMA_DIR, per_layer_tree(
+                        {**_flat_values(*model_states[1:]), **ema})))
                 if jax.tree.leaves(opt_state):  # (a stateless optimizer has nothing to save)
                     responses.append(ocp().save_async(tmp / OPT_DIR, opt_tree(opt_state)))
         except BaseException as e:
@@ -778,10 +790,19 @@ class Checkpointer:
         opt = jax.tree.unflatten(jax.tree.structure(opt_state), [restored[k] for k in sorted(restored)])
         return tuple(states), opt, read_train_state(d)
 
+    def restore_ema(self, step: int, params) -> Optional[dict[tuple, np.ndarray]]:
+        """The EMA stored with ``step`` as ``{path: host array}`` for the paths of ``params`` (None: none stored)."""
+        d = self.directory / str(step) / EMA_DIR
+        if not d.is_dir():
+            return None
+        flat = {p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None))
+                for p, v in _flat_values(params).items()}
+        return {p: np.asarray(jax.device_get(v)) for p, v in restore_params(d, flat).items()}
+
 
 __all__ = ["load_checkpoint", "read_params", "read_marker", "write_marker", "checkpoint_config",
            "restore_params", "per_layer_tree", "disk_path", "disk_keys", "stack_len", "abstract_state",
            "atomic_dir", "staging_dir", "commit_dir", "remove_leftovers", "write_context", "ocp",
            "Checkpointer", "CheckpointDirError", "check_writable", "check_free_space", "write_error",
            "quiet_write_errors", "complete_steps", "state_bytes", "read_train_state",
-           "MARKER", "PARAMS_DIR", "OPT_DIR", "TRAIN_STATE"]
+           "MARKER", "PARAMS_DIR", "OPT_DIR", "EMA_DIR", "TRAIN_STATE"]

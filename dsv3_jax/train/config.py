@@ -181,7 +181,7 @@ def load_run_config(name_or_path: str | os.PathLike | Mapping = "tiny",
         if not ({"train", "data"} & set(raw)):          # a plain model config
             raw = {"model": str(path)}
         else:
-            unknown = [k for k in raw if k not in _SECTIONS]
+            unknown = [k for k in raw if k not in _SECTIONS + ("stages",)]  # stages: train/stages.py
             if unknown:
                 raise ConfigError(f"{path}: unknown section(s) {unknown} (fix: a run config holds only "
                                   f"{list(_SECTIONS)}).")

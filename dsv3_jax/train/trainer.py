@@ -15,6 +15,7 @@ checkpoints are written by all (each its shards) and committed by process 0.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from flax import nnx
 from sharding import DEFAULT_RULES, make_mesh
 
 from .. import distributed
+from ..data.conversations import SFTBatches
 from ..data import ShardedBatches, document_ids, open_source, process_shards
 from ..data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from ..checkpoint.orbax_io import (Checkpointer, abstract_state, check_writable, complete_steps, flat_arrays,
@@ -40,6 +42,8 @@ from ..info import model_info
 from ..model.layers import RouterBias
 from .config import RunConfig
 from .program import train_program
+from .ema import HostEMA
+from .stages import check_init_from, init_checkpoint, restore_model_states
 from .step import make_eval_step
 
 
@@ -158,6 +162,12 @@ class Trainer:
     def __init__(self, run: RunConfig, *, log=print):
         self.primary = distributed.is_primary()  # process 0 logs and writes metrics; the others stay quiet
         log = log if self.primary else _quiet
+        if run.train.init_from and not run.data.tokenizer:
+            # the starting checkpoint's tokenizer: its model knows those ids (SFT data is conversations, on
+            # which no tokenizer should be trained; docs/design.md §Post-training)
+            tok = init_checkpoint(run.train.init_from) / "tokenizer.json"
+            if tok.is_file():
+                run = dataclasses.replace(run, data=dataclasses.replace(run.data, tokenizer=str(tok)))
         self.run, self.log = run, log
         cfg, t, d = run.model, run.train, run.data
         if cfg.fp8_weights:
@@ -167,7 +177,12 @@ class Trainer:
         self.out = Path(t.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         check_writable(self.ckpt_dir, 1 << 20)  # before any work; the size check follows below
-        check_resume(run, self.ckpt_dir, log)     # a changed model shape is refused before anything is built
+        resumed = check_resume(run, self.ckpt_dir, log)  # a changed model shape is refused before anything is built
+        self.init_from = None if resumed is not None else check_init_from(run)  # (a resumed run has its own)
+        if t.ema_every and jax.process_count() > 1:
+            raise ConfigError("train.ema_every: the host EMA holds whole arrays on one host, so it runs in "
+                              "single-process runs only (fix: set train.ema_every=0 for this multi-process run).")
+        self.ema = HostEMA(t.ema_decay, t.ema_every) if t.ema_every else None
         # no --mesh: the 1×1×1×1 mesh on the first device (same code path); a pod passes e.g. data=-1,expert=8
         # (several processes without --mesh: data parallel over all their devices)
         self.mesh = make_mesh(t.mesh) if t.mesh else make_mesh(None, devices=jax.devices()[:1]) \
@@ -216,7 +231,8 @@ class Trainer:
     # -- data ---------------------------------------------------------------------------------------
     def _dataset(self, split: str) -> ShardedBatches:
         """This process's rows of the global batches (its virtual data shards)."""
-        return ShardedBatches(self.run.data, self.tokenizer, split=split, shards=self.data_shards,
+        batches = SFTBatches if self.run.train.objective == "sft" else ShardedBatches
+        return batches(self.run.data, self.tokenizer, split=split, shards=self.data_shards,
                               vocab_size=self.run.model.vocab_size)
 
     def _put(self, batch: dict) -> dict:
@@ -277,6 +293,15 @@ class Trainer:
                                       f"{' '.join(str(e).split())[:200]}) (fix: resume with the data settings that "
                                       "wrote it, or set train.output_dir to a new directory).") from None
             self.log(f"resumed from {self.ckpt_dir / str(latest)} (step {step})")
+            ema = self.ckpt.restore_ema(latest, self.state["params"]) if self.ema is not None else None
+            if ema is not None:
+                self.ema.load(step, ema)
+        elif self.init_from is not None:   # a new stage: the weights of another run, a fresh optimizer
+            p, b, r = restore_model_states(self.init_from, model_states)
+            self.state = {**self.state, "params": p, "bias": b, "rest": r}
+            self.log(f"initialised from {self.init_from}")
+        if self.ema is not None and self.ema.step is None:
+            self.ema.submit(step, self.state["params"])
         if self.primary:
             _truncate_metrics(metrics_path, step)
         writer = _tensorboard(self.out / "tensorboard") if t.tensorboard and self.primary else None
@@ -293,6 +318,8 @@ class Trainer:
                 m = distributed.host_value(m)
                 self.ckpt.poll()
                 step += 1
+                if self.ema is not None and self.ema.due(step):
+                    self.ema.submit(step, self.state["params"])  # returns at once (train/ema.py)
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
                 finite = bool(m["finite"])
@@ -303,7 +330,10 @@ class Trainer:
                        "mtp": float(m["mtp"]), "balance": float(m["balance"]), "lr": float(m["lr"]),
                        "grad_norm": float(m["grad_norm"]), "finite": finite, "skipped": skipped,
                        "loss_tokens": int(m["tokens"]), "step_s": dt, "tokens_per_s": tps,
-                       "mfu": tps * self.flops_per_token / peak}
+                       "mfu": tps * self.flops_per_token / peak, "rows": int(m["rows"]),
+                       "mtp_weight": float(m["mtp_weight"]), "bias_rate": float(m["bias_rate"])}
+                if self.ema is not None:
+                    rec["ema_dropped"] = self.ema.dropped
                 if "imbalance" in m:
                     rec["imbalance"] = [round(float(x), 4) for x in m["imbalance"]]
                 if "bias_absmean" in m:
@@ -334,13 +364,21 @@ class Trainer:
                         f"{'is ' + str(self.ckpt_dir / str(good)) if good is not None else 'does not exist yet'}"
                         " and is intact (fix: lower train.lr, check the data, or raise train.max_bad_steps).")
                 if step % t.checkpoint_every == 0 or step == t.steps:
+                    ema = None
+                    if self.ema is not None:   # the EMA as of this step (a checkpoint waits for it)
+                        if not self.ema.due(step):
+                            self.ema.submit(step, self.state["params"])
+                        ema = self.ema.snapshot()[1]
                     self.ckpt.save(step, (self.state["params"], self.state["bias"], self.state["rest"]),
                                    self.state["opt"],
                                    {"step": step, "applied": int(self.state["applied"]), "skipped": skipped,
-                                    "data_state": self._data_state(it), "seed": t.seed, "config": run.to_dict()})
+                                    "data_state": self._data_state(it), "seed": t.seed, "config": run.to_dict()},
+                                   ema=ema)
         if bar is not None:
             bar.close()
         self.ckpt.close()
+        if self.ema is not None:
+            self.ema.close()
         if writer is not None:
             writer.close()
         return {**last, "checkpoint": str(self.ckpt.directory / str(step)), "step": step}
