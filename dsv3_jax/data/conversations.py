@@ -50,6 +50,10 @@ class ConversationSource(Sequence[list]):
         return len(self.lines)
 
     def __getitem__(self, index: int) -> list:  # type: ignore[override]
+        return self.record(index)[MESSAGES]
+
+    def record(self, index: int) -> dict:
+        """The whole JSON object of conversation ``index`` (GRPO prompts carry an ``"answer"`` beside it)."""
         f, n, line = self.lines[index]
         try:
             obj = json.loads(line)
@@ -58,7 +62,7 @@ class ConversationSource(Sequence[list]):
         if not isinstance(obj, dict) or not isinstance(obj.get(MESSAGES), list):
             raise DataError(f"{f}:{n}: expected an object with a {MESSAGES!r} list (fix: "
                             '{"messages": [{"role": "user", "content": "..."}, ...]}).')
-        return obj[MESSAGES]
+        return obj
 
     def describe(self, index: int) -> str:
         f, n, _ = self.lines[index]
