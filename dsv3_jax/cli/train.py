@@ -24,7 +24,7 @@ def run(args) -> int:
     from ..distributed import initialize_from_args, is_primary
     from ..data.sources import check_path
     from ..train import load_run_config
-    from ..train.trainer import train
+    from ..train.objectives import train  # the loop of train.objective (pre-training, SFT, GRPO)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     initialize_from_args(args, log)  # before anything touches a JAX backend
     overrides = list(args.overrides)
