@@ -261,7 +261,9 @@ class RuntimeConfig:
     quant: str = "none"           # "none" | "fp8": every Linear's three GEMMs in FP8 (docs/architecture.md §6)
     interpret: bool = False       # run the Pallas kernels in the Pallas interpreter (any platform; tests)
     # expert parallelism, used when the model is built for a mesh (DeepSeekV3(..., mesh=mesh))
-    ep_strategy: str = "allgather"  # "allgather" | "ragged_a2a" | "a2a_capacity"
+    # "auto" (ragged_a2a on a TPU/GPU expert axis >= 16, else allgather: sharding.expert_parallel.resolve_strategy)
+    # | "allgather" | "ragged_a2a" | "a2a_capacity"
+    ep_strategy: str = "auto"
     capacity_factor: float = 1.25   # a2a_capacity only
     emulate_ragged: Optional[bool] = None  # None: emulate ragged_all_to_all on CPU only
 
@@ -297,7 +299,7 @@ _RUNTIME_CHOICES = {
     "attention_impl": ("auto", "reference", "blockwise", "pallas", "pallas_gpu", "pallas_tpu"),
     "remat": ("none", "full", "save_dots", "save_dots_except_mla_up"),
     "quant": ("none", "fp8"),
-    "ep_strategy": ("allgather", "ragged_a2a", "a2a_capacity"),
+    "ep_strategy": ("auto", "allgather", "ragged_a2a", "a2a_capacity"),
 }
 
 

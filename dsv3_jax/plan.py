@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sharding import DEFAULT_RULES, Rules, make_mesh
 from sharding.ep_bytes import collective_bytes
+from sharding.expert_parallel import resolve_strategy
 
 from .config import ModelConfig, RuntimeConfig
 from .errors import ConfigError, MeshError
@@ -144,7 +145,7 @@ def _collectives(hlo: str) -> dict:
 def plan(cfg: ModelConfig, topology: str, mesh: str, *, step: str = "train", batch: Optional[int] = None,
          seq: int = 4096, runtime: Optional[RuntimeConfig] = None, train: Optional[TrainConfig] = None,
          rules: Rules = DEFAULT_RULES, context: int = 32768, devices: Optional[list] = None,
-         hbm_gib: Optional[float] = None, buffers: int = 0, auto_ep: bool = False) -> Plan:
+         hbm_gib: Optional[float] = None, buffers: int = 0) -> Plan:
     """Compile ``step`` of ``cfg`` for ``topology`` on ``mesh`` (``"expert=64,fsdp=4"``) and report it.
 
     ``batch``: sequences per step (default: one per batch shard); ``seq``: tokens per sequence (train and
@@ -155,9 +156,9 @@ def plan(cfg: ModelConfig, topology: str, mesh: str, *, step: str = "train", bat
     rematerialises to fit it, and ``fits`` is judged against it) — e.g. 85 to ask for headroom, or a
     small value for a quick "how much would it need" (the compiler stops early with the figure).
     ``buffers=N``: also report the N largest buffers live at the compiler's peak (from its buffer
-    assignment; also for programs that do not fit). ``auto_ep``: with ``ep_strategy='allgather'`` (the
-    runtime default) on an expert axis of 16 or more, plan ``ragged_a2a`` instead (allgather gathers every
-    peer's tokens: 64 × the batch at expert=64) and say so in the notes."""
+    assignment; also for programs that do not fit). The runtime's default ``ep_strategy='auto'`` picks the
+    exchange for the mesh as the trainer does (``sharding.expert_parallel.resolve_strategy``: ragged_a2a on
+    an expert axis of 16 or more); the notes say which."""
     if step not in STEPS:
         raise PlanError(f"step={step!r} (fix: one of {list(STEPS)}).")
     runtime = runtime or RuntimeConfig()
@@ -171,10 +172,8 @@ def plan(cfg: ModelConfig, topology: str, mesh: str, *, step: str = "train", bat
     rules.check_batch(batch, m, "--batch")
     hbm, peak = _chip(devs[0])
     notes = []
-    if auto_ep and runtime.ep_strategy == "allgather" and m.shape.get("expert", 1) >= 16 and cfg.num_moe_layers:
-        runtime = dataclasses.replace(runtime, ep_strategy="ragged_a2a")
-        notes.append(f"ep_strategy=ragged_a2a (allgather would gather {m.shape['expert']} shards' tokens on "
-                     "every chip; pass ep_strategy=allgather explicitly to plan it)")
+    if runtime.ep_strategy == "auto" and cfg.num_moe_layers and m.size > 1:
+        notes.append(f"ep_strategy=auto: {resolve_strategy('auto', m)} for an expert axis of {m.shape.get('expert', 1)}")
     options, dump = {}, None
     if hbm_gib:
         if getattr(devs[0], "platform", "") != "tpu":

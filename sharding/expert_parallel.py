@@ -44,6 +44,20 @@ from .rules import DEFAULT_RULES, Rules
 
 STRATEGIES = ("allgather", "ragged_a2a", "a2a_capacity")
 ROUND_FACTOR = 1.25
+# ``auto``: the expert-axis size from which the ragged exchange is used on TPU/GPU. ``allgather`` gathers
+# every peer's tokens onto each shard, ``n_expert`` × the local batch (64× at 671B on expert=64); the
+# ragged exchange moves each token to the ≤ topk_group shards holding its experts (docs/architecture.md §9).
+# On small axes the gather is a few × the batch and one collective; on CPU ragged_all_to_all is emulated.
+RAGGED_MIN_EXPERT_AXIS = 16
+
+
+def resolve_strategy(strategy: str, mesh: Optional[Mesh]) -> str:
+    """The concrete strategy for ``mesh``: ``auto`` is ``ragged_a2a`` on a TPU/GPU mesh whose ``expert``
+    axis has ``RAGGED_MIN_EXPERT_AXIS`` or more devices, else ``allgather``; any other name is kept."""
+    if strategy != "auto":
+        return strategy
+    n_ep = mesh.shape.get("expert", 1) if mesh is not None else 1
+    return "ragged_a2a" if platform_of(mesh) in ("tpu", "gpu") and n_ep >= RAGGED_MIN_EXPERT_AXIS else "allgather"
 
 # (x [N, D], experts [N, K] local ids — anything outside [0, E_local) belongs to another shard —,
 #  gates [N, K], w_gate, w_up, w_down, *, max_slots=None, out_dtype=float32) -> [N, D]:
@@ -69,8 +83,10 @@ class ExpertParallel:
     @classmethod
     def create(cls, mesh: Mesh, strategy: str, n_experts: int, rules: Rules = DEFAULT_RULES, *,
                capacity_factor: float = 1.25, emulate_ragged: Optional[bool] = None) -> "ExpertParallel":
+        strategy = resolve_strategy(strategy, mesh)
         if strategy not in STRATEGIES:
-            raise MeshError(f"unknown expert-parallel strategy {strategy!r} (fix: use one of {list(STRATEGIES)}).")
+            raise MeshError(f"unknown expert-parallel strategy {strategy!r} (fix: use 'auto' or one of "
+                            f"{list(STRATEGIES)}).")
         n_ep = mesh.shape.get("expert", 1)
         if n_experts % n_ep:
             raise MeshError(f"{n_experts} routed experts cannot be split over the mesh's expert axis of size {n_ep} "

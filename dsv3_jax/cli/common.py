@@ -75,8 +75,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 def add_mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", help="run on a device mesh, e.g. data=2,expert=4 (axes data, fsdp, expert, tensor; "
                                   "one may be -1). On CPU: XLA_FLAGS=--xla_force_host_platform_device_count=8")
-    p.add_argument("--ep-strategy", choices=("allgather", "ragged_a2a", "a2a_capacity"),
-                   help="expert-parallel strategy on the mesh (default allgather; same as ep_strategy=...)")
+    p.add_argument("--ep-strategy", choices=("auto", "allgather", "ragged_a2a", "a2a_capacity"),
+                   help="expert-parallel strategy on the mesh (default auto: ragged_a2a on a TPU/GPU expert axis "
+                        ">= 16, else allgather; same as ep_strategy=...)")
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:

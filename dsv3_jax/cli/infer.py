@@ -49,8 +49,9 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (token_ids, text, steps, acceptance_rate) instead of streaming")
     p.add_argument("--mesh", help="run on a device mesh, e.g. data=2,expert=4 (expert-parallel MoE)")
-    p.add_argument("--ep-strategy", choices=("allgather", "ragged_a2a", "a2a_capacity"),
-                   help="expert-parallel strategy on the mesh (default allgather; same as ep_strategy=...)")
+    p.add_argument("--ep-strategy", choices=("auto", "allgather", "ragged_a2a", "a2a_capacity"),
+                   help="expert-parallel strategy on the mesh (default auto: ragged_a2a on a TPU/GPU expert axis "
+                        ">= 16, else allgather; same as ep_strategy=...)")
     add_distributed_args(p)
     add_overrides(p, "runtime config overrides, e.g. compute_dtype=float32")
     p.set_defaults(func=run_generate)

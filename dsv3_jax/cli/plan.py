@@ -35,11 +35,8 @@ def run(args) -> int:
     from ..plan import format_plan, plan
     from ..train import load_run_config
     run_cfg = load_run_config(args.config, args.overrides)
-    # the runtime's default allgather on a large expert axis gathers every peer's tokens: plan ragged_a2a
-    # unless the strategy was asked for
-    asked = any(o.split("=", 1)[0].split(".")[-1] == "ep_strategy" for o in args.overrides or [])
     p = plan(run_cfg.model, args.topology, args.mesh, step=args.step, batch=args.batch, seq=args.seq,
              runtime=run_cfg.runtime, train=run_cfg.train, context=args.context, hbm_gib=args.hbm_gib,
-             buffers=args.buffers, auto_ep=not asked)
+             buffers=args.buffers)
     print(json.dumps(p.as_dict()) if args.json else format_plan(p))
     return 0

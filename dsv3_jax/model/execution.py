@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from pallas_kernels import fp8
 from pallas_kernels import mla as mla_ops
+from sharding.expert_parallel import resolve_strategy
 from sharding.kernels import platform_of
 from sharding.rules import DEFAULT_RULES, Rules
 
@@ -37,13 +38,16 @@ class Execution:
 def execution(cfg: ModelConfig, runtime: Optional[RuntimeConfig] = None, mesh: Optional[Mesh] = None,
               rules: Rules = DEFAULT_RULES) -> Execution:
     """Resolve ``runtime`` for ``cfg`` on ``mesh``: ``compute_dtype=None`` → the parameters' dtype;
-    ``auto`` kernels → the implementation for the mesh's platform."""
+    ``auto`` kernels → the implementation for the mesh's platform; ``ep_strategy='auto'`` → the exchange
+    the mesh needs (``sharding.expert_parallel.resolve_strategy``)."""
     rt = (runtime or RuntimeConfig()).resolved(cfg)
     platform = platform_of(mesh)
     attn = mla_ops.resolve_backend(rt.attention_impl, rt.interpret, platform=platform)
     moe = rt.moe_impl if rt.moe_impl != "auto" else ("blocked" if platform == "cpu" else "ragged")
     fp8_backend = fp8.resolve_backend("pallas" if rt.interpret else "auto", rt.interpret, platform=platform)
-    return Execution(dataclasses.replace(rt, attention_impl=attn, moe_impl=moe), mesh, rules, fp8_backend)
+    ep = resolve_strategy(rt.ep_strategy, mesh)
+    return Execution(dataclasses.replace(rt, attention_impl=attn, moe_impl=moe, ep_strategy=ep), mesh, rules,
+                     fp8_backend)
 
 
 __all__ = ["Execution", "execution"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.fp8 import grouped_linear
+from pallas_kernels.fp8 import grouped_linear, quantize_experts
 
 
 def auto_block_size(rows: int, n_experts: int) -> int:
@@ -67,9 +67,10 @@ class BlockLayout:
         return y.reshape(self.num_blocks * self.block, *y.shape[2:])[self.dest]
 
     def matmul(self, xb: jax.Array, w: jax.Array) -> jax.Array:
-        """``xb: [NB, block, K]`` times each block's expert weight ``w[e]: [K, N]`` → ``[NB, block, N]``."""
-        return jnp.einsum("nbk,nkj->nbj", xb, w[self.block_expert], preferred_element_type=jnp.float32
-                          ).astype(xb.dtype)
+        """``xb: [NB, block, K]`` times each block's expert weight ``w[e]: [K, N]`` → ``[NB, block, N]``;
+        a block of the padding group (expert id ``w.shape[0]``, see ``expert_ffn``) gives zeros."""
+        wb = jnp.take(w, self.block_expert, axis=0, mode="fill", fill_value=0)
+        return jnp.einsum("nbk,nkj->nbj", xb, wb, preferred_element_type=jnp.float32).astype(xb.dtype)
 
 
 # Blocks per FP8 grouped GEMM call: pallas_kernels.fp8.grouped_linear gathers each block's expert weights
@@ -97,17 +98,22 @@ def expert_ffn(x_sorted: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w
                w_down: jax.Array, *, impl: str, block: int = 128, quant: str = "none", fp8_backend: str = "auto",
                interpret: bool = False) -> jax.Array:
     """SwiGLU of each sorted row with its expert's weights. ``x_sorted: [N, D]``,
-    ``w_gate/w_up: [E, D, I]``, ``w_down: [E, I, D]`` → ``[N, D]``.
+    ``w_gate/w_up: [E, D, I]``, ``w_down: [E, I, D]`` → ``[N, D]``. ``group_sizes``: ``[E]``, or
+    ``[E + 1]`` where the last group is padding whose rows come out zero (blocked and FP8 layouts: its
+    blocks multiply by zero weights, no zero expert is appended to the stack; ``ragged`` takes ``[E]``).
 
     ``quant='fp8'``: the three expert GEMMs (and their gradients) in FP8 on the blocked layout
-    (``pallas_kernels.fp8.grouped_linear``, SPEC §6), whatever ``impl``."""
+    (``pallas_kernels.fp8.grouped_linear``, docs/architecture.md §6), whatever ``impl``; each weight stack
+    is quantized once, in its own layout, for all chunks of blocks."""
     if quant == "fp8":
         layout = BlockLayout(group_sizes, x_sorted.shape[0], block)
         xb = layout.scatter(x_sorted)
+        qs = [quantize_experts(w) for w in (w_gate, w_up, w_down)]
 
         def ffn(xb, block_expert):
-            mm = lambda a, w: grouped_linear(a, w, block_expert, backend=fp8_backend, interpret=interpret)  # noqa: E731
-            return mm(jax.nn.silu(mm(xb, w_gate)) * mm(xb, w_up), w_down)
+            def mm(a, w, q):
+                return grouped_linear(a, w, block_expert, backend=fp8_backend, interpret=interpret, quantized=q)
+            return mm(jax.nn.silu(mm(xb, w_gate, qs[0])) * mm(xb, w_up, qs[1]), w_down, qs[2])
         return layout.gather(_in_chunks(ffn, xb, layout.block_expert, FP8_CHUNK_BLOCKS))
     impl = resolve_impl(impl)
     if impl == "ragged":

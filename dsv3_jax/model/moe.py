@@ -59,10 +59,10 @@ def local_expert_sum(x: jax.Array, experts: jax.Array, gates: jax.Array, w_gate:
     g = jnp.where(mine, gates, 0.0).reshape(-1)[order].astype(jnp.float32)
     if impl == "ragged" and quant != "fp8":
         sizes = counts               # ragged_dot leaves rows past the groups at zero: no work for the padding
-    else:                            # the blocked layout covers every row: the padding goes to an all-zero expert
+    else:                            # the blocked layout covers every row: the padding rows are one more group,
+        # whose blocks multiply by zero weights (expert_ffn); no zero expert is appended to the stack, which
+        # would copy the local expert weights every layer (docs/design.md §Memory at 671B)
         sizes = jnp.concatenate([counts, (S - counts.sum())[None]])
-        pad = lambda w: jnp.concatenate([w, jnp.zeros((1,) + w.shape[1:], w.dtype)])  # noqa: E731
-        w_gate, w_up, w_down = pad(w_gate), pad(w_up), pad(w_down)
     y = expert_ffn(x[rows], sizes, w_gate, w_up, w_down, **kw)
     # gate product in fp32; checkpointed so the backward keeps ``y`` in its own dtype, not an fp32 copy
     weighted = jax.checkpoint(lambda y, g: (y.astype(jnp.float32) * g[:, None]).astype(out_dtype))(y, g)
