@@ -29,28 +29,28 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def make_config(small: bool) -> dict:
-    """A made-up wide DeepSeek-V3-shaped config (HF config.json fields)."""
+def make_config(small: bool, layers: int = 16) -> dict:
+    """A made-up wide DeepSeek-V3-shaped config (HF config.json fields) with ``layers`` layers."""
     from dsv3_jax.config import ModelConfig
     if small:
-        kw = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_layers=16, first_k_dense=1,
+        kw = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_layers=layers, first_k_dense=1,
                   num_heads=4, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16,
                   v_head_dim=32, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
                   moe_intermediate_size=256, n_group=4, topk_group=2, num_mtp_layers=1)
     else:
-        kw = dict(vocab_size=32768, hidden_size=2048, intermediate_size=8192, num_layers=16, first_k_dense=1,
+        kw = dict(vocab_size=32768, hidden_size=2048, intermediate_size=8192, num_layers=layers, first_k_dense=1,
                   num_heads=16, q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
                   v_head_dim=128, n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1,
                   moe_intermediate_size=1024, n_group=4, topk_group=2, num_mtp_layers=1)
     return ModelConfig(name="bench_wide", **kw).to_hf()
 
 
-def generate(dst: Path, small: bool, shard_bytes: int) -> int:
+def generate(dst: Path, small: bool, shard_bytes: int, layers: int = 16) -> int:
     """Write the synthetic FP8 checkpoint shard by shard; returns its size in bytes."""
     from dsv3_jax.checkpoint import fp8, mapping
     from dsv3_jax.checkpoint.safetensors_io import SUPPORTED_DTYPES, save_file
     from dsv3_jax.config import ModelConfig
-    hf = make_config(small)
+    hf = make_config(small, layers)
     hf["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                  "weight_block_size": [128, 128]}
     cfg = ModelConfig.from_hf(hf)

@@ -29,7 +29,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import DeepSeekV3
-from . import fp8, mapping, orbax_io
+from . import fp8, mapping, orbax_io, transcode
 from .hf_source import TOKENIZER_FILES, HFSource
 from .orbax_io import atomic_dir
 from .safetensors_io import SUPPORTED_DTYPES, save_file
@@ -44,6 +44,15 @@ def _progress(total: int, desc: str, enabled: Optional[bool]):
         enabled = sys.stderr.isatty()
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
                 disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+def _write_context():
+    """Orbax's write context without its defensive copy of every host array: each group's arrays are
+    built for the save and never touched again (the copy cost a fifth of the conversion time and
+    doubled the group's memory; docs/design.md §Checkpoints)."""
+    ctx = orbax_io.write_context()
+    ctx.memory_options.deepcopy_host_arrays = False
+    return ctx
 
 
 # ---- paths --------------------------------------------------------------------------------------
@@ -78,7 +87,7 @@ def resolve_paths(src: str | os.PathLike, dst: str | os.PathLike, what: str = "S
 
 def _finite(name: str, a: np.ndarray, allow: bool, where: str) -> None:
     """Refuse NaN/Inf in an output tensor (``--allow-nonfinite`` to write it anyway)."""
-    if not allow:
+    if not allow and transcode.has_nonfinite(a):  # one pass over the bits; the count and index only when bad
         fp8.check_finite(a, name, where)
 
 
@@ -182,7 +191,7 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
 
         orbax_io.check_free_space(dst, sum(out_bytes(pc) for _, plist in units for pc in plist))
         with atomic_dir(dst, overwrite) as tmp, _progress(total, f"convert {src.name}", progress) as bar, \
-                ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool, orbax_io.write_context():
+                ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool, _write_context():
             params_dir = tmp / orbax_io.PARAMS_DIR
             pending = None
 
@@ -273,20 +282,22 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, fp8_weights: 
 
         out_dtype = DTYPES["bfloat16"] if meta.get("dtype") == "bfloat16" else np.dtype(np.float32)
 
-        def emit(name: str, w: np.ndarray, scale_inv: Optional[np.ndarray] = None):
-            nonlocal shard_bytes
+        def prepare(name: str, w: np.ndarray, scale_inv: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+            """The HF tensors of one weight (checked; dequantised or quantised as asked). On a worker thread."""
             if scale_inv is not None:
                 fp8.check_scales(np.asarray(scale_inv), name + "_scale_inv", allow_nonfinite, f"from {src}")
             _finite(name, w, allow_nonfinite, f"from {src}")
             if scale_inv is not None and not fp8_weights:  # FP8-stored checkpoint exported as float
                 w, scale_inv = fp8.dequantize(w, scale_inv, dtype=out_dtype, name=name), None
             if scale_inv is not None:  # stored FP8 goes out bit for bit
-                tensors = {name: w, name + "_scale_inv": scale_inv}
-            elif fp8_weights and _fp8_eligible(name) and w.ndim == 2:
+                return {name: w, name + "_scale_inv": scale_inv}
+            if fp8_weights and _fp8_eligible(name) and w.ndim == 2:
                 q, s = fp8.quantize(np.asarray(w, np.float32))
-                tensors = {name: q, name + "_scale_inv": s}
-            else:
-                tensors = {name: np.ascontiguousarray(w)}
+                return {name: q, name + "_scale_inv": s}
+            return {name: np.ascontiguousarray(w)}
+
+        def emit(tensors: dict[str, np.ndarray]):
+            nonlocal shard_bytes
             size = sum(t.nbytes for t in tensors.values())
             if shard and shard_bytes + size > max_shard_bytes:
                 flush()
@@ -296,24 +307,36 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, fp8_weights: 
         def scale_path(path: tuple):
             return mapping.stored_scale_path(cfg, path, shapes)
 
-        for _, plist in units:
-            keys = {orbax_io.disk_path(p, pc.index)[0]
+        def unit_keys(plist):
+            return {orbax_io.disk_path(p, pc.index)[0]
                     for pc in plist for p in (pc.path, scale_path(pc.path)) if p is not None}
-            arrays = orbax_io.read_params(src, keys)
-            for pc in plist:
-                key, sub = orbax_io.disk_path(pc.path, pc.index)
-                sp = scale_path(pc.path)
-                w, s_inv = mapping.hf_tensors(pc, arrays[key][sub],
-                                              None if sp is None else arrays[orbax_io.disk_path(sp, pc.index)[0]][sub])
-                emit(pc.hf_name, w, s_inv)
-                bar.update(w.size * 4)
-            if plist[0].path[0] == DeepSeekV3.MTP:  # the release stores embedding and head again in the MTP layer
-                top = orbax_io.read_params(src, [("embed",), ("lm_head",)])
-                for name, w in mapping.mtp_shared_tensors(cfg, plist[0].path[1], top[("embed",)], top[("lm_head",)]):
-                    emit(name, w)
-            del arrays
-            if shard_bytes > max_shard_bytes:
-                flush()
+
+        def piece_tensors(arrays, pc) -> dict[str, np.ndarray]:
+            key, sub = orbax_io.disk_path(pc.path, pc.index)
+            sp = scale_path(pc.path)
+            w, s_inv = mapping.hf_tensors(pc, arrays[key][sub],
+                                          None if sp is None else arrays[orbax_io.disk_path(sp, pc.index)[0]][sub])
+            return prepare(pc.hf_name, w, s_inv)
+
+        # the next unit is read (Orbax/TensorStore) while this one is transposed on worker threads and
+        # written: memory is two units plus the open shard
+        with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+            ahead = reader.submit(orbax_io.read_params, src, unit_keys(units[0][1])) if units else None
+            for i, (_, plist) in enumerate(units):
+                arrays = ahead.result()
+                ahead = reader.submit(orbax_io.read_params, src, unit_keys(units[i + 1][1])) \
+                    if i + 1 < len(units) else None
+                for pc, tensors in zip(plist, pool.map(lambda pc: piece_tensors(arrays, pc), plist)):
+                    emit(tensors)
+                    bar.update(int(np.prod(shapes[pc.path][len(pc.index):])) * 4)
+                if plist[0].path[0] == DeepSeekV3.MTP:  # the release stores embedding and head again in the MTP layer
+                    top = orbax_io.read_params(src, [("embed",), ("lm_head",)])
+                    for name, w in mapping.mtp_shared_tensors(cfg, plist[0].path[1], top[("embed",)],
+                                                              top[("lm_head",)]):
+                        emit(prepare(name, w))
+                del arrays
+                if shard_bytes > max_shard_bytes:
+                    flush()
         flush()
         n = len(files)
         weight_map, total_size = {}, 0

@@ -455,6 +455,31 @@ class HFSource:
         e.reader.release(e.raw)
         return w8, s
 
+    def view(self, name: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Tensor ``name`` as stored, without a copy (an mmap view; ``release`` it after use), and for
+        an FP8 tensor its checked float32 block scales (else None). For converters that transpose,
+        cast or dequantise straight into their output (``transcode``)."""
+        e = self._entries[name]
+        try:
+            raw = self._raw(name)
+            s = self._scales(name) if name in self.scales else None
+        except (OSError, ValueError) as err:
+            if isinstance(err, (SafetensorsError, CheckpointError)):
+                raise
+            raise CheckpointError(f"{getattr(e.reader, 'path', '?')}: reading {name!r} failed ({err}).") from None
+        if s is not None:
+            raw = raw.view(fp8.E4M3) if raw.dtype != fp8.E4M3 else raw
+            if raw.ndim != 2 or s.shape != fp8.scale_shape(raw.shape):
+                raise fp8.FP8FormatError(f"{name}: weight_scale_inv has shape {s.shape}, but a {raw.shape} weight in "
+                                         f"128x128 blocks needs {fp8.scale_shape(raw.shape) if raw.ndim == 2 else '2-D'} "
+                                         "(fix: re-export the shard).")
+        return raw, s
+
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of tensor ``name`` (after ``view``)."""
+        e = self._entries[name]
+        e.reader.release(e.raw)
+
     def close(self) -> None:
         for r in self._readers:
             r.close()

@@ -23,7 +23,7 @@ from flax import nnx
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import DeepSeekV3
-from . import fp8
+from . import fp8, transcode
 from .hf_source import HFSource, fused_parts, fused_slice
 from .orbax_io import assign_flat, flat_arrays, fp8_scale_path
 
@@ -126,8 +126,15 @@ def to_hf(piece: Piece, our_slice: np.ndarray, in_ndim: int) -> np.ndarray:
     """Our slice → HF tensor. ``in_ndim`` = number of leading input dims of our kernel slice."""
     if piece.transform == LINEAR:
         s = our_slice.shape
-        return np.ascontiguousarray(our_slice.reshape(int(np.prod(s[:in_ndim])), -1).T)
+        return _transposed(our_slice.reshape(int(np.prod(s[:in_ndim])), -1))
     return our_slice
+
+
+def _transposed(a: np.ndarray) -> np.ndarray:
+    """A contiguous copy of 2-D ``a.T`` (tiled: ``transcode.transpose_into``)."""
+    out = np.empty(a.shape[::-1], a.dtype)
+    transcode.transpose_into(out, a)
+    return out
 
 
 def stored_scale_path(cfg: ModelConfig, path: Path, shapes: Mapping[Path, tuple]) -> Optional[Path]:
@@ -149,20 +156,35 @@ def _as_shape(out: np.ndarray, shape: tuple) -> np.ndarray:
 def fill_piece(source, piece: Piece, out: np.ndarray, scale_out: Optional[np.ndarray] = None) -> None:
     """Write HF tensor ``piece.hf_name`` of ``source`` (an ``HFSource``) into ``out``, our slice
     ``params[path][index]`` (any float dtype, or e4m3), in one pass: transpose and cast straight into
-    place. With ``scale_out`` (block scales ``[ib, ob]``) the weight is stored in FP8: an FP8 source's
-    e4m3 bits and scales are copied, transposed into our layout (nothing re-quantised); a float source
-    is quantised like the release (docs/architecture.md §6)."""
+    place from the source's mmap (``transcode``: tiled transposes, FP8 through per-block tables; the
+    values are bit for bit those of dequantising to float32 and casting). With ``scale_out`` (block
+    scales ``[ib, ob]``) the weight is stored in FP8: an FP8 source's e4m3 bits and scales are copied,
+    transposed into our layout (nothing re-quantised); a float source is quantised like the release
+    (docs/architecture.md §6). The written values are checked for NaN/Inf unless the source allows them."""
     name = piece.hf_name
-    if scale_out is not None:
-        w8, s_inv = source.get_fp8(name) if source.is_fp8(name) else fp8.quantize(source.get(name, np.float32))
+    if scale_out is not None and not source.is_fp8(name):
+        w8, s_inv = fp8.quantize(source.get(name, np.float32))
         _as_shape(out, w8.shape[::-1])[...] = w8.T
         scale_out[...] = np.asarray(s_inv, np.float32).T
         return
-    w = source.get(name, np.float32)
-    if piece.transform == LINEAR:
-        _as_shape(out, w.shape[::-1])[...] = w.T
-    else:
-        out[...] = w.reshape(out.shape)
+    w, s_inv = source.view(name)
+    try:
+        if scale_out is not None:  # FP8 kept: the release's bits, transposed
+            transcode.transpose_into(_as_shape(out, w.shape[::-1]), w)
+            scale_out[...] = s_inv.T
+        elif s_inv is not None:
+            transcode.dequantize_transposed_into(_as_shape(out, w.shape[::-1]), w, s_inv)
+        else:
+            if w.dtype == np.float64 and out.dtype != np.float32:
+                w = w.astype(np.float32)  # float64 → float32 → out, the rounding of the float32 path
+            if piece.transform == LINEAR:
+                transcode.transpose_into(_as_shape(out, w.shape[::-1]), w)
+            else:
+                out[...] = w.reshape(out.shape)
+    finally:
+        source.release(name)
+    if not source.allow_nonfinite and transcode.has_nonfinite(out):
+        fp8.check_finite(out, name, source.where(name))
 
 
 def to_hf_fp8(q_slice: np.ndarray, s_slice: np.ndarray, in_ndim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -170,7 +192,7 @@ def to_hf_fp8(q_slice: np.ndarray, s_slice: np.ndarray, in_ndim: int) -> tuple[n
     ``weight_scale_inv`` (bits unchanged)."""
     s = q_slice.shape
     q = q_slice.reshape(int(np.prod(s[:in_ndim])), -1)
-    return np.ascontiguousarray(q.T), np.ascontiguousarray(s_slice.T)
+    return _transposed(q), np.ascontiguousarray(s_slice.T)
 
 
 def kernel_in_ndim(path: Path) -> int:
