@@ -101,11 +101,12 @@ def imbalance(counts: jax.Array) -> jax.Array:
 
 
 def make_train_step(graphdef, cfg: ModelConfig, t: TrainConfig, tx: optax.GradientTransformation,
-                    schedule: Callable) -> Callable:
+                    schedule: Callable, grad_fn: Optional[Callable] = None) -> Callable:
     """``step(state, batch, poison) -> (state, metrics)``, not yet jitted (the trainer jits it with
-    shardings). ``batch``: dict of ``[B, S]`` int32 arrays."""
-    loss_fn = make_loss_fn(graphdef, cfg, t)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    shardings). ``batch``: dict of ``[B, S]`` int32 arrays. ``grad_fn``: what computes ``(total, aux),
+    grads`` (default: ``value_and_grad`` of ``make_loss_fn``; the pipelined step passes its own,
+    docs/design.md §Pipeline)."""
+    grad_fn = grad_fn or jax.value_and_grad(make_loss_fn(graphdef, cfg, t), has_aux=True)
     A = t.grad_accum
     n_mtp = cfg.num_mtp_layers if max(t.mtp_weight, t.mtp_weight_final) > 0 else 0
     gamma_fn, lam_fn = bias_rate_schedule(t), mtp_weight_schedule(t)
@@ -151,6 +152,8 @@ def make_train_step(graphdef, cfg: ModelConfig, t: TrainConfig, tx: optax.Gradie
                    "grad_norm": grad_norm, "lr": schedule(state["applied"]), "finite": finite,
                    "tokens": denoms["tokens"], "rows": rows, "mtp_weight": denoms["mtp_weight"],
                    "bias_rate": gamma_fn(state["applied"])}
+        if "activations" in aux:   # pipelined: peak in-flight micro-batches per stage
+            metrics["activations"] = aux["activations"]
         if aux["counts"] is not None:
             metrics["counts"] = aux["counts"]
             metrics["imbalance"] = imbalance(aux["counts"])
