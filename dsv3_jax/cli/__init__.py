@@ -1,4 +1,4 @@
-"""``dsv3`` command line: ``info``, ``plan``, ``convert``, ``score``, ``generate``, ``train``, ``tokenizer train``.
+"""``dsv3`` command line: ``info``, ``plan``, ``convert``, ``score``, ``generate``, ``eval``, ``train``, ``tokenizer train``.
 
 One module per command group registers its subparser (``info.py``, ``convert.py``, ``infer.py`` for
 score + generate, ``train.py``, ``tokenizer.py``); each imports what it runs only when it runs. Configs are
@@ -16,7 +16,7 @@ import traceback
 from typing import Optional, Sequence
 
 from ..errors import Dsv3Error
-from . import convert, infer, info, plan, tokenizer, train
+from . import convert, evaluate, infer, info, plan, tokenizer, train
 from .common import ArgumentParser, is_override, usage_error
 
 REPORT = ("this is a bug in dsv3-jax, not a problem with your input: please report it at the project's issue "
@@ -26,7 +26,7 @@ REPORT = ("this is a bug in dsv3-jax, not a problem with your input: please repo
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="dsv3", description="DeepSeek-V3 in JAX: inspect, train, convert, serve.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (info, plan, convert, infer, train, tokenizer):
+    for group in (info, plan, convert, infer, evaluate, train, tokenizer):
         group.register(sub)
     _name_leaves(parser)
     return parser

@@ -23,7 +23,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..distributed import initialize_from_args, is_primary
     from ..data.sources import check_path
-    from ..train import load_run_config
+    from ..train.stages import load_stages
     from ..train.objectives import train  # the loop of train.objective (pre-training, SFT, GRPO)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     initialize_from_args(args, log)  # before anything touches a JAX backend
@@ -34,10 +34,14 @@ def run(args) -> int:
         overrides.append(f"train.balance={args.balance}")
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
-    run_cfg = load_run_config(args.config, overrides)
-    check_path(run_cfg.data.path)  # before the model is built: a wrong path is reported in a second, not a minute
-    res = train(run_cfg, log=log)
+    runs = load_stages(args.config, overrides)   # one run, or the stages of a staged config (demo_long)
     keep = ("step", "loss", "ce", "mtp", "balance", "eval_loss", "skipped", "tokens_per_s", "mfu", "checkpoint")
-    if is_primary():
-        print(json.dumps({k: res[k] for k in keep if k in res}))
+    for i, run_cfg in enumerate(runs):
+        check_path(run_cfg.data.path)  # before the model is built: a wrong path is reported in a second, not a minute
+        if len(runs) > 1:
+            log(f"== stage {i + 1}/{len(runs)}: {run_cfg.train.steps} steps of {run_cfg.data.batch_size}x"
+                f"{run_cfg.data.seq_len} tokens into {run_cfg.train.output_dir} ==")
+        res = train(run_cfg, log=log)
+        if is_primary():
+            print(json.dumps({**({"stage": i + 1} if len(runs) > 1 else {}), **{k: res[k] for k in keep if k in res}}))
     return 0

@@ -27,8 +27,13 @@ from ..errors import ConfigError
 
 
 def flat_host(state) -> dict[tuple, np.ndarray]:
-    """``{path: fp32 numpy array}`` of an NNX state (or a flat mapping) already on the host."""
-    items = state.items() if isinstance(state, dict) else nnx.to_flat_state(state)
+    """``{path: fp32 numpy array}`` of an NNX state (its flat-state paths, as checkpoints key them) or of
+    any other pytree (paths of its dict keys / sequence indices), already on the host."""
+    if isinstance(state, nnx.State):
+        items = nnx.to_flat_state(state)
+    else:
+        items = [(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path), v)
+                 for path, v in jax.tree_util.tree_leaves_with_path(state)]
     out = {}
     for k, v in items:
         v = v.get_value() if isinstance(v, nnx.Variable) else v

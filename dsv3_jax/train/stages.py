@@ -57,6 +57,10 @@ def check_init_from(run: RunConfig) -> Optional[Path]:
         raise ConfigError(f"train.init_from={t.init_from}: its model differs from this run's in {listed} (fix: "
                           "only the RoPE fields (rope_scaling, max_position_embeddings) may change when "
                           "continuing a checkpoint; use its model settings).")
+    if (ckpt / "tokenizer.json").is_file() and not run.data.tokenizer:
+        raise ConfigError(f"train.init_from={t.init_from} was trained with its own tokenizer, but data.tokenizer is "
+                          f"unset, so a new one would be trained and the weights would read other ids (fix: set "
+                          f"data.tokenizer={ckpt / 'tokenizer.json'}).")
     if diff and not t.init_rope:
         listed = ", ".join(f"model.{k} {a!r} → {b!r}" for k, (a, b) in diff.items())
         raise ConfigError(f"train.init_from={t.init_from}: this run changes its RoPE config ({listed}) (fix: set "
@@ -104,12 +108,11 @@ def load_stages(name_or_path: str, overrides: Sequence[str] = ()) -> list[RunCon
         raw["model"] = str(path.parent / model)
     runs: list[RunConfig] = []
     for i, st in enumerate(stages):
-        run = load_run_config(_merge(raw, st), overrides)
-        if not run.train.init_from and runs:   # continue the previous stage's final checkpoint
+        merged = _merge(raw, st)
+        if runs and not (merged.get("train") or {}).get("init_from"):   # continue the previous stage
             prev = runs[-1].train
-            run = dataclasses.replace(run, train=dataclasses.replace(
-                run.train, init_from=str(Path(prev.output_dir) / "checkpoints" / str(prev.steps))))
-        runs.append(run)
+            merged = _merge(merged, {"train": {"init_from": str(Path(prev.output_dir) / "checkpoints" / str(prev.steps))}})
+        runs.append(load_run_config(merged, overrides))
     outs = [r.train.output_dir for r in runs]
     if len(set(outs)) != len(outs):
         raise ConfigError(f"{path}: stages share an output_dir ({outs}) (fix: give each stage its own "
