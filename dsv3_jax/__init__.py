@@ -9,8 +9,10 @@ from .config import ModelConfig, RopeScaling, RuntimeConfig, load_config, load_r
 from .model import DeepSeekV3, ModelCache, ModelOutput, RouterStats, make_forward
 from .checkpoint.orbax_io import load_checkpoint
 from .inference import generate
+from . import pipeline
 
 __all__ = ["Dsv3Error", "ConfigError", "CheckpointError", "DataError", "GenerationError", "MeshError",
            "TokenRangeError", "ModelConfig", "RopeScaling", "RuntimeConfig", "load_config", "load_runtime",
-           "DeepSeekV3", "ModelCache", "ModelOutput", "RouterStats", "make_forward", "load_checkpoint", "generate"]
+           "DeepSeekV3", "ModelCache", "ModelOutput", "RouterStats", "make_forward", "load_checkpoint", "generate",
+           "pipeline"]
 __version__ = "0.1.0"
