@@ -24,6 +24,7 @@ import yaml
 from ..config import (ConfigError, ModelConfig, RuntimeConfig, _build, _parse_override, _resolve_path, _to_dict,
                       load_config, load_runtime, read_config_text)
 from ..data.pipeline import DataConfig
+from ..pipeline.config import PipelineConfig
 
 BALANCE = ("aux_free", "aux_loss", "none")
 OBJECTIVES = ("pretrain", "sft", "grpo", "distill")
@@ -95,10 +96,11 @@ class RunConfig:
     train: TrainConfig
     data: DataConfig
     runtime: RuntimeConfig = RuntimeConfig()
+    pipeline: PipelineConfig = PipelineConfig()   # used when the mesh has stage > 1 (docs/design.md §Pipeline)
 
     def to_dict(self) -> dict:
         return {"model": _to_dict(self.model), "runtime": _to_dict(self.runtime), "train": _to_dict(self.train),
-                "data": _to_dict(self.data)}
+                "data": _to_dict(self.data), "pipeline": _to_dict(self.pipeline)}
 
 
 def _fail(field: str, value: Any, why: str, fix: str) -> None:
@@ -159,7 +161,7 @@ def validate_train(t: TrainConfig, data: DataConfig) -> None:
         _fail("train.inject_nan_steps", t.inject_nan_steps, "must be a comma list of step numbers", "e.g. 3,4")
 
 
-_SECTIONS = ("model", "runtime", "train", "data")
+_SECTIONS = ("model", "runtime", "train", "data", "pipeline")
 
 
 def load_run_config(name_or_path: str | os.PathLike | Mapping = "tiny",
@@ -190,6 +192,7 @@ def load_run_config(name_or_path: str | os.PathLike | Mapping = "tiny",
         model_src = base / model_src
     train_d = dict(raw.get("train") or {})
     data_d = dict(raw.get("data") or {})
+    pipe_d = dict(raw.get("pipeline") or {})
     runtime_src = raw.get("runtime") or {}
     model_over: list[str] = []
     runtime_over: list[str] = []
@@ -216,7 +219,7 @@ def load_run_config(name_or_path: str | os.PathLike | Mapping = "tiny",
         else:
             if len(keys) != 1:
                 raise ConfigError(f"override {item!r}: {section} fields are not nested (fix: {section}.FIELD=VALUE).")
-            (train_d if section == "train" else data_d)[keys[0]] = value
+            {"train": train_d, "data": data_d, "pipeline": pipe_d}[section][keys[0]] = value
     if isinstance(model_src, Mapping):
         model = load_config(dict(model_src), model_over)
     else:
@@ -229,7 +232,8 @@ def load_run_config(name_or_path: str | os.PathLike | Mapping = "tiny",
             raise
         raise ConfigError(f"data: {e}") from None
     validate_train(train, data)
-    return RunConfig(model, train, data, load_runtime(runtime_over, base=runtime_src))
+    pipeline = _build(PipelineConfig, pipe_d, prefix="pipeline.")
+    return RunConfig(model, train, data, load_runtime(runtime_over, base=runtime_src), pipeline)
 
 
 __all__ = ["TrainConfig", "RunConfig", "load_run_config", "validate_train", "BALANCE"]

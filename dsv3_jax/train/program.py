@@ -6,7 +6,7 @@ have).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,8 @@ from ..model.layers import RouterBias
 from .config import TrainConfig
 from .optim import lr_schedule, make_optimizer
 from .step import make_train_step
+from ..pipeline.config import PipelineConfig, validate_pipeline
+from ..pipeline.executor import make_pipeline_grad_fn, stage_layout
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -52,9 +54,11 @@ class TrainProgram:
 
 
 def train_program(cfg: ModelConfig, runtime: RuntimeConfig, t: TrainConfig, mesh: Mesh, rules: Rules, *,
-                  seed: int = 0, donate: bool = False) -> TrainProgram:
+                  seed: int = 0, donate: bool = False, pipeline: Optional[PipelineConfig] = None) -> TrainProgram:
     """The train step of ``cfg`` on ``mesh``: the model built for the mesh (MoE layers expert-parallel,
-    kernels per shard), parameters / router bias / optimizer state laid out by ``rules``."""
+    kernels per shard), parameters / router bias / optimizer state laid out by ``rules``. A mesh with
+    ``stage`` > 1 runs the pipelined step (``pipeline``'s schedule, docs/design.md §Pipeline), with the
+    MoE stack's layers split over ``stage``."""
     build = lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(seed), runtime=runtime, mesh=mesh, rules=rules)  # noqa: E731
     graphdef, a_params, a_bias, a_rest = nnx.split(nnx.eval_shape(build), nnx.Param, RouterBias, ...)
     shardings = {k: rules.shardings(v, mesh) for k, v in (("params", a_params), ("bias", a_bias), ("rest", a_rest))}
@@ -67,7 +71,12 @@ def train_program(cfg: ModelConfig, runtime: RuntimeConfig, t: TrainConfig, mesh
                 "applied": jax.ShapeDtypeStruct((), jnp.int32)}
     batch_sharding = rules.batch_sharding(mesh)
     bsh = {k: batch_sharding for k in BATCH_KEYS}
-    step = jax.jit(make_train_step(graphdef, cfg, t, tx, schedule),
+    grad_fn = None
+    if mesh.shape.get("stage", 1) > 1:
+        pipeline = validate_pipeline(pipeline or PipelineConfig(), cfg, mesh.shape["stage"], grad_accum=t.grad_accum)
+        grad_fn = make_pipeline_grad_fn(graphdef, cfg, runtime, t, pipeline, mesh)
+        shardings = {k: stage_layout(v, mesh) for k, v in shardings.items()}
+    step = jax.jit(make_train_step(graphdef, cfg, t, tx, schedule, grad_fn),
                    in_shardings=(shardings, bsh, NamedSharding(mesh, P())), out_shardings=(shardings, None),
                    donate_argnums=(0,) if donate else ())
     return TrainProgram(graphdef, build, abstract, shardings, batch_sharding, tx, schedule, step)

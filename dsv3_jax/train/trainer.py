@@ -40,6 +40,7 @@ from ..config import ConfigError, model_config_from_stored
 from ..errors import CheckpointError, Dsv3Error
 from ..info import model_info
 from ..model.layers import RouterBias
+from ..pipeline.config import validate_pipeline
 from .config import RunConfig
 from .program import train_program
 from .ema import HostEMA
@@ -190,13 +191,18 @@ class Trainer:
         self.rules = DEFAULT_RULES
         self.rules.check_batch(d.batch_size // t.grad_accum, self.mesh, "micro-batch size (data.batch_size / "
                                                                          "train.grad_accum)")
+        if self.mesh.shape.get("stage", 1) > 1:  # pipelined (docs/design.md §Pipeline): checks name the fix
+            run = dataclasses.replace(run, pipeline=validate_pipeline(
+                run.pipeline, cfg, self.mesh.shape["stage"], d.batch_size, self.rules.batch_shards(self.mesh),
+                t.grad_accum))
+            self.run = run
         self.batch_sharding = self.rules.batch_sharding(self.mesh)
         self.data_shards = process_shards(self.batch_sharding, d)  # the virtual data shards this process reads
 
         # the step as one program over the mesh (shared with `dsv3 plan`): model built for the mesh (MoE
         # layers expert-parallel, kernels per shard), state created directly in its shards
         prog = train_program(cfg, run.runtime, t, self.mesh, self.rules, seed=t.seed,
-                             donate=jax.default_backend() != "cpu")
+                             donate=jax.default_backend() != "cpu", pipeline=run.pipeline)
         self.graphdef, sh, a = prog.graphdef, prog.shardings, prog.abstract
         model_sh = {k: sh[k] for k in ("params", "bias", "rest")}
 
@@ -336,6 +342,8 @@ class Trainer:
                     rec["ema_dropped"] = self.ema.dropped
                 if "imbalance" in m:
                     rec["imbalance"] = [round(float(x), 4) for x in m["imbalance"]]
+                if "activations" in m:   # pipelined: peak in-flight micro-batches per stage
+                    rec["activations"] = [int(x) for x in m["activations"]]
                 if "bias_absmean" in m:
                     rec["bias_absmean"] = [float(x) for x in m["bias_absmean"]]
                     rec["bias_min"] = [float(x) for x in m["bias_min"]]
