@@ -94,7 +94,8 @@ def _merge(base: Any, over: Any) -> Any:
 
 def load_stages(name_or_path: str, overrides: Sequence[str] = ()) -> list[RunConfig]:
     """The run configs of a staged YAML (one per ``stages:`` entry; see module doc), ``overrides`` applied
-    to every stage after its own. A YAML without ``stages:`` gives one run config."""
+    to every stage after its own (``init_from`` to the first only). A YAML without ``stages:`` gives one
+    run config."""
     path = _resolve_path(name_or_path)
     raw = yaml.safe_load(read_config_text(path)) or {}
     stages = raw.pop("stages", None) if isinstance(raw, dict) else None
@@ -106,13 +107,16 @@ def load_stages(name_or_path: str, overrides: Sequence[str] = ()) -> list[RunCon
     model = raw.get("model")
     if isinstance(model, str) and not Path(model).is_absolute() and (path.parent / model).is_file():
         raw["model"] = str(path.parent / model)
+    # an init_from override names the checkpoint the first stage continues; the later ones continue theirs
+    first_only = [o for o in overrides if o.split("=", 1)[0].strip() in ("init_from", "train.init_from")]
+    every = [o for o in overrides if o not in first_only]
     runs: list[RunConfig] = []
     for i, st in enumerate(stages):
         merged = _merge(raw, st)
         if runs and not (merged.get("train") or {}).get("init_from"):   # continue the previous stage
             prev = runs[-1].train
             merged = _merge(merged, {"train": {"init_from": str(Path(prev.output_dir) / "checkpoints" / str(prev.steps))}})
-        runs.append(load_run_config(merged, overrides))
+        runs.append(load_run_config(merged, every + (first_only if i == 0 else [])))
     outs = [r.train.output_dir for r in runs]
     if len(set(outs)) != len(outs):
         raise ConfigError(f"{path}: stages share an output_dir ({outs}) (fix: give each stage its own "
