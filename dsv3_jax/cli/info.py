@@ -15,16 +15,26 @@ def register(sub) -> None:
                                   "e.g. expert=64,fsdp=4 (any size: nothing is allocated)")
     p.add_argument("--moment-bytes", type=int, default=4, choices=(2, 4),
                    help="bytes per AdamW moment element (2 = bf16 moments, docs/architecture.md §6)")
+    p.add_argument("--batch-size", type=int_arg(1, "--batch-size 64"), default=None,
+                   help="with --mesh stage=N: global sequences per step (default: one per micro-batch per batch shard)")
+    p.add_argument("--act-bytes", type=int, default=None, choices=(2, 4),
+                   help="with --mesh stage=N: bytes per stashed activation element (default: the parameters' dtype)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..config import load_config
     from ..info import format_info, mesh_memory, model_info
-    cfg = load_config(args.config, args.overrides)
+    from ..pipeline.memory import format_stage_memory, pipeline_overrides, stage_memory
+    from sharding import MeshConfig
+    pipe, overrides = pipeline_overrides(args.overrides)  # pipeline.schedule=... / pipeline.microbatches=...
+    cfg = load_config(args.config, overrides)
     info = model_info(cfg, seq_len=args.seq_len)
     if args.mesh:
         info["mesh"] = mesh_memory(cfg, args.mesh, args.moment_bytes)
+        if MeshConfig.parse(args.mesh).stage > 1:  # per-stage memory with the schedule's activations
+            info["pipeline"] = stage_memory(cfg, args.mesh, **pipe, seq_len=args.seq_len, batch_size=args.batch_size,
+                                            moment_bytes=args.moment_bytes, act_bytes=args.act_bytes)
     if args.json:
         print(json.dumps(info))
     else:
@@ -33,4 +43,6 @@ def run(args) -> int:
             m = info["mesh"]
             print(f"mesh {m['axes']} ({m['devices']} devices): params {m['param_bytes_per_device'] / 2**30:.2f} GiB "
                   f"+ optimizer {m['optimizer_bytes_per_device'] / 2**30:.2f} GiB per device")
+            if "pipeline" in info:
+                print(format_stage_memory(info["pipeline"]))
     return 0
