@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/python -m dsv3_jax.demo
 
 bench: $(STAMP)
-	@for b in forward_backward compile_time train_step decode expert_parallel mla fp8_gemm fp8_training convert multiprocess plan; do \
+	@for b in forward_backward compile_time train_step decode expert_parallel mla fp8_gemm fp8_training convert multiprocess plan pipeline; do \
 	  test -f benchmarks/$$b.py && $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
