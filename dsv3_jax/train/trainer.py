@@ -97,7 +97,8 @@ RESUME_QUIET = frozenset({
     "train.eval_every", "train.eval_batches", "train.log_every", "train.max_bad_steps", "train.progress",
     "train.tensorboard", "train.mesh", "train.inject_nan_steps", "train.tokenizer_documents", "data.read_threads",
     "data.prefetch_documents", "runtime.attention_impl", "runtime.moe_impl", "runtime.moe_block_size",
-    "runtime.remat", "runtime.scan_layers", "runtime.interpret", "runtime.ep_strategy", "runtime.emulate_ragged"})
+    "runtime.remat", "runtime.scan_layers", "runtime.interpret", "runtime.ep_strategy", "runtime.emulate_ragged",
+    "pipeline.schedule", "pipeline.microbatches"})
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
