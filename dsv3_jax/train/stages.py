@@ -57,10 +57,6 @@ def check_init_from(run: RunConfig) -> Optional[Path]:
         raise ConfigError(f"train.init_from={t.init_from}: its model differs from this run's in {listed} (fix: "
                           "only the RoPE fields (rope_scaling, max_position_embeddings) may change when "
                           "continuing a checkpoint; use its model settings).")
-    if (ckpt / "tokenizer.json").is_file() and not run.data.tokenizer:
-        raise ConfigError(f"train.init_from={t.init_from} was trained with its own tokenizer, but data.tokenizer is "
-                          f"unset, so a new one would be trained and the weights would read other ids (fix: set "
-                          f"data.tokenizer={ckpt / 'tokenizer.json'}).")
     if diff and not t.init_rope:
         listed = ", ".join(f"model.{k} {a!r} → {b!r}" for k, (a, b) in diff.items())
         raise ConfigError(f"train.init_from={t.init_from}: this run changes its RoPE config ({listed}) (fix: set "

@@ -275,6 +275,13 @@ class Trainer:
             res["eval_imbalance"] = (counts.max(-1) / np.maximum(counts.mean(-1), 1e-9)).tolist()
         return res
 
+    def load_init_weights(self) -> None:
+        """A new stage (``train.init_from``): the model variables of that checkpoint, restored into this
+        run's shardings under this run's model config (its RoPE may differ); a fresh optimizer."""
+        p, b, r = restore_model_states(self.init_from, (self.state["params"], self.state["bias"], self.state["rest"]))
+        self.state = {**self.state, "params": p, "bias": b, "rest": r}
+        self.log(f"initialised from {self.init_from}")
+
     # -- loop ---------------------------------------------------------------------------------------
     def train(self) -> dict:
         run, t, d = self.run, self.run.train, self.run.data
@@ -303,10 +310,8 @@ class Trainer:
             ema = self.ckpt.restore_ema(latest, self.state["params"]) if self.ema is not None else None
             if ema is not None:
                 self.ema.load(step, ema)
-        elif self.init_from is not None:   # a new stage: the weights of another run, a fresh optimizer
-            p, b, r = restore_model_states(self.init_from, model_states)
-            self.state = {**self.state, "params": p, "bias": b, "rest": r}
-            self.log(f"initialised from {self.init_from}")
+        elif self.init_from is not None:
+            self.load_init_weights()
         if self.ema is not None and self.ema.step is None:
             self.ema.submit(step, self.state["params"])
         if self.primary:
