@@ -19,6 +19,7 @@ from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.grpo import group_advantages, grpo_objective, k3_kl, make_grpo_step, make_logprob_fn
 from dsv3_jax.train.grpo_trainer import rollout_batch
 from dsv3_jax.train.optim import lr_schedule, make_optimizer
+from tests.train.test_sft import pretrained  # noqa: F401 - the shared tiny pre-trained checkpoint
 
 EPS, BETA = 0.2, 0.1
 
@@ -157,3 +158,55 @@ def test_load_reward():
                         ("dsv3_jax.train.rewards:INTEGER", "not callable")):
         with pytest.raises(ConfigError, match=needle):
             rewards.load_reward(bad)
+
+
+def test_grpo_run_resumes_after_kill_exactly(pretrained, tmp_path):  # noqa: F811
+    """`dsv3 train` with train.objective=grpo, killed with SIGKILL after its first checkpoint and run again,
+    logs the same steps with the same numbers as an uninterrupted run (prompts and sampling keys are
+    functions of the step; the policy and optimizer come from the checkpoint)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from tests.train.conftest import MODEL
+    from tests.train.test_trainer import _metrics, subprocess_env
+    ckpt, _ = pretrained
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{a}+{a}="}],
+                                           "answer": str(2 * a)}) + "\n" for a in range(1, 10)))
+    cli = lambda out: [sys.executable, "-m", "dsv3_jax.cli", "train", "--config", "tiny", *MODEL,  # noqa: E731
+                       "train.objective=grpo", f"train.init_from={ckpt}", f"data.path={prompts}",
+                       "data.seq_len=24", "data.batch_size=2", "data.val_fraction=0", "train.group_size=3",
+                       "train.max_new_tokens=3", "train.policy_updates=2", "train.lr=3e-3", "train.steps=4",
+                       "train.checkpoint_every=2", "train.progress=false", "train.tensorboard=false",
+                       f"train.output_dir={out}",
+                       "train.reward=dsv3_jax.train.rewards:exact_answer,dsv3_jax.train.rewards:format_check"]
+    env = subprocess_env()
+    ref, run = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run(cli(ref), env=env, check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(cli(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        marker = run / "checkpoints" / "2" / "dsv3_checkpoint.json"
+        while time.time() < deadline and proc.poll() is None:
+            if marker.exists() and (run / "metrics.jsonl").exists() and len(_metrics(run)) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = subprocess.run(cli(run), env=env, check=True, capture_output=True, text=True, timeout=600)
+    assert "resumed from" in out.stderr
+    got = {r["step"]: r for r in _metrics(run)}
+    want = {r["step"]: r for r in _metrics(ref)}
+    assert sorted(got) == sorted(want) == list(range(1, 5))
+    for s in want:
+        for k in ("loss", "reward", "kl", "grad_norm", "response_len", "pass_rate"):
+            assert got[s][k] == want[s][k], (s, k, got[s][k], want[s][k])
+    last = want[4]
+    assert len(last["imbalance"]) == 1 and len(last["expert_load"][0]) == 16 and last["reward_failures"] == 0
+    assert 1 <= last["response_len"] <= 3 and 0 <= last["pass_rate"] <= 1
