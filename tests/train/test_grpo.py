@@ -190,7 +190,7 @@ def test_grpo_run_resumes_after_kill_exactly(pretrained, tmp_path):  # noqa: F81
         deadline = time.time() + 300
         marker = run / "checkpoints" / "2" / "dsv3_checkpoint.json"
         while time.time() < deadline and proc.poll() is None:
-            if marker.exists() and (run / "metrics.jsonl").exists() and len(_metrics(run)) >= 3:
+            if marker.exists() and (run / "metrics.jsonl").exists() and len(_metrics(run)) >= 2:
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the run finished before it could be killed"
