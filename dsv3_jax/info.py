@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+import numpy as np
 from flax import nnx
 
 from sharding import DEFAULT_RULES, MeshConfig, Rules
@@ -12,6 +14,7 @@ from sharding import DEFAULT_RULES, MeshConfig, Rules
 from .config import ModelConfig, to_dict
 from .errors import MeshError
 from .model import DeepSeekV3
+from .model.transformer import CACHE_DTYPE
 
 
 def abstract_state(cfg: ModelConfig):
@@ -43,8 +46,9 @@ def model_info(cfg: ModelConfig, seq_len: int = 4096) -> dict[str, Any]:
     active = total - unused
     embedding = cfg.vocab_size * cfg.hidden_size
     attn_flops = 3 * 2 * cfg.num_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq_len / 2) * cfg.num_layers
-    kv_bytes = cfg.num_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
-    per_head_kv = cfg.num_layers * cfg.num_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 2
+    item = np.dtype(CACHE_DTYPE).itemsize  # the dtype generation's latent cache uses by default
+    kv_bytes = cfg.num_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * item
+    per_head_kv = cfg.num_layers * cfg.num_heads * (cfg.qk_head_dim + cfg.v_head_dim) * item
     return {
         "config": cfg.name,
         "params_total": total,
@@ -100,7 +104,7 @@ def format_info(info: dict[str, Any]) -> str:
         f"params (main model)    {info['params_total']:,}  ({_human(info['params_total'])})",
         f"params (MTP module)    {info['params_mtp']:,}  ({_human(info['params_mtp'])})",
         f"params active / token  {info['params_active']:,}  ({_human(info['params_active'])})",
-        f"latent KV cache        {info['kv_cache_bytes_per_token']:,} bytes/token (bf16; per-head cache would be "
+        f"latent KV cache        {info['kv_cache_bytes_per_token']:,} bytes/token ({CACHE_DTYPE}; per-head cache would be "
         f"{info['kv_cache_bytes_per_token_per_head_cache']:,})",
         f"train FLOPs / token    {info['train_flops_per_token']:.4e}  (seq {info['train_flops_seq_len']})",
     ]

@@ -26,6 +26,11 @@ from .. import distributed
 from ..checkpoint.orbax_io import load_checkpoint
 from ..errors import GenerationError
 from ..model import DeepSeekV3, check_tokens, init_cache
+from ..model.transformer import CACHE_DTYPE
+from .decode_loop import LoopState, build_chunk, pad_stops
+
+
+CACHE_DTYPES = ("bfloat16", "float32", "float16")
 
 
 @dataclasses.dataclass
@@ -156,10 +161,21 @@ class Generator:
     """Compiled prefill / decode / verify steps of one model (functional over ``nnx.split``), all
     through the model's own forward with its latent cache (``DeepSeekV3.__call__(..., cache=)``)."""
 
-    def __init__(self, model: DeepSeekV3, mesh=None, ep_strategy: Optional[str] = None):
+    def __init__(self, model: DeepSeekV3, mesh=None, ep_strategy: Optional[str] = None,
+                 cache_dtype: str = CACHE_DTYPE, chunk: int = 16):
         """A model built for a mesh (``load_checkpoint(..., mesh=)``, ``DeepSeekV3(..., mesh=)``) runs
         with its parameters placed by its rules and its MoE layers expert-parallel; batches are padded
-        to a multiple of the batch shards. ``mesh``/``ep_strategy`` rebuild a model for another layout."""
+        to a multiple of the batch shards. ``mesh``/``ep_strategy`` rebuild a model for another layout.
+        ``cache_dtype``: the latent cache's dtype (bf16 by default: attention reads it as stored and
+        accumulates in fp32; ``"float32"`` for an exact cache). ``chunk``: decode steps per device call
+        (tokens reach the host, and ``on_token``, once per chunk)."""
+        if cache_dtype not in CACHE_DTYPES:
+            raise GenerationError(f"cache_dtype={cache_dtype!r}: must be one of {list(CACHE_DTYPES)} "
+                                  "(fix: e.g. cache_dtype='bfloat16', or 'float32' for an exact cache).")
+        if not _is_int(chunk) or chunk < 1:
+            raise GenerationError(f"chunk={chunk!r}: must be an integer >= 1 (decode steps per device call) "
+                                  "(fix: e.g. chunk=16).")
+        self.cache_dtype, self.chunk = cache_dtype, int(chunk)
         if mesh is not None or ep_strategy is not None:
             rt = model.runtime if ep_strategy is None else model.runtime.replace(ep_strategy=ep_strategy)
             model = model.with_runtime(rt, mesh=mesh if mesh is not None else model.mesh)
@@ -215,6 +231,10 @@ class Generator:
         self.prefill, self.step, self.mtp = prefill, step, mtp
         # both call self.mtp at trace time, so a substituted draft head is honoured
         self.spec_step, self.spec_sample_step = spec_step, spec_sample_step
+        # the on-device decode loop (decode_loop.py); looks the steps up at trace time, like spec_step
+        self._run_chunk = build_chunk(lambda *a: self.step(*a), lambda *a: self.spec_step(*a),
+                                      lambda *a, **k: self.spec_sample_step(*a, **k), sample,
+                                      on_device=self.mesh is None)
 
     def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] = (),
@@ -266,9 +286,9 @@ class Generator:
         spread = self.mesh is not None and jax.process_count() > 1
         rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()) if spread else None
         glob = (lambda x: jax.device_put(x, rep)) if spread else jnp.asarray  # noqa: E731
-        host = distributed.host_value if spread else np.asarray
-        cache = (jax.jit(lambda: init_cache(cfg, B, total + 2, mtp=bool(speculative)), out_shardings=rep)()
-                 if spread else init_cache(cfg, B, total + 2, mtp=bool(speculative)))
+        host = distributed.host_value if spread else jax.device_get  # a pytree of arrays → numpy, one transfer
+        make_cache = functools.partial(init_cache, cfg, B, total + 2, self.cache_dtype, mtp=bool(speculative))
+        cache = jax.jit(make_cache, out_shardings=rep)() if spread else make_cache()
         logits, hidden, cache = self.prefill(self.state, tokens, cache)
         rows = glob(np.arange(B))
         last = glob(lengths - 1)
@@ -276,78 +296,59 @@ class Generator:
         key, sub = jax.random.split(key)
         nxt = sample(logits[rows, last], sub, temperature, top_k, top_p)
         out: list[list[int]] = [[] for _ in range(B)]
+        stops = set(int(s) for s in stop_list)
+        # the first token (from the prefill) is emitted here; the rest by the device loop, chunk by chunk
         done = np.zeros(B, bool)
         done[n_real:] = True  # padding rows of a sharded batch
-        stops = set(int(s) for s in stop_list)
-
-        def emit(b: int, t: int) -> None:
-            if done[b]:
-                return
-            out[b].append(t)
+        for b, t in enumerate(host(nxt)[:n_real]):
+            out[b].append(int(t))
             if on_token is not None:
-                on_token(b, t)
-            if t in stops or len(out[b]) >= max_new_tokens:
-                done[b] = True
+                on_token(b, int(t))
+            done[b] = int(t) in stops or max_new_tokens <= 1
 
-        pos = glob(lengths)  # cache position of the next token to feed
-        steps = accepted = proposed = 0
-        if not speculative:
-            while True:
-                for b, t in enumerate(host(nxt)):
-                    emit(b, int(t))
-                if done.all():
-                    break
-                logits, _, cache = self.step(self.state, nxt[:, None], pos[:, None], cache)
-                key, sub = jax.random.split(key)
-                nxt = sample(logits[:, 0], sub, temperature, top_k, top_p)
-                pos, steps = pos + 1, steps + 1
-            return GenerateResult(out[:n_real], steps)
-
-        # MTP drafts for the prompt: position i combines h_i with t_{i+1} (the sampled token at the end).
-        shifted = jnp.asarray(tokens).at[:, :-1].set(jnp.asarray(tokens)[:, 1:])
-        shifted = shifted.at[rows, last].set(nxt)
-        mtp_logits, cache = self.mtp(self.state, hidden, shifted, None, cache)
         sampling = temperature > 0
-        if sampling:
-            q_logits = filter_logits(mtp_logits[rows, last], temperature, top_k, top_p)
-            key, sub = jax.random.split(key)
-            draft = jax.random.categorical(sub, q_logits).astype(jnp.int32)
-        else:
-            draft = jnp.argmax(mtp_logits[rows, last], -1).astype(jnp.int32)
-        while True:
-            for b, t in enumerate(host(nxt)):
-                emit(b, int(t))
-            if done.all():
-                break
+        draft, q_logits = jnp.zeros_like(nxt), None
+        if speculative:
+            # MTP drafts for the prompt: position i combines h_i with t_{i+1} (the sampled token at the end).
+            shifted = jnp.asarray(tokens).at[:, :-1].set(jnp.asarray(tokens)[:, 1:])
+            shifted = shifted.at[rows, last].set(nxt)
+            mtp_logits, cache = self.mtp(self.state, hidden, shifted, None, cache)
             if sampling:
+                q_logits = filter_logits(mtp_logits[rows, last], temperature, top_k, top_p)
                 key, sub = jax.random.split(key)
-                a1, a2, ok, new_draft, q_logits, cache = self.spec_sample_step(
-                    self.state, nxt, draft, q_logits, pos, cache, sub,
-                    temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+                draft = jax.random.categorical(sub, q_logits).astype(jnp.int32)
             else:
-                a1, a2, ok, new_draft, cache = self.spec_step(self.state, nxt, draft, pos, cache)
-            live = ~done
-            proposed += int(live.sum())
-            ok_h, a1_h = host(ok), host(a1)
-            accepted += int((ok_h & live).sum())
-            for b in np.nonzero(ok_h)[0]:
-                emit(int(b), int(a1_h[b]))             # the verified draft (then a2 follows as nxt)
-            nxt = jnp.where(ok, a2, a1)
-            pos = pos + jnp.where(ok, 2, 1)
-            draft = new_draft
-            steps += 1
+                draft = jnp.argmax(mtp_logits[rows, last], -1).astype(jnp.int32)
+        # separate buffers: the loop state is donated, and one buffer may not be donated twice
+        ls = LoopState(cache, nxt, glob(lengths), glob(np.ones(B, np.int32)), glob(done), key, draft, q_logits,
+                       *(glob(np.int32(0)) for _ in range(3)))
+        mode = "plain" if not speculative else ("spec_sample" if sampling else "spec")
+        stop_ids, limit = glob(pad_stops(sorted(stops))), glob(np.int32(max_new_tokens))
+        while not done.all():
+            ls, buf, nbuf = self._run_chunk(self.state, ls, stop_ids, limit, chunk=self.chunk, mode=mode,
+                                            temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+            buf, nbuf, done = host((buf, nbuf, ls.done))
+            for b in range(n_real):
+                for t in buf[b, :nbuf[b]]:
+                    out[b].append(int(t))
+                    if on_token is not None:
+                        on_token(b, int(t))
+        steps, accepted, proposed = (int(v) for v in host((ls.steps, ls.accepted, ls.proposed)))
+        if not speculative:
+            return GenerateResult(out[:n_real], steps)
         return GenerateResult(out[:n_real], steps, accepted / max(1, proposed))
 
 
 def generate(model_or_checkpoint, prompts: Sequence[Sequence[int]], **kw) -> GenerateResult:
     """``dsv3_jax.generate(model | (cfg, model) | checkpoint_dir, prompts, max_new_tokens=…,
-    temperature=…, top_k=…, top_p=…, seed=…, stop_tokens=…, speculative=None|"mtp")``."""
+    temperature=…, top_k=…, top_p=…, seed=…, stop_tokens=…, speculative=None|"mtp", cache_dtype=…, chunk=…)``."""
     model = model_or_checkpoint
     if isinstance(model, tuple) and len(model) == 2:
         model = model[1]
     elif isinstance(model, (str, os.PathLike)):
         model = load_checkpoint(model)[1]
+    gen_kw = {k: kw.pop(k) for k in ("cache_dtype", "chunk") if k in kw}
     if not isinstance(model, DeepSeekV3):
         raise GenerationError(f"generate() takes a DeepSeekV3 model, a (cfg, model) pair or a checkpoint directory, "
                               f"got a {type(model_or_checkpoint).__name__} (fix: e.g. dsv3.generate('ckpt/', [[1, 2]])).")
-    return Generator(model)(prompts, **kw)
+    return Generator(model, **gen_kw)(prompts, **kw)

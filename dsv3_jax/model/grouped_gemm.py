@@ -10,6 +10,12 @@ grouped by expert, ``w: [E, K, N]``):
   ``ceil(T·K/block) + E`` covers every possible routing.
 
 Memory is O(tokens · top_k · hidden) either way; no dense all-experts einsum.
+
+Which one runs is chosen at trace time from the rows per expert (``grouping``): with at most one row
+per expert on average (a one- or two-token decode step) the blocked layout would pad every expert's
+group to a whole block and gather ``ceil(rows/block) + E`` weight blocks, so ``per_row_ffn`` instead
+gathers each row's own expert weights (``rows`` gathers, no sort, no padding); larger batches
+(prefill, training) get blocks sized to the expected rows per expert (docs/design.md §MoE grouping).
 """
 from __future__ import annotations
 
@@ -25,6 +31,29 @@ def auto_block_size(rows: int, n_experts: int) -> int:
     batches, large ones keep the per-block weight gathers few on large batches."""
     per_expert = max(1, rows // max(1, n_experts))
     return int(min(128, max(8, 1 << (per_expert.bit_length() - 1))))
+
+
+def grouping(impl: str, rows: int, n_experts: int, block: int = 0) -> tuple[str, int]:
+    """``(impl, block)`` for ``rows`` token-slots over ``n_experts`` experts, decided at trace time:
+    ``block`` > 0 is a fixed choice (``RuntimeConfig.moe_block_size``) and keeps ``impl``; otherwise the
+    blocked GEMM becomes ``"per_row"`` when there is at most one row per expert, else gets
+    ``auto_block_size``. ``ragged`` (GPU/TPU) needs no block and is kept."""
+    if block:
+        return impl, block
+    if impl == "blocked" and rows <= n_experts:
+        return "per_row", 1
+    return impl, auto_block_size(rows, n_experts)
+
+
+def per_row_ffn(x: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                w_down: jax.Array) -> jax.Array:
+    """SwiGLU of each row with its own expert's weights: ``x: [N, D]``, ``experts: [N]`` int →
+    ``[N, D]`` in ``x``'s dtype (fp32 accumulation). Reads ``N`` experts' weights, the least a step
+    with at most one row per expert can read; what decode steps use (``grouping``)."""
+    def mm(a, w):
+        return jnp.einsum("nd,ndi->ni", a, w[experts].astype(a.dtype), preferred_element_type=jnp.float32
+                          ).astype(a.dtype)
+    return mm(jax.nn.silu(mm(x, w_gate)) * mm(x, w_up), w_down)
 
 
 def resolve_impl(impl: str) -> str:

@@ -27,7 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels import mla as mla_ops
 
-from sharding.kernels import per_shard
+from sharding.kernels import per_shard, platform_of
 
 from ..config import ModelConfig
 from .execution import Execution
@@ -121,7 +121,14 @@ class MLA(nnx.Module):
         w = self.kv_b_proj.weight(q.dtype)                               # [L, H, Dn + Dv]
         w_k, w_v = w[..., :cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
         q_lat = jnp.einsum("bshn,lhn->bshl", q_nope, w_k)
-        ckv, krope = cache.ckv.astype(q.dtype), cache.krope.astype(q.dtype)
+        # attention runs in the cache's dtype (bf16 by default) with fp32 accumulation and softmax: the
+        # cache is read as stored (docs/design.md §Latent cache dtype)
+        ckv, krope = cache.ckv, cache.krope
+        if platform_of(self.rt.mesh) == "cpu" and ckv.dtype != jnp.float32:
+            # XLA:CPU has no bf16 x bf16 -> fp32 dot: the cache is read up to fp32 there (still stored narrow)
+            ckv, krope = ckv.astype(jnp.float32), krope.astype(jnp.float32)
+        adt = ckv.dtype
+        q_lat, q_rope = q_lat.astype(adt), q_rope.astype(adt)
         if q.shape[1] == 1:  # one new token per sequence: the decode kernel (pallas_kernels.mla.decode)
             ex = self.rt
             attend = lambda ql, qr, c, kr, n: mla_ops.decode(  # noqa: E731
@@ -136,6 +143,6 @@ class MLA(nnx.Module):
         scores = scores * cfg.softmax_scale
         visible = jnp.arange(ckv.shape[1])[None, None, :] <= positions[:, :, None]   # [B, S, T]
         scores = jnp.where(visible[:, None], scores, jnp.finfo(jnp.float32).min)
-        p = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        o_lat = jnp.einsum("bhst,btl->bshl", p, ckv)
+        p = jax.nn.softmax(scores, axis=-1).astype(adt)
+        o_lat = jnp.einsum("bhst,btl->bshl", p, ckv, preferred_element_type=jnp.float32).astype(q.dtype)
         return self.o_proj(jnp.einsum("bshl,lhv->bshv", o_lat, w_v))

@@ -21,7 +21,7 @@ from sharding.expert_parallel import ExpertParallel, moe_forward
 
 from ..config import ModelConfig
 from .execution import Execution
-from .grouped_gemm import auto_block_size, expert_ffn, sort_by_expert
+from .grouped_gemm import auto_block_size, expert_ffn, grouping, per_row_ffn, sort_by_expert
 from .layers import MLP, as_float, dtype_of, fp8_param, param
 from .routing import Router, RouterStats, Routing, route, router_stats
 
@@ -45,6 +45,9 @@ def local_expert_sum(x: jax.Array, experts: jax.Array, gates: jax.Array, w_gate:
     K = experts.shape[-1]
     e_loc = w_gate.shape[0]
     kw = dict(impl=impl, block=block, quant=quant, fp8_backend=fp8_backend, interpret=interpret)
+    if impl == "per_row":   # at most one row per expert (decode; chosen by MoE._expert_fn on one device)
+        y = per_row_ffn(jnp.repeat(x, K, axis=0), experts.reshape(-1), w_gate, w_up, w_down).reshape(N, K, D)
+        return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), gates)
     if all_local:
         order, sizes = sort_by_expert(experts, e_loc)
         y_sorted = expert_ffn(x[order // K], sizes, w_gate, w_up, w_down, **kw)
@@ -102,11 +105,16 @@ class MoE(nnx.Module):
                        if cfg.n_shared_experts else None)
 
     def _expert_fn(self, all_local: bool, tokens: int):
-        """The local-expert function with its block size fixed from the *global* batch, so every
-        sharding of the same batch runs the same block layout (and the same FP8 tiles)."""
+        """The local-expert function with its grouping chosen at trace time from the *global* batch's
+        rows per expert (``grouped_gemm.grouping``: per-row weights for decode steps, blocks sized to
+        the batch otherwise), so every sharding of the same batch runs the same block layout (and the
+        same FP8 tiles)."""
         rt = self.rt
-        block = rt.moe_block_size or auto_block_size(tokens * self.cfg.num_experts_per_tok, self.cfg.n_routed_experts)
-        return functools.partial(local_expert_sum, impl=rt.moe_impl, block=block, quant=rt.quant,
+        rows, n_exp = tokens * self.cfg.num_experts_per_tok, self.cfg.n_routed_experts
+        impl, block = grouping(rt.moe_impl, rows, n_exp, rt.moe_block_size)
+        if impl == "per_row" and (not all_local or rt.quant == "fp8"):  # per-row is the one-device float path
+            impl, block = rt.moe_impl, auto_block_size(rows, n_exp)
+        return functools.partial(local_expert_sum, impl=impl, block=block, quant=rt.quant,
                                  all_local=all_local, fp8_backend=rt.fp8_backend, interpret=rt.interpret)
 
     def __call__(self, x: jax.Array, valid: Optional[jax.Array] = None) -> tuple[jax.Array, RouterStats]:

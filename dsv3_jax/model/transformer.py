@@ -133,8 +133,13 @@ class ModelCache(NamedTuple):
         return sum(c.ckv.shape[0] * (c.ckv.shape[-1] + c.krope.shape[-1]) * c.ckv.dtype.itemsize for c in stacks)
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, mtp: bool = True) -> ModelCache:
-    """An empty latent cache for ``batch`` sequences of up to ``max_len`` tokens."""
+# The latent cache's default dtype (what ``dsv3 info`` counts): bf16 halves the bytes every decode step
+# reads; attention over it accumulates in fp32 (docs/design.md §Latent cache dtype).
+CACHE_DTYPE = "bfloat16"
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=CACHE_DTYPE, mtp: bool = True) -> ModelCache:
+    """An empty latent cache for ``batch`` sequences of up to ``max_len`` tokens, in ``dtype``."""
     def stack(n):
         if n == 0:
             return None
@@ -212,7 +217,7 @@ class DeepSeekV3(nnx.Module):
                              std=cfg.init_std, dtype=cfg.param_dtype)
         self.mtp = nnx.List([MTPLayer(cfg, rt, rngs, ep) for _ in range(cfg.num_mtp_layers)])
 
-    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32, mtp: bool = True) -> ModelCache:
+    def init_cache(self, batch: int, max_len: int, dtype=CACHE_DTYPE, mtp: bool = True) -> ModelCache:
         return init_cache(self.cfg, batch, max_len, dtype, mtp)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:

@@ -15,7 +15,7 @@ TOL = 1e-4  # fp32; absorbed vs re-expanded attention differ only in summation o
 def tiny():
     cfg = dsv3.load_config("tiny")
     model = dsv3.DeepSeekV3(cfg, rngs=nnx.Rngs(0))
-    return cfg, model, Generator(model)
+    return cfg, model, Generator(model, cache_dtype="float32")  # exact comparisons; bf16: test_cache_dtype.py
 
 
 @pytest.mark.parametrize("prefill", ["flash", "absorbed"])
@@ -27,7 +27,7 @@ def test_cached_decode_equals_full_forward_every_step(tiny, prefill):
     cfg, model, _ = tiny
     seq = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 14)).astype(np.int32)
     full = model(seq)
-    cache = model.init_cache(2, 16)
+    cache = model.init_cache(2, 16, dtype=jnp.float32)  # exact; the bf16 default: test_cache_dtype.py
     step = jax.jit(lambda m, t, p, c: m(t, positions=p, cache=c))
     first = (None if prefill == "flash" else jnp.broadcast_to(jnp.arange(6), (2, 6)))
     out = step(model, jnp.asarray(seq[:, :6]), first, cache)
@@ -48,7 +48,7 @@ def test_cached_decode_equals_full_forward_every_step(tiny, prefill):
 
 def test_cache_bytes_match_info(tiny):
     cfg, model, _ = tiny
-    cache = model.init_cache(1, 4, dtype=jnp.bfloat16)
+    cache = model.init_cache(1, 4)  # the default (bf16) cache is what dsv3 info counts
     from dsv3_jax.info import model_info
     assert cache.bytes_per_token() == model_info(cfg)["kv_cache_bytes_per_token"]
 
