@@ -40,6 +40,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int_arg(0, "--seed 0"), default=0)
     p.add_argument("--stop-ids", default="", help="comma-separated ids that end generation (default: the tokenizer's EOS)")
     p.add_argument("--speculative", choices=("mtp",), help="draft with the MTP module, verify with the main model")
+    p.add_argument("--cache-dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16",
+                   help="latent KV cache dtype (attention accumulates in fp32); float32 for an exact cache")
     p.add_argument("--chat", action="store_true",
                    help="the prompt is a user turn, wrapped in DeepSeek-V3's chat template (ends with <｜Assistant｜>)")
     p.add_argument("--system", default="", help="with --chat: a system prompt")
@@ -271,7 +273,7 @@ def run_generate(args) -> int:
                               "or lower --max-new-tokens).")
     mesh = _mesh(args)
     _, model = load_checkpoint(args.checkpoint, mesh=mesh, runtime=_runtime(args))
-    gen = Generator(model)
+    gen = Generator(model, cache_dtype=args.cache_dtype)
     streamed: list[int] = []
 
     def decode(ids: list[int]) -> str:
