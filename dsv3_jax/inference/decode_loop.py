@@ -83,9 +83,10 @@ def build_chunk(step: Callable, spec_step: Callable, spec_sample_step: Callable,
     ``buf [B, W]`` holds each row's tokens emitted in this call, ``nbuf [B]`` how many.
 
     ``on_device``: the ``chunk`` steps run as one ``lax.while_loop`` that ends early when every row is
-    done. Otherwise (a mesh: the expert-parallel exchange's per-group ``cond`` inside a device loop
-    deadlocks XLA:CPU's collectives) each step is its own jitted call, dispatched asynchronously
-    ``chunk`` times before the host reads the buffer: still one host round trip per chunk."""
+    done. Otherwise (a mesh: an expert-parallel step, whose exchange takes a ``cond`` per expert group
+    with collectives inside, stays the program it was tested as) each step is its own jitted call,
+    dispatched asynchronously ``chunk`` times before the host reads the buffer: still one host round
+    trip per chunk."""
     statics = ("mode", "temperature", "top_k", "top_p")
     fns = (step, spec_step, spec_sample_step, sample)
 
