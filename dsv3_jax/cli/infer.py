@@ -20,6 +20,7 @@ def register(sub) -> None:
     p.add_argument("--save-mtp-logits", metavar="OUT.npy",
                    help="save float32 MTP logits [mtp_depth, batch, seq, vocab]")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--ema", action="store_true", help="score with the parameters' EMA (a training checkpoint's ema/)")
     add_mesh_args(p)
     add_distributed_args(p)
     add_overrides(p, "runtime config overrides, e.g. compute_dtype=float32 moe_impl=ragged")
@@ -48,6 +49,7 @@ def register(sub) -> None:
     p.add_argument("--jsonl-out", metavar="FILE",
                    help="with --chat: append the conversation (user turn + generated answer) as one JSONL line "
                         "{\"messages\": [...]}, SFT data for sequence-level distillation")
+    p.add_argument("--ema", action="store_true", help="generate with the parameters' EMA (a training checkpoint's ema/)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (token_ids, text, steps, acceptance_rate) instead of streaming")
     p.add_argument("--mesh", help="run on a device mesh, e.g. data=2,expert=4 (expert-parallel MoE)")
@@ -181,7 +183,7 @@ def run_score(args) -> int:
         what = f"{what} (encoded)"
     check_score_tokens(tokens, stored, what)   # before loading the weights
     mesh = _mesh(args)
-    cfg, model = load_checkpoint(args.checkpoint, mesh=mesh, runtime=_runtime(args))
+    cfg, model = load_checkpoint(args.checkpoint, mesh=mesh, runtime=_runtime(args), ema=args.ema)
     check_score_tokens(tokens, cfg, what)
     want_mtp = args.save_mtp_logits is not None
     if want_mtp and not cfg.num_mtp_layers:
@@ -272,7 +274,7 @@ def run_generate(args) -> int:
                               f"model's context of {stored.max_position_embeddings} tokens (fix: shorten the prompt "
                               "or lower --max-new-tokens).")
     mesh = _mesh(args)
-    _, model = load_checkpoint(args.checkpoint, mesh=mesh, runtime=_runtime(args))
+    _, model = load_checkpoint(args.checkpoint, mesh=mesh, runtime=_runtime(args), ema=args.ema)
     gen = Generator(model, cache_dtype=args.cache_dtype)
     streamed: list[int] = []
 

@@ -150,3 +150,16 @@ def test_eval_ema_missing_is_one_line(tmp_path, checkpoint_writer, capsys):
     c = checkpoint_writer(tmp_path, ema_scale=None)
     code, _, err = _eval(capsys, "fim", "--checkpoint", str(c), "--ema")
     assert code == 2 and "no parameter EMA" in err and "fix:" in err
+
+
+def test_score_and_generate_take_ema(tiny_checkpoint, capsys):
+    """``--ema`` reads ema/ (here the parameters × 0.5): other NLLs than the weights', same shape."""
+    args = ["score", "--checkpoint", str(tiny_checkpoint), "--text", "def f(x):\n    return x", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(args + ["--ema"]) == 0
+    ema = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ema["scored_tokens"] == plain["scored_tokens"] and ema["mean_nll"] != plain["mean_nll"]
+    assert main(["generate", "--checkpoint", str(tiny_checkpoint), "--prompt-ids", "0,9,10", "--max-new-tokens", "3",
+                 "--ema", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]) <= 3
