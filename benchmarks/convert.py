@@ -1,12 +1,16 @@
-"""Streaming conversion benchmark: HF FP8 checkpoint → Orbax, against plain reading of the same files.
+"""Streaming conversion benchmark: HF FP8 checkpoint → Orbax (and back), against plain reading of the same files.
 
 Generates a synthetic release-format checkpoint (F8_E4M3 linears with 128×128 ``weight_scale_inv``,
 BF16 embedding/head/norms/gate, FP32 correction bias; sharded safetensors + index) for a made-up
-wide config, then in fresh subprocesses (so each peak RSS is its own):
-  * read:    every tensor copied out of the mmapped shards (the I/O floor),
-  * convert: ``hf_to_orbax`` (dequantise, transpose, stack experts, write Orbax layer by layer).
-Prints one JSON line: MB/s of both (source bytes / wall time), their ratio, and each one's peak RSS
-growth over its RSS before starting (must stay bounded by ~one layer, not the model size).
+wide config, then in fresh subprocesses (so each peak RSS is its own), alternating after a warm-up
+read, with other processes' CPU use measured before and during (``common.LoadMonitor``: ``quiet``):
+  * read:        every tensor copied out of the mmapped shards (the I/O floor),
+  * convert:     ``hf_to_orbax --dtype bfloat16`` (dequantise, transpose, write Orbax layer by layer),
+  * convert_fp8: ``hf_to_orbax --keep-fp8`` (e4m3 bits and scales transposed, written),
+  * export:      ``orbax_to_hf`` of the bf16 checkpoint (its bytes per second).
+Prints one JSON line: MB/s of each (source bytes / wall time), ``ratio`` (bf16 convert / read),
+``ratio_keep_fp8`` and ``ratio_export`` (export MB/s / read MB/s), and each one's peak RSS growth over
+its RSS before starting (must stay bounded by ~a write group, not the model size).
 
     python benchmarks/convert.py                 # ≥3 GB, 16 layers (a few minutes on 2 cores)
     python benchmarks/convert.py --small         # ~40 MB, 16 layers (used by the test suite)
@@ -17,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def make_config(small: bool, layers: int = 16) -> dict:
@@ -113,7 +119,8 @@ def child(mode: str, src: str, dst: str) -> None:
     """Runs in a fresh process; prints {seconds, rss_before_mb, peak_mb}."""
     from dsv3_jax.checkpoint import convert  # noqa: F401  (imports jax/orbax before measuring)
     from dsv3_jax.checkpoint.hf_source import HFSource
-    import orbax.checkpoint.experimental.v1  # noqa: F401
+    from dsv3_jax.checkpoint.orbax_io import ocp
+    ocp()  # (the Orbax import, before measuring)
     before = _rss_kb("VmRSS")
     # reset the high-water mark so VmHWM measures this phase only
     try:
@@ -130,8 +137,11 @@ def child(mode: str, src: str, dst: str) -> None:
                 n += b.nbytes
                 s._entries[e].reader.release(s._entries[e].raw)
                 del a, b
+    elif mode == "export":
+        convert.orbax_to_hf(src, dst, progress=False, overwrite=True, max_shard_bytes=1 << 30)
     else:
-        convert.hf_to_orbax(src, dst, dtype="bfloat16", progress=False, group_bytes=int(os.environ["GROUP_BYTES"]))
+        convert.hf_to_orbax(src, dst, dtype="bfloat16", keep_fp8=mode == "convert_fp8", progress=False,
+                            overwrite=True, group_bytes=int(os.environ["GROUP_BYTES"]))
     secs = time.perf_counter() - t0
     peak = max(_rss_kb("VmHWM"), _rss_kb("VmRSS"))
     print(json.dumps({"seconds": secs, "rss_before_mb": before / 1024, "peak_mb": peak / 1024}))
@@ -145,37 +155,65 @@ def run_child(mode: str, src: Path, dst: Path, group_bytes: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _dir_mb(d: Path) -> float:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / 2**20
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="~40 MB model instead of >=3 GB")
+    ap.add_argument("--layers", type=int, default=16, help="layers of the synthetic model")
+    ap.add_argument("--rounds", type=int, default=1, help="alternating rounds of every phase (median reported)")
     ap.add_argument("--workdir", help="where to generate (default: a temporary directory, removed after)")
     ap.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "DST"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         child(*args.child)
         return {}
+    from common import LoadMonitor, num_cores
+
     from dsv3_jax.checkpoint import convert as convert_mod
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dsv3_bench_convert_"))
     try:
-        src, dst = work / "hf_fp8", work / "orbax"
+        src, dst, dst8, hf = work / "hf_fp8", work / "orbax", work / "orbax_fp8", work / "hf_export"
         if not (src / "model.safetensors.index.json").exists():
             shutil.rmtree(src, ignore_errors=True)
-            generate(src, args.small, shard_bytes=(8 << 20) if args.small else (1 << 30))
+            generate(src, args.small, shard_bytes=(8 << 20) if args.small else (1 << 30), layers=args.layers)
         size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-        shutil.rmtree(dst, ignore_errors=True)
+        for d in (dst, dst8, hf):
+            shutil.rmtree(d, ignore_errors=True)
         # the small model is a handful of default-size groups: scale the group down with it
         group = (4 << 20) if args.small else convert_mod.GROUP_BYTES
-        read = run_child("read", src, dst, group)
-        conv = run_child("convert", src, dst, group)
-        mb = size / 2**20
+        run_child("read", src, dst, group)  # warm-up: the source in the page cache for every phase alike
+        mon = LoadMonitor()
+        mon.before()
+        runs: dict[str, list[dict]] = {"read": [], "convert": [], "convert_fp8": [], "export": []}
+        with mon:  # the phases alternate, so load from other processes falls on all of them alike
+            for _ in range(args.rounds):
+                runs["read"].append(run_child("read", src, dst, group))
+                runs["convert"].append(run_child("convert", src, dst, group))
+                runs["convert_fp8"].append(run_child("convert_fp8", src, dst8, group))
+                runs["export"].append(run_child("export", dst, hf, group))
+        secs = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+        mb, out_mb = size / 2**20, _dir_mb(dst)
+        read_mb_s = mb / secs["read"]
+        conv, conv8 = runs["convert"][-1], runs["convert_fp8"][-1]
         res = {
             "benchmark": "convert_hf_fp8_to_orbax", "source_mb": round(mb, 1),
-            "layers": make_config(args.small)["num_hidden_layers"],
-            "convert_mb_s": round(mb / conv["seconds"], 1), "read_mb_s": round(mb / read["seconds"], 1),
-            "ratio": round(read["seconds"] / conv["seconds"], 3),
+            "layers": make_config(args.small, args.layers)["num_hidden_layers"],
+            "read_mb_s": round(read_mb_s, 1),
+            "convert_mb_s": round(mb / secs["convert"], 1), "ratio": round(secs["read"] / secs["convert"], 3),
+            "convert_keep_fp8_mb_s": round(mb / secs["convert_fp8"], 1),
+            "ratio_keep_fp8": round(secs["read"] / secs["convert_fp8"], 3),
+            # orbax-to-hf of the bf16 checkpoint: its bytes per second, against the same plain read
+            "export_mb_s": round(out_mb / secs["export"], 1),
+            "ratio_export": round(out_mb / secs["export"] / read_mb_s, 3),
             "convert_rss_growth_mb": round(conv["peak_mb"] - conv["rss_before_mb"], 1),
-            "read_rss_growth_mb": round(read["peak_mb"] - read["rss_before_mb"], 1),
-            "group_mb": group / 2**20, "output_mb": round(sum(f.stat().st_size for f in dst.rglob("*") if f.is_file()) / 2**20, 1),
+            "convert_keep_fp8_rss_growth_mb": round(conv8["peak_mb"] - conv8["rss_before_mb"], 1),
+            "export_rss_growth_mb": round(runs["export"][-1]["peak_mb"] - runs["export"][-1]["rss_before_mb"], 1),
+            "read_rss_growth_mb": round(runs["read"][-1]["peak_mb"] - runs["read"][-1]["rss_before_mb"], 1),
+            "group_mb": group / 2**20, "output_mb": round(out_mb, 1), "output_keep_fp8_mb": round(_dir_mb(dst8), 1),
+            "rounds": args.rounds, "workers": max(1, min(4, num_cores())), **mon.record(),
         }
         print(json.dumps(res))
         return res

@@ -4,17 +4,18 @@ Both sides hold the same weights (transformers' random init copied into our mode
 mapping), see the same batch, compute in fp32, and differentiate the same loss: mean cross-entropy
 of the logits against the next token. MTP is off (transformers has none). Our step is one
 ``jax.jit``-ed pure function of ``(params, rest, tokens)`` built with ``nnx.split`` (docs/design.md
-§Functional at the boundary); the gradient covers every ``nnx.Param``. PyTorch runs on all cores
-(``torch.set_num_threads``; for the tiny model also on one, and the faster counts); XLA:CPU uses all
-cores by default. The candidates are timed round-robin so that load from other processes on a
-shared machine falls on all of them alike; the 1-minute load average is recorded with the figures.
+§Functional at the boundary); the gradient covers every ``nnx.Param``. Both sides run on the same
+threads: PyTorch on all cores (``common.set_threads``), as XLA:CPU. The candidates are timed
+round-robin after a warm-up (``common.side_by_side``) and other processes' CPU use is measured before
+and during the run: ``"quiet": false`` marks a run on a busy machine (not quoted). MFU is against this
+CPU's FMA peak (``common.fma_peak``), with the jnp-matmul figure beside it.
 
 Prints one JSON line per config:
   {"bench": "forward_backward", "config", "params", "batch", "seq", "tokens_per_s_ours",
    "tokens_per_s_transformers", "ratio", ...}
 ``ratio`` = ours / transformers (> 1: we are faster). Extra keys report our other variants
-(``remat='none'``), each torch thread count, and the loss both sides computed (a check that the
-comparison is like for like).
+(``remat='none'``), PyTorch on one thread (information only: the ratio is at equal threads), and the
+loss both sides computed (a check that the comparison is like for like).
 
 Usage: .venv/bin/python benchmarks/forward_backward.py [--configs tiny,100m] [--repeats 5]
 """
@@ -26,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # common also puts the repository root on sys.path (dsv3_jax, tests.hf_reference)
-from common import (emit, load_average, log, loss_and_grad_step, num_cores,  # noqa: E402
-                    time_interleaved)
+from common import (emit, fma_peak, log, loss_and_grad_step, num_cores, set_threads,  # noqa: E402
+                    side_by_side)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -50,9 +51,8 @@ CONFIG_100M = dict(
 
 # (config, batch, seq, timed steps per side, torch thread counts, MoE block rows): a step takes ~0.1 s (tiny) and a
 # few seconds (100m) on 2 cores; the whole script stays within a few minutes. PyTorch runs with all
-# cores (None) and, for the tiny model, also single-threaded: its many small ops can be faster
-# without OpenMP, and on a loaded machine OpenMP barriers degrade badly. The baseline figure is the
-# faster of its thread counts, so that the ratio errs against us. MoE block rows are fixed (16: what the
+# cores (None, the thread count XLA uses: the ratio) and, for the tiny model, also single-threaded
+# (reported beside it: its many small ops can be faster without OpenMP). MoE block rows are fixed (16: what the
 # tiny config ran with, 128: the old default) rather than chosen automatically, so figures stay comparable.
 CASES = {
     "tiny": ("tiny", 8, 128, 7, (None, 1), 16),
@@ -142,7 +142,8 @@ def run_case(name, spec, batch, seq, repeats, variants, moe_impl, hf_threads, bl
     from tests.hf_reference import hf_state
 
     cfg = build_config(spec)
-    n_params = model_info(cfg, seq)["params_total"]
+    info = model_info(cfg, seq)
+    n_params = info["params_total"]
     tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (batch, seq)).astype(np.int32)
     ntok = batch * seq
 
@@ -158,12 +159,15 @@ def run_case(name, spec, batch, seq, repeats, variants, moe_impl, hf_threads, bl
         losses[remat], fns[remat] = prepare_ours(cfg, state, tokens, rt)
         sync[remat] = jax.block_until_ready
     log(f"[{name}] timing {repeats} interleaved steps each ...")
-    # prepare_* already ran one step of each (the loss check), which is the warm-up.
-    t = time_interleaved(fns, warmup=0, repeats=repeats, sync=sync)
+    t, load = side_by_side(fns, warmup=1, repeats=repeats, sync=sync)
 
     main_v = variants[0]
-    hf_best = min((k for k in t if k.startswith("hf")), key=lambda k: t[k]["median_s"])
-    t["hf"], losses["hf"] = t[hf_best], losses[hf_best]
+    same = f"hf{num_cores()}"  # PyTorch on the threads XLA uses
+    t["hf"], losses["hf"] = t[same], losses[same]
+    fma = fma_peak()
+    from dsv3_jax.train.trainer import measure_matmul_peak
+    matmul_peak = measure_matmul_peak(jnp.float32)  # the trainer's progress-bar figure, beside the FMA peak
+    achieved = ntok / t[main_v]["median_s"] * info["train_flops_per_token"]  # forward + backward: 3× forward
     rec = {
         "bench": "forward_backward", "config": cfg.name, "params": n_params, "batch": batch, "seq": seq,
         "tokens_per_s_ours": ntok / t[main_v]["median_s"],
@@ -172,18 +176,21 @@ def run_case(name, spec, batch, seq, repeats, variants, moe_impl, hf_threads, bl
         "remat": main_v, "moe_impl": resolve_impl(moe_impl), "dtype": "float32",
         "step_s_ours": t[main_v]["median_s"], "step_s_transformers": t["hf"]["median_s"],
         "loss_ours": losses[main_v], "loss_transformers": losses["hf"],
+        "achieved_flops_ours": achieved, **fma, "mfu_ours": achieved / fma["fma_peak_flops"],
+        "matmul_peak_flops": matmul_peak, "mfu_ours_vs_matmul": achieved / matmul_peak,
     }
     for v in variants[1:]:
         rec[f"tokens_per_s_ours_remat_{v}"] = ntok / t[v]["median_s"]
         rec[f"ratio_remat_{v}"] = t["hf"]["median_s"] / t[v]["median_s"]
-    rec["threads_torch"] = int(hf_best[2:])
+    rec["threads_ours"] = rec["threads_transformers"] = num_cores()
     for n in dict.fromkeys(hf_threads):
         rec[f"tokens_per_s_transformers_{n}_threads"] = ntok / t[f"hf{n}"]["median_s"]
-    rec.update({"repeats": repeats, "cores": num_cores(), "load_avg_1m": load_average()})
+    rec.update({"repeats": repeats, **load})
     emit(rec)
 
 
 def main(argv=None):
+    set_threads()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default="tiny,100m", help=f"comma list of {sorted(CASES)}")
     ap.add_argument("--repeats", type=int, default=None,

@@ -5,13 +5,17 @@ mapping), see the same batch, compute in fp32, and do the same work per step: fo
 cross-entropy, backward, global-norm clip 1.0 and an AdamW update (β 0.9/0.95, weight decay 0.1).
 Ours is the trainer's step (``dsv3_jax.train.step.make_train_step``: one ``jax.jit`` of
 ``(graphdef, state, batch)``), which also computes the sequence-wise balance loss and the aux-loss-free
-bias update; MTP is off (transformers has none). The MFU figure divides our achieved model FLOP/s
-(``dsv3 info``'s ``train_flops_per_token`` × tokens/s) by this machine's measured fp32 matmul peak
-(a 1024² ``jnp`` matmul on all cores, the same figure the trainer's progress bar uses).
+bias update; MTP is off (transformers has none). Both sides run on the same number of threads (all
+cores), are timed alternately after a warm-up, and the run records whether other processes were
+quiet (``common.side_by_side``; ``"quiet": false`` figures are not quoted). MFU divides the achieved
+model FLOP/s (``dsv3 info``'s ``train_flops_per_token`` × tokens/s) by this CPU's FMA peak (cores × FMA
+width × 2 × clock, ``common.fma_peak``); ``mfu_ours_vs_matmul`` divides by the measured fp32 matmul
+figure (a 1024² ``jnp`` matmul on all cores, the trainer's progress-bar figure) instead.
 
 Prints one JSON line per config:
   {"bench": "train_step", "config", "params", "batch", "seq", "tokens_per_s_ours",
-   "tokens_per_s_transformers", "ratio", "achieved_flops_ours", "matmul_peak_flops", "mfu_ours", ...}
+   "tokens_per_s_transformers", "ratio", "achieved_flops_ours", "fma_peak_flops", "mfu_ours",
+   "matmul_peak_flops", "mfu_ours_vs_matmul", "quiet", "others_cores_before", "others_cores_during", ...}
 ``ratio`` = ours / transformers (> 1: we are faster).
 
 Usage: .venv/bin/python benchmarks/train_step.py [--configs tiny,100m] [--repeats N]
@@ -23,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, load_average, log, num_cores, time_interleaved  # noqa: E402
+from common import emit, fma_peak, log, set_threads, side_by_side  # noqa: E402
 from forward_backward import CONFIG_100M, build_config, build_runtime, hf_model  # noqa: E402
 
 import jax  # noqa: E402
@@ -90,8 +94,7 @@ def prepare_hf(model, tokens):
     return float(step().detach()), step
 
 
-def run_case(name, spec, batch, seq, repeats, peak, block):
-    import torch
+def run_case(name, spec, batch, seq, repeats, peak, block, threads):
 
     from dsv3_jax.info import model_info
     from tests.hf_reference import hf_state
@@ -105,17 +108,19 @@ def run_case(name, spec, batch, seq, repeats, peak, block):
     loss_ours, ours = prepare_ours(cfg, state, tokens, build_runtime(block))
     loss_hf, hf = prepare_hf(ref, tokens)
     log(f"[{name}] timing {repeats} interleaved steps each ...")
-    t = time_interleaved({"ours": ours, "hf": hf}, warmup=0, repeats=repeats, sync={"ours": jax.block_until_ready})
+    t, load = side_by_side({"ours": ours, "hf": hf}, warmup=1, repeats=repeats, sync={"ours": jax.block_until_ready})
     tps_ours, tps_hf = ntok / t["ours"]["median_s"], ntok / t["hf"]["median_s"]
     achieved = tps_ours * info["train_flops_per_token"]
+    fma = fma_peak()
     emit({"bench": "train_step", "config": cfg.name, "params": info["params_total"], "batch": batch, "seq": seq,
           "tokens_per_s_ours": tps_ours, "tokens_per_s_transformers": tps_hf, "ratio": tps_ours / tps_hf,
-          "achieved_flops_ours": achieved, "matmul_peak_flops": peak, "mfu_ours": achieved / peak,
-          "mfu_transformers": tps_hf * info["train_flops_per_token"] / peak,
+          "achieved_flops_ours": achieved, **fma, "mfu_ours": achieved / fma["fma_peak_flops"],
+          "mfu_transformers": tps_hf * info["train_flops_per_token"] / fma["fma_peak_flops"],
+          "matmul_peak_flops": peak, "mfu_ours_vs_matmul": achieved / peak,
           "train_flops_per_token": info["train_flops_per_token"], "dtype": "float32",
           "step_s_ours": t["ours"]["median_s"], "step_s_transformers": t["hf"]["median_s"],
           "first_loss_ours": loss_ours, "first_loss_transformers": loss_hf, "repeats": repeats,
-          "threads_torch": torch.get_num_threads(), "cores": num_cores(), "load_avg_1m": load_average()})
+          "threads_ours": threads, "threads_transformers": threads, **load})
 
 
 def main(argv=None):
@@ -123,13 +128,12 @@ def main(argv=None):
     ap.add_argument("--configs", default="tiny,100m", help=f"comma list of {sorted(CASES)}")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per side (median reported)")
     args = ap.parse_args(argv)
-    import torch
-    torch.set_num_threads(num_cores())
+    threads = set_threads()  # PyTorch on the cores XLA:CPU uses
     from dsv3_jax.train.trainer import measure_matmul_peak
     peak = measure_matmul_peak(jnp.float32)
     for name in args.configs.split(","):
         spec, batch, seq, repeats, block = CASES[name]
-        run_case(name, spec, batch, seq, args.repeats or repeats, peak, block)
+        run_case(name, spec, batch, seq, args.repeats or repeats, peak, block, threads)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def _progress(total: int, desc: str, enabled: Optional[bool]):
 def _write_context():
     """Orbax's write context without its defensive copy of every host array: each group's arrays are
     built for the save and never touched again (the copy cost a fifth of the conversion time and
-    doubled the group's memory; docs/design.md §Checkpoints)."""
+    doubled the group's memory; docs/design.md §Conversion speed)."""
     ctx = orbax_io.write_context()
     ctx.memory_options.deepcopy_host_arrays = False
     return ctx

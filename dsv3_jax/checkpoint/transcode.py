@@ -6,7 +6,7 @@ both sides in L1/L2 (0.6 ns per byte element here). Dequantising FP8 goes throug
 a 128×128 block has one scale, so its 256 possible e4m3 bytes map to 256 output values,
 ``table[b] = dtype(float32(e4m3(b)) * scale)`` — the same float32 multiply and the same cast as
 ``fp8.dequantize`` followed by ``astype``, so the result is bit-for-bit that of the plain path
-(docs/design.md §Checkpoints), at the cost of one byte transpose and one table lookup per weight.
+(docs/design.md §Conversion speed), at the cost of one byte transpose and one table lookup per weight.
 Every kernel releases the GIL inside numpy, so conversion runs them on worker threads.
 """
 from __future__ import annotations
