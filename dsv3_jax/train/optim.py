@@ -6,6 +6,10 @@ Schedule, in fractions of the run (the report's 14.8T tokens): linear warm-up to
 14.3T/14.8T, then ``0.1·lr`` (the report's 2.2e-5 for 333B tokens) and ``lr·7.3/220`` for the last
 167B tokens.
 
+The other step-dependent settings, at the same fractions of the run (docs/design.md §Recipe schedules):
+the rows that train (batch 3072 → 15360 over the first 469B tokens: ``batch_ramp_start`` of the batch
+rising linearly to all of it), γ (0 for the last 500B tokens) and λ (0.3, then 0.1 after 10T tokens).
+
 Weight-decay mask (our choice; the report does not say): decay every matrix — attention, FFN and
 expert weights, the MoE gate, ``eh_proj`` and the output head — but not the RMSNorm scales (1-D) nor
 the embedding table (a lookup; decaying rare tokens' rows towards 0 only hurts them). The router bias
