@@ -9,7 +9,14 @@ forward); ``W(m, s)`` needs ``I(m, s)``.
 Durations: ``f`` a forward chunk, ``b`` a full backward chunk, ``w`` its weight-gradient half (so the
 input-gradient half ``I`` takes ``b - w``), ``fb`` a forward and a full backward chunk run overlapped (a pair
 with a split backward takes ``fb - w``). Times may be ints, floats or ``Fraction``s (exact), or sympy
-expressions when sympy is installed (the timeline then holds ``Max`` expressions).
+expressions whose assumptions decide every comparison the layout makes (e.g. ``f = W + P`` with positive
+``W, P`` says ``W <= F``); an undecidable comparison is a ``PipelineConfigError``, never a guess.
+
+The report's bubble table (docs/architecture.md §9) holds exactly under its assumptions, which the tests
+check symbolically and with random Fractions (docs/pipeline.md §Assumptions): 1F1B and GPipe always; ZB1P
+when ``w <= f`` and ``w <= b - w`` (a deferred W fits the gap it fills); DualPipe when ``b - w == f``,
+``w <= f`` and ``max(f, b) <= fb <= f + b``, with at least ``2 pp`` micro-batches. Other times give what the
+schedule does, not the formula.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from numbers import Real
 from typing import Any, Callable, Optional
 
 from dsv3_jax.errors import PipelineConfigError
+from dsv3_jax.pipeline.plot import plot_timeline
 from dsv3_jax.pipeline.schedules import Item, Op, device_ops, stage_of
 
 
@@ -60,7 +68,6 @@ class Timeline:
 
     def plot(self, path: str, *, title: Optional[str] = None) -> None:
         """Draw the timeline as a PNG (one row per device, like the report's DualPipe figure)."""
-        from dsv3_jax.pipeline.plot import plot_timeline
         plot_timeline(self, path, title=title)
 
 
@@ -83,9 +90,11 @@ def _durations(f, b, w, fb) -> Callable[[Item], Any]:
 def _max(values: list) -> Any:
     try:
         return max(values)
-    except TypeError:  # sympy expressions whose order is not decidable
-        import sympy
-        return sympy.Max(*values)
+    except TypeError:  # sympy: the symbols' assumptions do not decide which time is later
+        shown = ", ".join(map(str, values[:4])) + (", ..." if len(values) > 4 else "")
+        raise PipelineConfigError(f"simulate: cannot tell which of the symbolic times {shown} is latest (fix: "
+                                  "pass numbers, or symbols whose assumptions order them, e.g. F = W + P with "
+                                  "P positive for W <= F)") from None
 
 
 def _deps(op: Op, device: int, pp: int) -> list[tuple[str, int, int, int]]:
@@ -164,7 +173,8 @@ def simulate(schedule: str, *, pp: int, microbatches: int, f=1, b=2, w=1, fb=Non
                                   "backward (fix: pass 0 <= w <= b)")
     duration = _durations(f, b, w, fb)
     events = _layout(schedule, pp, microbatches, duration)
-    makespan = _max([e.end for e in events])
+    last = {e.device: e.end for e in events}  # events are appended in each device's order
+    makespan = _max([last[d] for d in range(pp)])
     busy = [sum((duration(e.ops) for e in events if e.device == d), 0) for d in range(pp)]
     bubbles = [makespan - x for x in busy]
     return Timeline(schedule=schedule, pp=pp, microbatches=microbatches, events=events, bubble=_max(bubbles),
@@ -173,20 +183,12 @@ def simulate(schedule: str, *, pp: int, microbatches: int, f=1, b=2, w=1, fb=Non
 
 
 def _peak_stash(events: list[Event], device: int) -> int:
-    """Peak number of micro-batch chunks whose forward has started and whose weight gradient has not ended."""
-    changes = []
-    for e in events:
-        if e.device != device:
-            continue
-        for op in e.ops:
-            if op.kind == "F":
-                changes.append((e.start, 1))
-            elif op.kind in ("B", "W"):
-                changes.append((e.end, -1))
-    # at equal times a release (-1) comes before a new stash (+1): the buffer is reused
-    changes.sort(key=lambda tc: (tc[0], tc[1]))
+    """Peak number of micro-batch chunks whose forward has started and whose weight gradient has not ended.
+    A device's items run one after another, so item order is time order; a chunk released at the end of one
+    item frees its buffer before the next item's forward starts (no time comparisons: works for symbols)."""
     peak = level = 0
-    for _, delta in changes:
-        level += delta
+    for e in (e for e in events if e.device == device):
+        level += sum(op.kind == "F" for op in e.ops)
         peak = max(peak, level)
+        level -= sum(op.kind in ("B", "W") for op in e.ops)
     return peak

@@ -6,6 +6,7 @@ from collections import Counter
 from fractions import Fraction as Fr
 
 import pytest
+import sympy
 
 import dsv3_jax
 from dsv3_jax.errors import Dsv3Error, PipelineConfigError
@@ -120,12 +121,26 @@ def test_report_figure_pp8_20():
     assert first == ["F0", "F1", "F2", "F3", "F4", "F5", "F6", "F10'", "I10'"]
 
 
-def test_symbolic_times_with_sympy():
-    sympy = pytest.importorskip("sympy")
-    F, B, W = sympy.symbols("F B W", positive=True)
-    for sched in ("1f1b", "gpipe"):
-        t = simulate(sched, pp=4, microbatches=8, f=F, b=B, w=W)
-        assert sympy.expand(t.bubble - 3 * (F + B)) == 0
+@pytest.mark.parametrize("pp,m", [(4, 8), (8, 20), (16, 32)])
+def test_report_table_symbolic(pp, m):
+    # The table for symbolic times: positive symbols W, P, R encode the assumptions (W <= F via F = W + P,
+    # W <= B - W via B = 2W + R; DualPipe: B - W = F, F&B from B to F + B), so the simulator can order every
+    # pair of times it compares and the bubble comes out as an expression, compared by expansion.
+    W, P, R = sympy.symbols("W P R", positive=True)
+    F = W + P
+    for sched, b, bubble in (("1f1b", 2 * W + R, (pp - 1) * (F + 2 * W + R)),
+                             ("gpipe", 2 * W + R, (pp - 1) * (F + 2 * W + R)),
+                             ("zb1p", 2 * W + R, (pp - 1) * (F + (2 * W + R) - 2 * W))):
+        t = simulate(sched, pp=pp, microbatches=m, f=F, b=b, w=W)
+        assert sympy.expand(t.bubble - bubble) == 0, (sched, t.bubble)
+    B = F + W
+    for fb in (F + B, B, B + W, B + P):
+        t = simulate("dualpipe", pp=pp, microbatches=m, f=F, b=B, w=W, fb=fb)
+        assert sympy.expand(t.bubble - sympy.Rational(pp - 2, 2) * (fb + B - 3 * W)) == 0, (fb, t.bubble)
+        assert t.activations == [pp + 1] * pp
+    # times whose order the symbols do not decide (is W <= F?): a clear error, not a guess
+    with pytest.raises(PipelineConfigError, match="cannot tell which"):
+        simulate("zb1p", pp=pp, microbatches=m, f=P, b=R + W, w=W)
 
 
 @pytest.mark.parametrize("sched", SCHEDULES)
