@@ -121,6 +121,21 @@ def test_report_figure_pp8_20():
     assert first == ["F0", "F1", "F2", "F3", "F4", "F5", "F6", "F10'", "I10'"]
 
 
+@pytest.mark.parametrize("pp,m", [(4, 8), (8, 20), (16, 36)])
+def test_dualpipe_phase_counts(pp, m):
+    # the per-device phase lengths of the reference schedule (docs/pipeline.md §Schedules), h = distance to
+    # the nearer end, "own" direction = chunk 0 on the first half of the devices, chunk 1 on the second
+    for d, items in enumerate(device_ops("dualpipe", pp, m)):
+        h, own = min(d, pp - 1 - d), int(d >= pp // 2)
+        warm = 2 * (pp // 2 - h - 1)
+        assert all(len(x) == 1 and x[0].kind == "F" and x[0].chunk == own for x in items[:warm])
+        assert [x[0].chunk for x in items[warm:warm + 2 * (h + 1)]] == [own, 1 - own] * (h + 1)
+        tail = len(items) - max(i for i, x in enumerate(items) if x[0].kind != "W") - 1
+        assert tail == h + 1
+        pairs = sum(len(x) == 2 for x in items)
+        assert pairs == 2 * (m // 2 - pp + h + 1) + (pp // 2 - h - 1) - (h == pp // 2 - 1)
+
+
 @pytest.mark.parametrize("pp,m", [(4, 8), (8, 20), (16, 32)])
 def test_report_table_symbolic(pp, m):
     # The table for symbolic times: positive symbols W, P, R encode the assumptions (W <= F via F = W + P,
