@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 JOBS ?= 2   # pytest-xdist workers: XLA compiles are single-threaded, so one per core
 
-.PHONY: setup test test-all demo bench clean
+.PHONY: setup test test-all demo post-train-demo bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ test-all: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m dsv3_jax.demo
+
+post-train-demo: $(STAMP)   # SFT then GRPO from the `make demo` checkpoint (runs/post_train)
+	$(BIN)/python -m dsv3_jax.post_train_demo
 
 bench: $(STAMP)
 	@for b in forward_backward compile_time train_step decode expert_parallel mla fp8_gemm fp8_training convert multiprocess plan pipeline; do \
