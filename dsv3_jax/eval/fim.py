@@ -6,8 +6,9 @@ lines is a candidate; a seeded draw picks ``n`` of them and, in each, one body l
 nor the last) as the middle span. The prompt is the data pipeline's PSM format
 (``data/fim.py``): ``BOS fim▁begin <prefix> fim▁hole <suffix> fim▁end`` with prefix and suffix the
 function's text before and after that line, tokenized separately and joined by the special ids as
-the trainer does. Greedy decoding (``Generator``, batched) runs until EOS or the middle's length
-plus a margin; a sample counts when the decoded tokens before EOS equal the middle line exactly.
+the trainer does; samples whose prompt and answer do not fit the context are skipped. Greedy decoding
+(``Generator``, batched) runs until EOS or the middle's length plus a margin; a sample counts when the
+decoded tokens before EOS equal the middle line exactly.
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ import numpy as np
 from ..data.tokenizer import Tokenizer
 from ..errors import DataError
 from ..inference.generate import Generator
+
+MAX_NEW = 64   # tokens generated at most: middle lines of up to MAX_NEW - MARGIN tokens are asked for
+MARGIN = 8     # tokens allowed past the middle's length (an answer that runs on is a miss, but ends)
 
 
 @dataclasses.dataclass
@@ -87,9 +91,8 @@ def fim_eval(model, tokenizer: Tokenizer, texts: Sequence[str], *, n: int = 64, 
         raise DataError(f"n={n}: must be >= 1 (fix: e.g. --n 64).")
     ctx = model.cfg.max_position_embeddings
     samples = []
-    for s in fim_samples(texts, 4 * n, seed):
-        budget = len(tokenizer.encode(s.middle)) + 8
-        if len(fim_prompt(tokenizer, s)) + budget <= ctx:
+    for s in fim_samples(texts, 4 * n, seed):   # every prompt leaves room for any sample's answer in its batch
+        if len(tokenizer.encode(s.middle)) + MARGIN <= MAX_NEW and len(fim_prompt(tokenizer, s)) + MAX_NEW <= ctx:
             samples.append(s)
         if len(samples) == n:
             break
@@ -101,7 +104,7 @@ def fim_eval(model, tokenizer: Tokenizer, texts: Sequence[str], *, n: int = 64, 
     pairs = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
-        budget = max(len(tokenizer.encode(s.middle)) for s in chunk) + 8
+        budget = max(len(tokenizer.encode(s.middle)) for s in chunk) + MARGIN
         res = gen([fim_prompt(tokenizer, s) for s in chunk], max_new_tokens=budget, stop_tokens=[eos])
         for s, ids in zip(chunk, res.tokens):
             ids = ids[:ids.index(eos)] if eos in ids else ids
