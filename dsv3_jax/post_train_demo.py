@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     log(f"held-out accuracy after pre-training  {acc['pretrained']:.3f}")
 
     # 2. SFT, twice (seed noise)
-    small = {"steps": 3, "checkpoint_every": 3, "eval_every": 3, "warmup_steps": 1} if args.tiny else \
+    small = {"steps": 2, "checkpoint_every": 2, "eval_batches": 0, "warmup_steps": 1} if args.tiny else \
         {"steps": args.sft_steps, "checkpoint_every": args.sft_steps, "eval_every": args.sft_steps} if args.sft_steps else {}
     sft_ckpts, sft_acc = [], []
     for seed in (0, 1):

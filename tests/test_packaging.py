@@ -108,7 +108,8 @@ def test_non_editable_install_runs_info_and_train_outside_the_repo(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # Entry points: nothing imports them (checked below), so their imports cannot close a cycle; the CLI
 # imports each subcommand's modules when that subcommand runs, so that `dsv3 --help` does not load jax.
-ENTRY_POINTS = ("dsv3_jax/cli.py", "dsv3_jax/cli/", "dsv3_jax/inference/cli.py", "dsv3_jax/demo.py")
+ENTRY_POINTS = ("dsv3_jax/cli.py", "dsv3_jax/cli/", "dsv3_jax/inference/cli.py", "dsv3_jax/demo.py",
+                "dsv3_jax/post_train_demo.py")
 
 
 def _module_name(path: Path) -> str:
