@@ -9,6 +9,14 @@
   as a fraction of the step, the step time (makespan), the worst device's stashed micro-batches and the
   parameter copies. GPipe's baseline is the 1F1B formula, which GPipe's bubble also equals.
 
+* ``executed_step`` (one line per schedule): the pipelined train step (``dsv3_jax/pipeline/executor.py``) of
+  a tiny model (1 dense + 4 MoE layers, MTP, 16 x 32 tokens) on 8 fake CPU devices, ``stage=4,data=2``,
+  8 micro-batches, timed against the unpipelined step on ``data=8`` (the same devices and batch) in the same
+  run; and the bubble the step measures (the share of ticks in which the worst device had no work, counted
+  by the step as it runs) against the simulator's for the same grid (``Timeline.ticks()``). Fake devices
+  share this machine's cores, so the step time is the total work of all stages plus the pipeline's
+  bookkeeping (stash, ``ppermute``s, recomputation in the backward), not a pod's overlapped time.
+
     python benchmarks/pipeline.py            # every measurement
     python benchmarks/pipeline.py simulated  # some (by name prefix)
 """
@@ -43,7 +51,61 @@ def simulated_bubble() -> None:
               "param_copies": t.param_copies})
 
 
-MEASUREMENTS = {"simulated_bubble": simulated_bubble}
+def executed_step() -> None:
+    import os
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from common import side_by_side
+    from dsv3_jax.config import RuntimeConfig, load_config
+    from dsv3_jax.pipeline.config import PipelineConfig
+    from dsv3_jax.train.config import TrainConfig
+    from dsv3_jax.train.program import train_program
+    from sharding import DEFAULT_RULES, make_mesh
+
+    cfg = dataclasses.replace(load_config("tiny"), num_layers=5)
+    rt, t = RuntimeConfig(compute_dtype="float32"), TrainConfig(steps=100, moment_dtype="float32")
+    pp, micro, rows, seq = 4, 8, 16, 32
+    tok = np.random.default_rng(0).integers(0, cfg.vocab_size, (rows, seq + 1))
+    batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "segment_ids": np.ones((rows, seq)),
+             "positions": np.broadcast_to(np.arange(seq), (rows, seq)), "loss_mask": np.ones((rows, seq))}
+    batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+
+    def stepper(mesh_spec, pipeline=None):
+        prog = train_program(cfg, rt, t, make_mesh(mesh_spec), DEFAULT_RULES, pipeline=pipeline)
+        from flax import nnx
+        from dsv3_jax.model.layers import RouterBias
+        _, p, b, r = nnx.split(prog.build(), nnx.Param, RouterBias, ...)
+        state = jax.device_put({"params": p, "bias": b, "rest": r, "opt": prog.tx.init(p),
+                                "applied": jnp.zeros((), jnp.int32)}, prog.shardings)
+        xb, poison = jax.device_put(batch, prog.batch_sharding), jnp.zeros((), jnp.float32)
+        return lambda: prog.step(state, xb, poison)
+
+    base = stepper("data=8")
+    for schedule in SCHEDULES:
+        run = stepper(f"stage={pp},data=2", PipelineConfig(schedule, micro))
+        times, load = side_by_side({"pipelined": run, "unpipelined": base}, warmup=1, repeats=3,
+                                   sync={k: jax.block_until_ready for k in ("pipelined", "unpipelined")})
+        _, m = run()
+        ticks = simulate(schedule, pp=pp, microbatches=micro).ticks()
+        sim_idle = max(sum(row[d] is None for row in ticks) for d in range(pp)) / len(ticks)
+        measured_idle = 1 - int(np.min(np.asarray(m["busy_ticks"]))) / len(ticks)
+        ours, baseline = times["pipelined"]["median_s"], times["unpipelined"]["median_s"]
+        emit({"bench": "pipeline.executed_step", "schedule": schedule, "mesh": f"stage={pp},data=2",
+              "microbatches": micro, "tokens": rows * seq, "ours": ours, "baseline": baseline,
+              "baseline_is": "unpipelined step on data=8", "ratio": ours / baseline,
+              "bubble_measured": measured_idle, "bubble_simulated": sim_idle,
+              "bubble_ratio": measured_idle / sim_idle if sim_idle else None, "ticks": len(ticks),
+              "activations_measured": [int(x) for x in np.asarray(m["activations"])],
+              "activations_simulated": simulate(schedule, pp=pp, microbatches=micro).activations, **load})
+
+
+MEASUREMENTS = {"simulated_bubble": simulated_bubble, "executed_step": executed_step}
 
 
 def main(names: list[str]) -> None:

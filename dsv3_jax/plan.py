@@ -33,6 +33,7 @@ from .info import model_info
 from .model import DeepSeekV3, init_cache
 from .train.config import TrainConfig
 from .train.program import train_program
+from .pipeline.config import PipelineConfig, validate_pipeline
 
 STEPS = ("train", "prefill", "decode")
 
@@ -145,7 +146,7 @@ def _collectives(hlo: str) -> dict:
 def plan(cfg: ModelConfig, topology: str, mesh: str, *, step: str = "train", batch: Optional[int] = None,
          seq: int = 4096, runtime: Optional[RuntimeConfig] = None, train: Optional[TrainConfig] = None,
          rules: Rules = DEFAULT_RULES, context: int = 32768, devices: Optional[list] = None,
-         hbm_gib: Optional[float] = None, buffers: int = 0) -> Plan:
+         hbm_gib: Optional[float] = None, buffers: int = 0, pipeline: Optional[PipelineConfig] = None) -> Plan:
     """Compile ``step`` of ``cfg`` for ``topology`` on ``mesh`` (``"expert=64,fsdp=4"``) and report it.
 
     ``batch``: sequences per step (default: one per batch shard); ``seq``: tokens per sequence (train and
@@ -168,6 +169,11 @@ def plan(cfg: ModelConfig, topology: str, mesh: str, *, step: str = "train", bat
     except MeshError as e:
         raise MeshError(f"{e} — topology {topology} has {len(devs)} chips.") from None
     shards = rules.batch_shards(m)
+    pp = m.shape.get("stage", 1)
+    if step == "train" and pp > 1:  # the pipelined step (docs/design.md §Pipeline): one row per shard and micro-batch
+        pipeline = (pipeline or PipelineConfig()).resolved(pp)
+        batch = batch or shards * pipeline.microbatches
+        pipeline = validate_pipeline(pipeline, cfg, pp, batch, shards, (train or TrainConfig()).grad_accum)
     batch = batch or shards
     rules.check_batch(batch, m, "--batch")
     hbm, peak = _chip(devs[0])
@@ -188,7 +194,9 @@ def plan(cfg: ModelConfig, topology: str, mesh: str, *, step: str = "train", bat
     t0 = time.perf_counter()
     if step == "train":
         t = train or TrainConfig()
-        prog = train_program(cfg, runtime, t, m, rules, donate=True)
+        prog = train_program(cfg, runtime, t, m, rules, donate=True, pipeline=pipeline)
+        if pp > 1:
+            notes.append(f"pipeline: {pipeline.schedule}, {pipeline.microbatches} micro-batches over {pp} stages")
         lowered = prog.lower(batch, seq)
         params = _per_chip_bytes(prog.abstract["params"], prog.shardings["params"])
         params += _per_chip_bytes(prog.abstract["bias"], prog.shardings["bias"])

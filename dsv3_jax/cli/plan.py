@@ -37,6 +37,6 @@ def run(args) -> int:
     run_cfg = load_run_config(args.config, args.overrides)
     p = plan(run_cfg.model, args.topology, args.mesh, step=args.step, batch=args.batch, seq=args.seq,
              runtime=run_cfg.runtime, train=run_cfg.train, context=args.context, hbm_gib=args.hbm_gib,
-             buffers=args.buffers)
+             buffers=args.buffers, pipeline=run_cfg.pipeline)
     print(json.dumps(p.as_dict()) if args.json else format_plan(p))
     return 0

@@ -52,8 +52,9 @@ def _split_stage(x, pp: int):
 def make_pipeline_grad_fn(graphdef, cfg: ModelConfig, runtime: RuntimeConfig, t: TrainConfig, p: PipelineConfig,
                           mesh: Mesh) -> Callable:
     """``grad_fn(params, bias, rest, batch, denoms, poison) -> ((total, aux), grads)`` like
-    ``jax.value_and_grad(loss_fn, has_aux=True)`` of ``train.step``; ``aux`` also holds
-    ``"activations"``: the peak in-flight micro-batches measured on each device ``[PP]``."""
+    ``jax.value_and_grad(loss_fn, has_aux=True)`` of ``train.step``; ``aux`` also holds, measured on each
+    device as the step runs, ``"activations"``: the peak in-flight micro-batches ``[PP]``, and
+    ``"busy_ticks"``: the ticks it had work in (of ``schedule_tables(p, PP).n_ticks``)."""
     pp = mesh.shape["stage"]
     tables = schedule_tables(p, pp)
     C, M = tables.chunks, p.microbatches
@@ -104,6 +105,7 @@ def make_pipeline_grad_fn(graphdef, cfg: ModelConfig, runtime: RuntimeConfig, t:
                 "gst": zeros(local["params"]), "gsh": zeros(shared_in["params"]),
                 "aux": jax.tree.map(lambda s: jnp.zeros((C,) + s.shape, s.dtype), aux0),
                 "live": jnp.zeros((), jnp.int32), "peak": jnp.zeros((), jnp.int32),
+                "busy": jnp.zeros((), jnp.int32),                              # ticks with work
             }
 
             def operands(carry, op):
@@ -168,7 +170,7 @@ def make_pipeline_grad_fn(graphdef, cfg: ModelConfig, runtime: RuntimeConfig, t:
                     if tables.n_g[c]:
                         got = jax.lax.ppermute(carry["out_g"][c], "stage", bwd_perm[c])
                         gs = gs.at[c, row["recv_g"][c]].set(got, mode="drop")
-                return dict(carry, xs=xs, gs=gs), None
+                return dict(carry, xs=xs, gs=gs, busy=carry["busy"] + (row["kind"][0] > 0)), None
 
             carry, _ = jax.lax.scan(tick, carry, tab)
             gsh = jax.lax.psum(carry["gsh"], "stage")
@@ -176,19 +178,19 @@ def make_pipeline_grad_fn(graphdef, cfg: ModelConfig, runtime: RuntimeConfig, t:
             terms = jax.lax.psum((aux.ce.sum(), aux.mtp.sum(), aux.balance.sum()), "stage")
             mtp_counts = None if n_mtp == 0 else jax.lax.psum(aux.mtp_counts.sum(0), "stage")
             return ([g[:, None] for g in carry["gst"]], gsh, terms, aux.counts[:, None], mtp_counts,
-                    carry["peak"][None])
+                    jnp.stack([carry["peak"], carry["busy"]])[None])
 
         rep = P()
         stage_specs = jax.tree.map(lambda _: P("stage"), stage_in)
         shared_specs = jax.tree.map(lambda _: rep, shared_in)
         n_st = len(stage_in["params"][0])
         out_specs = ([P(None, "stage")] * n_st, [rep] * len(shared_in["params"]), rep, P(None, "stage"),
-                     None if n_mtp == 0 else rep, P("stage"))
+                     None if n_mtp == 0 else rep, P("stage", None))
         fn = jax.shard_map(body, mesh=mesh, axis_names={"stage"}, check_vma=False,
                            in_specs=(stage_specs, shared_specs, jax.tree.map(lambda _: rep, micro),
                                      jax.tree.map(lambda _: rep, denoms), rep, jax.tree.map(lambda _: rep, tab)),
                            out_specs=out_specs)
-        gst, gsh, terms, counts, mtp_counts, peak = fn(stage_in, shared_in, micro, denoms, poison, tab)
+        gst, gsh, terms, counts, mtp_counts, measured = fn(stage_in, shared_in, micro, denoms, poison, tab)
         # [C, PP, L/PP, ...]: chunk 1 ran the stack reversed; reverse its rows back, then add the chunks
         unrev = lambda a: a[0] if C == 1 else a[0] + a[1][::-1]  # noqa: E731
         g_stage = [unrev(g).reshape(-1, *g.shape[3:]) for g in gst]
@@ -199,7 +201,7 @@ def make_pipeline_grad_fn(graphdef, cfg: ModelConfig, runtime: RuntimeConfig, t:
         total = (ce + denoms.get("mtp_weight", t.mtp_weight) * mtp + (t.balance_alpha * balance if use_bal else 0.0)) * (1.0 + poison)
         cnt = unrev(counts)
         aux = {"ce": ce, "mtp": mtp, "balance": balance, "counts": cnt.reshape(-1, cnt.shape[-1]),
-               "mtp_counts": mtp_counts, "activations": peak}
+               "mtp_counts": mtp_counts, "activations": measured[:, 0], "busy_ticks": measured[:, 1]}
         return (total, aux), grads
     return grad_fn
 

@@ -152,8 +152,9 @@ def make_train_step(graphdef, cfg: ModelConfig, t: TrainConfig, tx: optax.Gradie
                    "grad_norm": grad_norm, "lr": schedule(state["applied"]), "finite": finite,
                    "tokens": denoms["tokens"], "rows": rows, "mtp_weight": denoms["mtp_weight"],
                    "bias_rate": gamma_fn(state["applied"])}
-        if "activations" in aux:   # pipelined: peak in-flight micro-batches per stage
-            metrics["activations"] = aux["activations"]
+        for k in ("activations", "busy_ticks"):   # pipelined: per stage, measured (docs/design.md §Pipeline)
+            if k in aux:
+                metrics[k] = aux[k]
         if aux["counts"] is not None:
             metrics["counts"] = aux["counts"]
             metrics["imbalance"] = imbalance(aux["counts"])
