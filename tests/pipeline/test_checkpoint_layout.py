@@ -1,0 +1,55 @@
+"""Checkpoints stay layout-free with pipeline stages (docs/design.md §Pipeline): the train state of a
+``stage=2`` mesh (MoE stack split over ``stage``) is the unsplit model's, so a checkpoint written with
+stages restores on one device and one written on one device restores into the stage layout — exactly."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv3_jax.checkpoint.orbax_io import Checkpointer
+from dsv3_jax.config import RuntimeConfig, load_config
+from dsv3_jax.model.layers import RouterBias
+from dsv3_jax.pipeline.config import PipelineConfig
+from dsv3_jax.train.config import TrainConfig
+from dsv3_jax.train.program import train_program
+from sharding import DEFAULT_RULES, make_mesh
+
+CFG = dataclasses.replace(load_config("tiny"), num_layers=5)
+RT = RuntimeConfig(compute_dtype="float32")
+T = TrainConfig(moment_dtype="float32")
+
+
+def _program(mesh):
+    return train_program(CFG, RT, T, mesh, DEFAULT_RULES, pipeline=PipelineConfig("1f1b", 2))
+
+
+def _state(prog, seed):
+    _, p, b, r = nnx.split(prog.build(), nnx.Param, RouterBias, ...)
+    p = jax.tree.map(lambda x: x + seed, p)           # distinct values per direction
+    st = {"params": p, "bias": b, "rest": r, "opt": prog.tx.init(p), "applied": jnp.asarray(3, jnp.int32)}
+    return jax.device_put(st, prog.shardings)
+
+
+def _roundtrip(src, dst, directory, seed):
+    state = _state(src, seed)
+    ck = Checkpointer(directory, CFG, keep=1, async_save=False)
+    ck.save(1, (state["params"], state["bias"], state["rest"]), state["opt"], {"applied": 3})
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), dst.abstract,
+                            dst.shardings)
+    (p, b, r), opt, _ = ck.restore(1, (abstract["params"], abstract["bias"], abstract["rest"]), abstract["opt"])
+    for got, want in ((p, state["params"]), (b, state["bias"]), (opt, state["opt"])):
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    return p
+
+
+def test_stage_checkpoint_restores_without_stages_and_back(tmp_path):
+    staged = _program(make_mesh("stage=2,expert=4"))
+    single = _program(make_mesh(None, devices=jax.devices()[:1]))
+    spec = lambda p: p["moe_layers"]["mlp"]["experts"]["gate"].get_value().sharding.spec  # noqa: E731
+    p = _roundtrip(staged, single, tmp_path / "a", 0.0)        # written with stages, read on one device
+    assert len(p["moe_layers"]["mlp"]["experts"]["gate"].get_value().sharding.device_set) == 1
+    p = _roundtrip(single, staged, tmp_path / "b", 1.0)        # written on one device, read into stages
+    assert spec(p)[0] == "stage"
