@@ -25,6 +25,12 @@ update sees every token. Strategies:
   round is dropped and the dropped token-slots are reported. Opt-in only: DeepSeek-V3 never drops
   tokens.
 
+Exchange dtypes (docs/architecture.md §6): token rows go out in the compute dtype, or with
+``dispatch_fp8`` (``quant=fp8``) as e4m3 with one float32 scale per 1×128 tile — the tiles the FP8
+grouped GEMM quantises them into anyway, so the expert GEMM sees the same e4m3 values as on one device;
+the backward sends the rows' gradient back in the compute dtype (``_fp8_wire``). Partial expert sums
+come home in the compute dtype (bf16 when computing in bf16) and are accumulated in fp32.
+
 With group-limited routing and ``n_group`` a multiple of the expert-shard count, each group lives on
 one shard, so a token reaches at most ``topk_group`` shards (docs/architecture.md §4 node-limited routing): ragged
 exchanges move ``≤ topk_group`` copies of a token instead of ``K`` or ``n_shards``.
@@ -32,11 +38,14 @@ exchanges move ``≤ topk_group`` copies of a token instead of ``K`` or ``n_shar
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
+
+from pallas_kernels.fp8 import dequantize_activation, quantize_activation
 
 from .errors import MeshError
 from .kernels import context_mesh, free_axes, platform_of
@@ -79,10 +88,13 @@ class ExpertParallel:
     # ragged_a2a: slots per source→destination pair and round, as a multiple of the balanced load
     # T·K/n (more rounds when a pair has more; never dropped)
     round_factor: float = ROUND_FACTOR
+    # quant=fp8: token rows are dispatched as e4m3 + 1×128 float32 scales (docs/architecture.md §6)
+    dispatch_fp8: bool = False
 
     @classmethod
     def create(cls, mesh: Mesh, strategy: str, n_experts: int, rules: Rules = DEFAULT_RULES, *,
-               capacity_factor: float = 1.25, emulate_ragged: Optional[bool] = None) -> "ExpertParallel":
+               capacity_factor: float = 1.25, emulate_ragged: Optional[bool] = None,
+               dispatch_fp8: bool = False) -> "ExpertParallel":
         strategy = resolve_strategy(strategy, mesh)
         if strategy not in STRATEGIES:
             raise MeshError(f"unknown expert-parallel strategy {strategy!r} (fix: use 'auto' or one of "
@@ -97,7 +109,7 @@ class ExpertParallel:
                             "(fix: keep 'expert' in the 'batch' rule).")
         if not capacity_factor > 0:
             raise MeshError(f"capacity_factor={capacity_factor} must be > 0 (fix: use e.g. 1.25).")
-        return cls(mesh, strategy, batch_axes, capacity_factor, emulate_ragged)
+        return cls(mesh, strategy, batch_axes, capacity_factor, emulate_ragged, dispatch_fp8=dispatch_fp8)
 
     @property
     def n_expert_shards(self) -> int:
@@ -124,6 +136,40 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
     return output.at[dest.reshape(-1)].set(recv.reshape(-1, *operand.shape[1:]), mode="drop")
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fp8_wire(send: Callable[..., jax.Array], x: jax.Array, *aux: jax.Array) -> jax.Array:
+    """``send(x, *aux)`` — a linear exchange of the rows of ``x [N, D]`` (a gather and collectives, any
+    dtype; ``aux``: its integer offsets and sizes) — with the rows on the wire as e4m3 bits plus one
+    float32 scale per 1×128 tile, dequantised to ``x.dtype`` on arrival: ``D + 4·D/128`` bytes a row
+    instead of ``D·itemsize``. The receiver's FP8 GEMM re-quantises the same tiles to the same e4m3
+    values (a tile's amax maps to ±448 again), so only rounding in the last bit of the scale differs
+    from one device. Backward: the transpose of ``send`` applied to the gradient in ``x.dtype``
+    (quantisation is straight-through; a gradient is never sent in FP8, which would flush it to zero)."""
+    q, scale = quantize_activation(x)
+    bits = send(jax.lax.bitcast_convert_type(q, jnp.uint8), *aux)
+    return dequantize_activation(jax.lax.bitcast_convert_type(bits, q.dtype), send(scale, *aux), x.dtype)
+
+
+def _fp8_wire_fwd(send, x, *aux):
+    # residuals: the offsets, and x's shape and dtype in a zero-byte array (not x: send is linear)
+    return _fp8_wire(send, x, *aux), (jnp.zeros(x.shape + (0,), x.dtype), aux)
+
+
+def _fp8_wire_bwd(send, res, g):
+    like, aux = res
+    zeros = jnp.zeros(like.shape[:-1], like.dtype)
+    dx = jax.vjp(lambda x: send(x, *aux), zeros)[1](g.astype(like.dtype))[0]
+    return (dx,) + (None,) * len(aux)
+
+
+_fp8_wire.defvjp(_fp8_wire_fwd, _fp8_wire_bwd)
+
+
+def _send_rows(ep: ExpertParallel, send: Callable[..., jax.Array], x: jax.Array, *aux: jax.Array) -> jax.Array:
+    """Dispatch the rows of ``x`` with ``send``: in FP8 under ``dispatch_fp8``, else as they are."""
+    return _fp8_wire(send, x, *aux) if ep.dispatch_fp8 else send(x, *aux)
+
+
 def _rounds_layout(ep: ExpertParallel, T: int, K: int, e_loc: int) -> tuple[int, int, int, int]:
     """Static sizes of the ragged exchange: (slot capacity ``c`` per source→destination pair and round,
     token rows per pair and round ``c_tok``, local slot rows per round ``s_cap``, rounds ``r_max``).
@@ -141,6 +187,16 @@ def _rounds_layout(ep: ExpertParallel, T: int, K: int, e_loc: int) -> tuple[int,
     s_cap = n * min(c + kk - 1, c_tok * kk)
     r_max = 1 if ep.strategy == "a2a_capacity" else -(-(T * kk) // c)
     return c, c_tok, s_cap, r_max
+
+
+def _gather_rows(rows: jax.Array) -> jax.Array:
+    """Every expert shard's rows, in shard order (the ``allgather`` dispatch)."""
+    return jax.lax.all_gather(rows, "expert", axis=0, tiled=True)
+
+
+def _send_pairs(a2a, buf: int, rows, p_tok, offs, sizes, mine_off, rsizes):
+    """One round of the ragged dispatch: the row of each pair's token to the pair's shard (any dtype)."""
+    return a2a(rows[p_tok], jnp.zeros((buf,) + rows.shape[1:], rows.dtype), offs, sizes, mine_off, rsizes)
 
 
 def _exchange(ep: ExpertParallel, expert_fn: ExpertFn, x, experts, weights, w_gate, w_up, w_down):
@@ -179,7 +235,6 @@ def _exchange(ep: ExpertParallel, expert_fn: ExpertFn, x, experts, weights, w_ga
     pairs_to = jnp.bincount(p_dest, length=n + 1)[:n].astype(jnp.int32)
     start = ((jnp.cumsum(pairs_to) - pairs_to)[:, None] + jnp.cumsum(cnt, 1) - cnt).astype(jnp.int32)  # [n, r_max]
     recv_cnt = jax.lax.all_to_all(cnt, "expert", 0, 0, tiled=True)        # [n sources, r_max]
-    send_x = x[p_tok]
     send_e = jnp.where(dest[p_tok] == p_dest[:, None], experts[p_tok] % e_loc, -1).astype(jnp.int32)
     send_w = weights[p_tok]
     block_off = (jnp.arange(n) * c_tok).astype(jnp.int32)                  # source s's rows at s·c_tok
@@ -196,7 +251,8 @@ def _exchange(ep: ExpertParallel, expert_fn: ExpertFn, x, experts, weights, w_ga
     def one_round(out, r):
         sizes, offs, rsizes = cnt[:, r], start[:, r], recv_cnt[:, r]
         buf = n * c_tok
-        recv_x = a2a(send_x, jnp.zeros((buf, D), x.dtype), offs, sizes, mine_off, rsizes)
+
+        recv_x = _send_rows(ep, functools.partial(_send_pairs, a2a, buf), x, p_tok, offs, sizes, mine_off, rsizes)
         recv_e = a2a(send_e, jnp.full((buf, K), -1, jnp.int32), offs, sizes, mine_off, rsizes)
         recv_w = a2a(send_w, jnp.zeros((buf, K), send_w.dtype), offs, sizes, mine_off, rsizes)
         # each token's partial sum over its local slots, summed and sent home in the compute dtype
@@ -238,9 +294,12 @@ def moe_forward(ep: ExpertParallel, x: jax.Array, router_kernel: jax.Array, bias
         wt, et = gates, experts
         if ep.strategy == "allgather" or ep.n_expert_shards == 1:
             if ep.n_expert_shards > 1:
-                xt, wt, et = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (xt, wt, et))
+                xt = _send_rows(ep, _gather_rows, xt)
+                wt, et = _gather_rows(wt), _gather_rows(et)
             lo = jax.lax.axis_index("expert") * w_gate.shape[0]
-            out = expert_fn(xt, et - lo, wt, w_gate, w_up, w_down)
+            # partial sums over the local experts in the compute dtype: what the reduce-scatter moves
+            out = expert_fn(xt, et - lo, wt, w_gate, w_up, w_down,
+                            out_dtype=xt.dtype if ep.n_expert_shards > 1 or tensor else jnp.float32)
             dropped = jnp.zeros((), jnp.int32)
             if tensor:
                 out = jax.lax.psum(out, "tensor")

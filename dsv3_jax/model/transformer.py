@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from sharding.embedding import lookup
 from sharding.expert_parallel import ExpertParallel
 from sharding.rules import DEFAULT_RULES, Rules
 
@@ -207,7 +208,8 @@ class DeepSeekV3(nnx.Module):
         ep = None
         if mesh is not None and mesh.size > 1 and cfg.num_moe_layers:  # one device: every expert is local
             ep = ExpertParallel.create(mesh, rt.ep_strategy, cfg.n_routed_experts, rules,
-                                       capacity_factor=rt.capacity_factor, emulate_ragged=rt.emulate_ragged)
+                                       capacity_factor=rt.capacity_factor, emulate_ragged=rt.emulate_ragged,
+                                       dispatch_fp8=rt.quant == "fp8")
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                            std=cfg.init_std, dtype=cfg.param_dtype)
         self.dense_layers = _stacked_blocks(cfg, rt, cfg.first_k_dense, False, rngs, None) if cfg.first_k_dense else None
@@ -222,7 +224,10 @@ class DeepSeekV3(nnx.Module):
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """Embeddings in the compute dtype; id ``-1`` ("no token") embeds to zeros."""
-        emb = self.embed[...].astype(dtype_of(self.ex.compute_dtype))[jnp.maximum(tokens, 0)]
+        # on a mesh, looked up per shard with one explicit exchange (sharding/embedding.py): left to XLA the
+        # batch-sharded activation was replicated and re-partitioned to the table's layout
+        emb = lookup(self.embed[...].astype(dtype_of(self.ex.compute_dtype)), jnp.maximum(tokens, 0),
+                     self.ex.mesh, self.ex.rules)
         return jnp.where((tokens >= 0)[..., None], emb, 0)
 
     def head(self, h: jax.Array) -> jax.Array:

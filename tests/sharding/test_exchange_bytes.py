@@ -10,8 +10,9 @@ from sharding.ep_bytes import exchange_bytes_per_token, shards_per_token
 
 
 def row_bytes(D, b, K):
-    # one token row out (hidden D·b bytes + K int32 expert ids + K fp32 gates) and its fp32 result back
-    return D * b + 4 * K + 4 * K + 4 * D
+    # one token row out (hidden D·b bytes + K int32 expert ids + K fp32 gates) and its result back in the
+    # compute dtype (D·b: partial sums come home in bf16 when computing in bf16)
+    return D * b + 4 * K + 4 * K + D * b
 
 
 def test_shards_per_token_counts_distinct_shards():
@@ -69,7 +70,7 @@ def test_two_tokens_four_experts_two_shards():
 def test_capacity_rows_and_tokens_per_shard():
     # 8 experts over 4 shards, 8 tokens (T_s = 2), K = 2, bf16 hidden 16
     D, b, K, n = 16, 2, 2, 4
-    row = row_bytes(D, b, K)   # 32 + 16 + 64 = 112
+    row = row_bytes(D, b, K)   # 32 + 16 + 32 = 80
     experts = np.tile([[0, 2]], (8, 1))
     kw = dict(n_experts=8, n_shards=n, hidden=D, dtype_bytes=b)
     # cf 1.25: cap = min(2, ceil(int(1.25·2·2)=5 / 4) = 2) = 2 rows to each of 3 peers per 2 tokens
@@ -88,7 +89,7 @@ def test_capacity_rows_and_tokens_per_shard():
 def test_group_limited_routing_reaches_fewer_shards():
     # 16 experts in 4 groups of 4, one group per shard (n_shards = n_group = 4), top-4
     D, b, K = 16, 2, 4
-    row = row_bytes(D, b, K)   # 32 + 32 + 64 = 128
+    row = row_bytes(D, b, K)   # 32 + 32 + 32 = 96
     kw = dict(n_experts=16, n_shards=4, hidden=D, dtype_bytes=b, source_shard=np.array([0]))
     limited = np.array([[0, 1, 4, 5]])      # top-2 groups {0, 1}: shards 0 (own) and 1
     free = np.array([[0, 4, 8, 12]])        # one expert in every group: all 4 shards
