@@ -1,9 +1,19 @@
-"""Decoding speed (issue M7): tokens/s of our latent-cache generation vs transformers' ``generate``
-with the same weights and prompts, MTP speculative vs plain decoding, and latent vs per-head cache
-bytes. One JSON line each.
+"""Decoding speed (issues M7, M13), one JSON line each:
 
-    python benchmarks/decode.py [--checkpoint DIR]   # a trained checkpoint gives a meaningful
-                                                     # MTP acceptance rate (the demo's, for example)
+* ``kv_cache_bytes``: latent vs per-head cache bytes per token (671B).
+* ``decode``: our greedy generation vs transformers' ``generate`` (tiny config, same weights, fp32,
+  same threads, alternating after a warm-up, load checked).
+* ``decode_batch``: plain greedy tokens/s at batch 1 / 4 / 16 and prefill tokens/s, with the MoE
+  grouping chosen by rows per expert (auto) beside a fixed 128-row block, and the bf16 latent cache
+  beside the fp32 one — all in the same run.
+* ``speculative_mtp``: MTP speculative vs plain greedy at batch 1 and 16 (``speedup``, acceptance,
+  tokens per step, the verify step's cost over a plain step, identical output).
+* ``speculative_acceptance``: speed-up vs a synthetic acceptance rate (the draft replaced by the
+  target's own next token with that probability, else by a wrong one; the MTP head still runs, so the
+  step costs what it costs) and the lowest rate reaching 1.8×.
+
+    python benchmarks/decode.py [--checkpoint runs/demo/checkpoints/300]   # a trained checkpoint gives
+                                                                            # a meaningful acceptance rate
 """
 from __future__ import annotations
 
@@ -13,60 +23,150 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, load_average, log, num_cores  # noqa: E402
+import common  # noqa: E402
+from common import emit, log  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 import dsv3_jax as dsv3  # noqa: E402
 from dsv3_jax.inference import Generator  # noqa: E402
 
-BATCH, PROMPT, NEW = 4, 32, 64
-# fp32 compute (the tiny config's parameter dtype) and 16-row MoE blocks
-RUNTIME = dsv3.RuntimeConfig(moe_block_size=16)
+PROMPT, NEW = 32, 64
+RATES = (0.0, 0.5, 0.7, 0.8, 0.9, 1.0)
+
+
+def side_by_side(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """``common.side_by_side`` (alternating, warm-up, others' load before and during) when present;
+    else alternate with ``common.time_interleaved`` and report the load average."""
+    if hasattr(common, "side_by_side"):
+        return common.side_by_side(fns, warmup=1, repeats=repeats)
+    times = common.time_interleaved(fns, warmup=1, repeats=repeats)
+    load = common.load_average()
+    return times, {"quiet": load is not None and load < 1.5, "load_avg_1m": load}
+
+
+def prompts_for(vocab: int, batch: int, seed: int = 0) -> list[list[int]]:
+    return np.random.RandomState(seed).randint(2, vocab, (batch, PROMPT)).tolist()
 
 
 def bench_vs_transformers(cfg) -> None:
     import torch
-    from flax import nnx
 
     from tests.hf_reference import hf_model, hf_state, our_model
-    torch.set_num_threads(num_cores())
+    threads = common.set_threads() if hasattr(common, "set_threads") else common.num_cores()
+    torch.set_num_threads(threads)
+    batch = 4
     ref = hf_model(cfg, seed=0)
-    ours = our_model(cfg, hf_state(ref), runtime=RUNTIME)
-    prompts = np.random.RandomState(0).randint(2, cfg.vocab_size, (BATCH, PROMPT))
-    gen = Generator(ours)
-    gen(prompts.tolist(), max_new_tokens=NEW)  # compile
+    ours = our_model(cfg, hf_state(ref))
+    prompts = prompts_for(cfg.vocab_size, batch)
+    gen = Generator(ours, cache_dtype="float32")   # transformers' cache is fp32 too: the same work
+    ids = torch.tensor(prompts)
+    out = {}
+
+    def theirs():
+        with torch.no_grad():
+            out["hf"] = ref.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, use_cache=True)
+
+    def ours_fn():
+        out["ours"] = gen(prompts, max_new_tokens=NEW)
+
+    times, load = side_by_side({"ours": ours_fn, "transformers": theirs}, repeats=3)
+    same = sum(a == b for r, o in zip(out["ours"].tokens, out["hf"][:, PROMPT:].tolist())
+               for a, b in zip(r, o)) / (batch * NEW)
+    t_o, t_h = times["ours"]["median_s"], times["transformers"]["median_s"]
+    emit({"bench": "decode", "config": cfg.name, "batch": batch, "prompt": PROMPT, "new_tokens": NEW,
+          "threads": threads, "tokens_per_s_ours": batch * NEW / t_o, "tokens_per_s_transformers": batch * NEW / t_h,
+          "ratio": t_h / t_o, "greedy_tokens_agree": same, **load})
+
+
+def _gen_time(gen: Generator, prompts, **kw) -> float:
     t0 = time.perf_counter()
-    res = gen(prompts.tolist(), max_new_tokens=NEW)
-    ours_s = time.perf_counter() - t0
-    with torch.no_grad():
-        ids = torch.tensor(prompts)
-        ref.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
-        t0 = time.perf_counter()
-        out = ref.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, use_cache=True)
-        hf_s = time.perf_counter() - t0
-    same = sum(a == b for r, o in zip(res.tokens, out[:, PROMPT:].tolist()) for a, b in zip(r, o)) / (BATCH * NEW)
-    emit({"bench": "decode", "config": cfg.name, "batch": BATCH, "prompt": PROMPT, "new_tokens": NEW,
-          "tokens_per_s_ours": BATCH * NEW / ours_s, "tokens_per_s_transformers": BATCH * NEW / hf_s,
-          "ratio": hf_s / ours_s, "greedy_tokens_agree": same, "load_average": load_average()})
+    gen(prompts, **kw)
+    return time.perf_counter() - t0
+
+
+def bench_batches(model, label: str) -> None:
+    """Plain greedy decode tokens/s per batch size: auto grouping + bf16 cache (the defaults) beside a
+    fixed 128-row MoE block and beside the fp32 cache; prefill tokens/s (a 32-token prompt)."""
+    rt = model.runtime
+    variants = {"auto_bf16": (model, "bfloat16"), "auto_fp32": (model, "float32"),
+                "block128_bf16": (model.with_runtime(rt.replace(moe_block_size=128)), "bfloat16")}
+    gens = {k: Generator(m, cache_dtype=dt) for k, (m, dt) in variants.items()}
+    for batch in (1, 4, 16):
+        prompts = prompts_for(model.cfg.vocab_size, batch, seed=batch)
+        fns = {k: (lambda g=g: g(prompts, max_new_tokens=NEW)) for k, g in gens.items()}
+        fns["prefill"] = lambda: gens["auto_bf16"](prompts, max_new_tokens=1)
+        times, load = side_by_side(fns, repeats=3)
+        pre = times["prefill"]["median_s"]
+        tps = {k: batch * (NEW - 1) / max(1e-9, times[k]["median_s"] - pre) for k in gens}
+        same = gens["auto_bf16"](prompts, max_new_tokens=NEW).tokens == gens["auto_fp32"](prompts, max_new_tokens=NEW).tokens
+        emit({"bench": "decode_batch", "model": label, "batch": batch, "prompt": PROMPT, "new_tokens": NEW,
+              "decode_tokens_per_s": tps["auto_bf16"], "decode_tokens_per_s_fp32_cache": tps["auto_fp32"],
+              "decode_tokens_per_s_block128": tps["block128_bf16"],
+              "ratio_bf16_vs_fp32_cache": tps["auto_bf16"] / tps["auto_fp32"],
+              "ratio_auto_vs_block128": tps["auto_bf16"] / tps["block128_bf16"],
+              "prefill_tokens_per_s": batch * PROMPT / pre, "greedy_bf16_equals_fp32_cache": same, **load})
+
+
+def oracle_draft(gen: Generator, plain_tokens: list[list[int]], prompts, rate: float, seed: int = 0):
+    """Replace the MTP draft by the target's own next token (from plain greedy) with probability
+    ``rate`` per position, else by a wrong token; the real MTP head still runs (same cost)."""
+    import jax
+    import jax.numpy as jnp
+    vocab = gen.cfg.vocab_size
+    full = jnp.asarray([p + t + [0, 0, 0] for p, t in zip(prompts, plain_tokens)], jnp.int32)   # [B, T]
+    u = jax.random.uniform(jax.random.key(seed), full.shape)
+    real = gen.mtp
+
+    def mtp(state, hidden, next_tokens, positions, cache):
+        logits, cache = real(state, hidden, next_tokens, positions, cache)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(next_tokens.shape[1]), next_tokens.shape)
+        at = jnp.minimum(positions + 2, full.shape[1] - 1)
+        want = jnp.take_along_axis(full, at, 1)
+        right = jnp.take_along_axis(u, at, 1) < rate
+        tok = jnp.where(right, want, (want + 1) % vocab)
+        return logits + jax.nn.one_hot(tok, vocab) * 1e4, cache
+    return mtp
 
 
 def bench_speculative(model, label: str) -> None:
-    gen = Generator(model)
-    prompts = np.random.RandomState(1).randint(2, model.cfg.vocab_size, (1, PROMPT)).tolist()
-    for spec in (None, "mtp"):
-        gen(prompts, max_new_tokens=NEW, speculative=spec)  # compile (the cache length is part of the shape)
-    times = {}
-    results = {}
-    for spec in (None, "mtp"):
-        t0 = time.perf_counter()
-        results[spec] = gen(prompts, max_new_tokens=NEW, speculative=spec)
-        times[spec] = time.perf_counter() - t0
-    r = results["mtp"]
-    emit({"bench": "speculative_mtp", "model": label, "new_tokens": NEW,
-          "tokens_per_s_plain": NEW / times[None], "tokens_per_s_mtp": NEW / times["mtp"],
-          "speedup": times[None] / times["mtp"], "acceptance_rate": r.acceptance_rate,
-          "tokens_per_step": r.tokens_per_step, "identical_output": r.tokens == results[None].tokens})
+    fp32 = Generator(model, cache_dtype="float32")
+    for batch in (1, 16):
+        prompts = prompts_for(model.cfg.vocab_size, batch, seed=100 + batch)
+        gen = Generator(model)
+        res = {}
+        fns = {"plain": lambda: res.__setitem__("plain", gen(prompts, max_new_tokens=NEW)),
+               "mtp": lambda: res.__setitem__("mtp", gen(prompts, max_new_tokens=NEW, speculative="mtp")),
+               "prefill_plain": lambda: gen(prompts, max_new_tokens=1),
+               "prefill_mtp": lambda: gen(prompts, max_new_tokens=1, speculative="mtp")}
+        times, load = side_by_side(fns, repeats=3)
+        med = {k: v["median_s"] for k, v in times.items()}
+        dec_plain, dec_mtp = med["plain"] - med["prefill_plain"], med["mtp"] - med["prefill_mtp"]
+        step_ratio = (dec_mtp / res["mtp"].steps) / (dec_plain / res["plain"].steps)
+        exact = (fp32(prompts, max_new_tokens=NEW, speculative="mtp").tokens
+                 == fp32(prompts, max_new_tokens=NEW).tokens)
+        emit({"bench": "speculative_mtp", "model": label, "batch": batch, "new_tokens": NEW,
+              "tokens_per_s_plain": batch * NEW / med["plain"], "tokens_per_s_mtp": batch * NEW / med["mtp"],
+              "speedup": med["plain"] / med["mtp"], "decode_speedup": dec_plain / dec_mtp,
+              "acceptance_rate": res["mtp"].acceptance_rate, "tokens_per_step": res["mtp"].tokens_per_step,
+              "verify_step_cost_ratio": step_ratio,
+              "identical_output": res["mtp"].tokens == res["plain"].tokens, "identical_output_fp32": exact, **load})
+        table, reach = [], None
+        for rate in RATES:
+            g = Generator(model)
+            g.mtp = oracle_draft(g, res["plain"].tokens, prompts, rate)
+            out = {}
+            t, load = side_by_side({"plain": lambda: gen(prompts, max_new_tokens=NEW),
+                                    "mtp": lambda: out.__setitem__("r", g(prompts, max_new_tokens=NEW,
+                                                                          speculative="mtp"))}, repeats=2)
+            sp = t["plain"]["median_s"] / t["mtp"]["median_s"]
+            table.append({"rate": rate, "acceptance": out["r"].acceptance_rate, "speedup": sp,
+                          "tokens_per_step": out["r"].tokens_per_step, "quiet": load["quiet"]})
+            if reach is None and sp >= 1.8:
+                reach = out["r"].acceptance_rate
+        emit({"bench": "speculative_acceptance", "model": label, "batch": batch, "new_tokens": NEW,
+              "table": table, "acceptance_reaching_1.8x": reach, "quiet": all(r["quiet"] for r in table)})
 
 
 def bench_cache_bytes() -> None:
@@ -79,22 +179,35 @@ def bench_cache_bytes() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--checkpoint", help="checkpoint for the speculative-decoding figures")
+    global NEW
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", help="checkpoint for the batch and speculative figures (default: random tiny)")
+    ap.add_argument("--only", choices=("bytes", "transformers", "batch", "speculative"), action="append",
+                    help="run only these parts (repeatable)")
+    ap.add_argument("--new-tokens", type=int, default=NEW, help="tokens generated per prompt")
     args = ap.parse_args()
+    NEW = args.new_tokens
     import jax
     jax.config.update("jax_default_matmul_precision", "highest")
-    bench_cache_bytes()
-    cfg = dsv3.load_config("tiny", ["num_mtp_layers=0"])
-    log("decode: ours vs transformers generate (tiny config, fp32)")
-    bench_vs_transformers(cfg)
+    parts = set(args.only or ("bytes", "transformers", "batch", "speculative"))
+    if "bytes" in parts:
+        bench_cache_bytes()
+    if "transformers" in parts:
+        log("decode: ours vs transformers generate (tiny config, fp32)")
+        bench_vs_transformers(dsv3.load_config("tiny", ["num_mtp_layers=0"]))
     if args.checkpoint:
         _, model = dsv3.load_checkpoint(args.checkpoint)
-        bench_speculative(model, args.checkpoint)
+        label = args.checkpoint
     else:
         from flax import nnx
-        bench_speculative(dsv3.DeepSeekV3(dsv3.load_config("tiny"), rngs=nnx.Rngs(0), runtime=RUNTIME),
-                          "tiny (random init: acceptance is near 0; pass --checkpoint for a trained model)")
+        model = dsv3.DeepSeekV3(dsv3.load_config("tiny"), rngs=nnx.Rngs(0))
+        label = "tiny (random init: acceptance is near 0; pass --checkpoint for a trained model)"
+    if "batch" in parts:
+        log(f"decode: batch 1/4/16 and prefill ({label})")
+        bench_batches(model, label)
+    if "speculative" in parts:
+        log(f"decode: MTP speculative vs plain, and vs synthetic acceptance ({label})")
+        bench_speculative(model, label)
 
 
 if __name__ == "__main__":

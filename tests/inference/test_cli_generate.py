@@ -27,6 +27,9 @@ def test_generate_json_matches_python_api(checkpoint, capsys):
     assert out["token_ids"] == want and 0 <= out["acceptance_rate"] <= 1
     assert main(args[:-1]) == 0  # streaming ids to stdout
     assert capsys.readouterr().out.split() == [str(t) for t in want]
+    assert main(args + ["--cache-dtype", "float32"]) == 0  # the exact cache: the Python API's fp32-cache tokens
+    assert json.loads(capsys.readouterr().out)["token_ids"] == \
+        dsv3.generate(model, [[3, 1, 4, 1, 5]], max_new_tokens=6, cache_dtype="float32").tokens[0]
     assert main(args + ["--mesh", "expert=8"]) == 0  # sharded: same tokens
     assert json.loads(capsys.readouterr().out)["token_ids"] == want
 
