@@ -181,10 +181,10 @@ class Trainer:
         check_writable(self.ckpt_dir, 1 << 20)  # before any work; the size check follows below
         resumed = check_resume(run, self.ckpt_dir, log)  # a changed model shape is refused before anything is built
         self.init_from = None if resumed is not None else check_init_from(run)  # (a resumed run has its own)
-        if t.ema_every and jax.process_count() > 1:
-            raise ConfigError("train.ema_every: the host EMA holds whole arrays on one host, so it runs in "
-                              "single-process runs only (fix: set train.ema_every=0 for this multi-process run).")
-        self.ema = HostEMA(t.ema_decay, t.ema_every) if t.ema_every else None
+        if t.ema_every and jax.process_count() > 1:   # (docs/design.md §Parameter EMA)
+            log("warning: train.ema_every is ignored in a multi-process run: the host EMA holds whole arrays on one "
+                "host (set train.ema_every=0 to silence this).")
+        self.ema = HostEMA(t.ema_decay, t.ema_every) if t.ema_every and jax.process_count() == 1 else None
         # no --mesh: the 1×1×1×1 mesh on the first device (same code path); a pod passes e.g. data=-1,expert=8
         # (several processes without --mesh: data parallel over all their devices)
         self.mesh = make_mesh(t.mesh) if t.mesh else make_mesh(None, devices=jax.devices()[:1]) \
