@@ -1,10 +1,10 @@
 """``make post-train-demo``: SFT, then GRPO, on a verifiable task, from the ``make demo`` checkpoint
 (docs/design.md §Post-training).
 
-Task: adding zero, ``"a+0="`` or ``"0+a="`` → ``"a"`` for ``a < 300`` (verifiable; a model must copy a
-number it has not been trained on); a fixed held-out set of problems never seen in training. The SFT
-answers come from a biased teacher that answers ``a+1`` to 45% of the ``0+a=`` problems: imitation
-learns the bias, GRPO's exact-answer reward removes it. Held-out accuracy (greedy, exact answer) is measured after pre-training, after SFT and
+Task: the value of a small Python expression of one digit (``"min(7,9)="`` → ``"7"``, ``"0+3="`` → ``"3"``,
+12 forms × 10 digits, the answers computed by ``eval``); a fixed held-out set of 30 (form, digit)
+problems never seen in training. The SFT answers come from a biased teacher that answers ``a+1`` to
+45% of the problems of half of the forms: imitation learns the bias, GRPO's exact-answer reward removes it. Held-out accuracy (greedy, exact answer) is measured after pre-training, after SFT and
 after GRPO. Seed noise: the same SFT run with another data seed, whose held-out accuracy differs from
 the first by ``|b − b'|`` — the change that chance alone makes; GRPO's gain ``c − b`` is reported beside it.
 
@@ -29,31 +29,34 @@ from pathlib import Path
 
 import numpy as np
 
-MAX_OPERAND = 300
-HELD_OUT = 100
+# Python expressions whose value is their one digit `a`: the answer is checked by evaluating them
+FORMS = ("{a}+0", "0+{a}", "{a}-0", "{a}*1", "1*{a}", "{a}//1", "abs({a})", "int({a})", "max({a},0)",
+         "min({a},9)", "{a}%10", "({a})")
+BIASED = FORMS[::2]     # the forms the SFT teacher gets wrong part of the time
+HELD_OUT = 30
 TEACHER_ERRORS = 0.45
 
 
-def arithmetic(seed: int = 0, held_out: int = HELD_OUT, max_operand: int = MAX_OPERAND):
-    """``(train records, held-out records)``: ``{"messages": [user "a+0=" or "0+a="], "answer": "a"}`` for
-    ``a < max_operand``; the held-out problems are never trained on."""
-    probs = [(f"{a}+0=", a) for a in range(max_operand)] + [(f"0+{a}=", a) for a in range(max_operand)]
+def arithmetic(seed: int = 0, held_out: int = HELD_OUT):
+    """``(train records, held-out records)``: ``{"messages": [user "min(7,9)="], "answer": "7"}`` for every
+    form of ``FORMS`` and digit; the answer is the expression's value (``eval``), and the held-out
+    problems (form, digit pairs) are never trained on."""
+    probs = sorted({f.format(a=a) + "=": str(eval(f.format(a=a))) for f in FORMS for a in range(10)}.items())  # noqa: S307
     order = np.random.default_rng(seed).permutation(len(probs))
-    rec = lambda q, a: {"messages": [{"role": "user", "content": q}], "answer": str(a)}  # noqa: E731
-    test = [rec(*probs[i]) for i in order[:held_out]]
-    train = [rec(*probs[i]) for i in order[held_out:]]
-    return train, test
+    rec = lambda q, a: {"messages": [{"role": "user", "content": q}], "answer": a}  # noqa: E731
+    return [rec(*probs[i]) for i in order[held_out:]], [rec(*probs[i]) for i in order[:held_out]]
 
 
 def teacher_conversations(records, error_rate: float = TEACHER_ERRORS, seed: int = 0):
-    """SFT conversations from a biased teacher: right on ``a+0=``, but on ``error_rate`` of the ``0+a=``
-    problems it answers ``a+1`` — a systematic mistake that imitation copies and that only a check of
-    the answer (GRPO's reward) can tell from a right answer."""
+    """SFT conversations from a biased teacher: right on half of the forms, but on ``error_rate`` of the
+    problems of the other half (``BIASED``) it answers ``a+1`` (mod 10) — a systematic mistake that
+    imitation copies and that only a check of the answer (GRPO's reward) tells from a right one."""
     rng = np.random.default_rng(seed)
     out = []
     for r in records:
-        wrong = r["messages"][0]["content"].startswith("0+") and rng.random() < error_rate
-        out.append({"messages": r["messages"] + [{"role": "assistant", "content": str(int(r["answer"]) + wrong)}]})
+        q, a = r["messages"][0]["content"], int(r["answer"])
+        wrong = any(q == f.format(a=a) + "=" for f in BIASED) and rng.random() < error_rate
+        out.append({"messages": r["messages"] + [{"role": "assistant", "content": str((a + wrong) % 10)}]})
     return out
 
 
@@ -117,7 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sft-steps", type=int, default=0, help="SFT steps (default: configs/sft_demo.yaml's)")
     ap.add_argument("--grpo-steps", type=int, default=0, help="GRPO steps (default: configs/grpo_demo.yaml's)")
     ap.add_argument("--teacher-errors", type=float, default=TEACHER_ERRORS,
-                    help="fraction of the 0+a= problems the synthetic SFT teacher answers with a+1")
+                    help="fraction of the problems of the biased forms the synthetic SFT teacher answers with a+1")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if out.exists():
@@ -126,11 +129,11 @@ def main(argv=None) -> int:
     log = lambda s: print(s, flush=True)  # noqa: E731
     quiet = lambda s: None  # noqa: E731
     t_start = time.perf_counter()
-    n_held = 16 if args.tiny else HELD_OUT
+    n_held = HELD_OUT
     train_recs, test_recs = arithmetic(held_out=n_held)
     sft_data = write_jsonl(out / "sft.jsonl", teacher_conversations(train_recs, args.teacher_errors))
     grpo_data = write_jsonl(out / "prompts.jsonl", train_recs)
-    new_tokens = 4
+    new_tokens = 2
 
     # 1. the pre-trained checkpoint
     ckpt = None if args.tiny else chat_checkpoint(Path(args.pretrained))
@@ -147,8 +150,8 @@ def main(argv=None) -> int:
         ckpt = Path(res["checkpoint"])
     model = _to_dict(checkpoint_config(ckpt))
     log(f"== from {ckpt}: {model['num_layers']} layers, hidden {model['hidden_size']}, {model['n_routed_experts']} "
-        f"experts; task a+0= / 0+a= with a < {MAX_OPERAND}: {len(train_recs)} training problems, {n_held} held "
-        f"out; SFT answers from a teacher wrong on {args.teacher_errors:.0%} of the 0+a= problems ==")
+        f"experts; task: one-digit Python expressions ({len(FORMS)} forms), {len(train_recs)} training problems, "
+        f"{n_held} held out; SFT answers from a teacher wrong on {args.teacher_errors:.0%} of half the forms ==")
     acc = {"pretrained": accuracy(ckpt, test_recs, new_tokens)}
     log(f"held-out accuracy after pre-training  {acc['pretrained']:.3f}")
 
