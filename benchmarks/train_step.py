@@ -58,7 +58,7 @@ def prepare_ours(cfg, state, tokens, runtime):
     from tests.hf_reference import our_model
     model = our_model(cfg, state, runtime=runtime)
     graphdef, params, bias, rest = nnx.split(model, nnx.Param, RouterBias, ...)
-    t = TrainConfig(steps=1000, lr=1e-3, mtp_weight=0.0)
+    t = TrainConfig(steps=1000, lr=1e-3, mtp_weight=0.0, batch_ramp_start=1.0)  # every row trains at update 0
     tx = make_optimizer(t, params)
     st = {"params": params, "bias": bias, "rest": rest, "opt": tx.init(params), "applied": jnp.zeros((), jnp.int32)}
     step = jax.jit(make_train_step(graphdef, cfg, t, tx, lr_schedule(t)))

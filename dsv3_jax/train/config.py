@@ -52,7 +52,7 @@ class TrainConfig:
     batch_ramp_start: float = 0.2        # rows trained at step 0 / data.batch_size (3072/15360); 1 = no ramp
     # losses and balancing (docs/architecture.md §4, §5)
     mtp_weight: float = 0.3              # λ for the first 10T/14.8T of the run
-    mtp_weight_final: float = 0.1        # λ after that
+    mtp_weight_final: float = -1.0       # λ after that; -1: mtp_weight/3 (the report's 0.3 → 0.1; 0 stays 0)
     balance: str = "aux_free"            # aux_free (bias update + α loss) | aux_loss (α loss only) | none
     balance_alpha: float = 1e-4          # α of the sequence-wise balance loss
     bias_rate: float = 1e-3              # γ of the aux-loss-free bias update
@@ -119,7 +119,10 @@ def validate_train(t: TrainConfig, data: DataConfig) -> None:
     for f in ("b1", "b2"):
         if not 0 <= getattr(t, f) < 1:
             _fail(f"train.{f}", getattr(t, f), "must be in [0, 1)", "use 0.9 / 0.95")
-    for f in ("weight_decay", "clip_norm", "mtp_weight", "mtp_weight_final", "balance_alpha", "bias_rate"):
+    if t.mtp_weight_final != -1 and not 0 <= t.mtp_weight_final < math.inf:
+        _fail("train.mtp_weight_final", t.mtp_weight_final, "must be a finite number >= 0, or -1 for mtp_weight/3",
+              "e.g. 0.1")
+    for f in ("weight_decay", "clip_norm", "mtp_weight", "balance_alpha", "bias_rate"):
         if not 0 <= getattr(t, f) < math.inf:
             _fail(f"train.{f}", getattr(t, f), "must be a finite number >= 0", f"use 0 to disable")
     if not 0 < t.batch_ramp_start <= 1:

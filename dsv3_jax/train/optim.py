@@ -98,8 +98,13 @@ def bias_rate_schedule(t: TrainConfig) -> Callable:
 def mtp_weight_schedule(t: TrainConfig) -> Callable:
     """``step -> λ``: ``mtp_weight`` for the first 10T/14.8T of the run, then ``mtp_weight_final``
     (docs/architecture.md §5)."""
-    switch = phase_step(t, MTP_SWITCH)
-    return lambda step: jnp.where(jnp.asarray(step) < switch, t.mtp_weight, t.mtp_weight_final).astype(jnp.float32)
+    switch, (first, final) = phase_step(t, MTP_SWITCH), mtp_weights(t)
+    return lambda step: jnp.where(jnp.asarray(step) < switch, first, final).astype(jnp.float32)
+
+
+def mtp_weights(t: TrainConfig) -> tuple[float, float]:
+    """``(λ before the switch, λ after)``; ``mtp_weight_final = -1`` keeps the report's ratio (0.3 → 0.1)."""
+    return t.mtp_weight, (t.mtp_weight_final if t.mtp_weight_final >= 0 else t.mtp_weight / 3)
 
 
 def decay_mask(params) -> Any:
@@ -150,4 +155,4 @@ def make_optimizer(t: TrainConfig, params) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-__all__ = ["active_rows", "bias_rate_schedule", "mtp_weight_schedule", "phase_step", "lr_schedule", "warmup_steps", "decay_mask", "make_optimizer", "scale_by_adam_lowp"]
+__all__ = ["active_rows", "bias_rate_schedule", "mtp_weight_schedule", "mtp_weights", "phase_step", "lr_schedule", "warmup_steps", "decay_mask", "make_optimizer", "scale_by_adam_lowp"]

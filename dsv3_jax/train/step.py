@@ -27,7 +27,7 @@ from flax import nnx
 from ..config import ModelConfig
 from .config import TrainConfig
 from ..model import DeepSeekV3
-from .optim import active_rows, bias_rate_schedule, mtp_weight_schedule
+from .optim import active_rows, bias_rate_schedule, mtp_weight_schedule, mtp_weights
 from .losses import balance_loss_terms, concat_stats, mtp_targets, token_ce_sum
 
 
@@ -47,7 +47,7 @@ def denominators(batch: dict, n_mtp: int) -> dict:
 def make_loss_fn(graphdef, cfg: ModelConfig, t: TrainConfig) -> Callable:
     """``loss(params, bias, rest, batch, denoms, poison) -> (total, aux)``; ``poison`` (0 or NaN) is
     the NaN-injection test hook: ``total · (1 + poison)``."""
-    n_mtp = cfg.num_mtp_layers if max(t.mtp_weight, t.mtp_weight_final) > 0 else 0
+    n_mtp = cfg.num_mtp_layers if max(mtp_weights(t)) > 0 else 0
     use_bal = t.balance != "none" and t.balance_alpha > 0
 
     def loss_fn(params, bias, rest, batch, denoms, poison):
@@ -108,7 +108,7 @@ def make_train_step(graphdef, cfg: ModelConfig, t: TrainConfig, tx: optax.Gradie
     docs/design.md §Pipeline)."""
     grad_fn = grad_fn or jax.value_and_grad(make_loss_fn(graphdef, cfg, t), has_aux=True)
     A = t.grad_accum
-    n_mtp = cfg.num_mtp_layers if max(t.mtp_weight, t.mtp_weight_final) > 0 else 0
+    n_mtp = cfg.num_mtp_layers if max(mtp_weights(t)) > 0 else 0
     gamma_fn, lam_fn = bias_rate_schedule(t), mtp_weight_schedule(t)
 
     def step(state: dict, batch: dict, poison: jax.Array):

@@ -25,8 +25,8 @@ def test_batch_ramp_gamma_and_lambda_schedules():
     """steps=1000: ramp ends at round(0.469/14.8·1000) = 32, γ stops at round(14.3/14.8·1000) = 966,
     λ switches at round(10/14.8·1000) = 676; rows = floor(B·(0.2 + 0.8·s/32))."""
     t = load_run_config("tiny", ["steps=1000"]).train
-    assert (t.batch_ramp_start, t.mtp_weight, t.mtp_weight_final, t.bias_freeze, t.moment_dtype) == \
-        (0.2, 0.3, 0.1, True, "bfloat16")                      # the report's defaults
+    assert (t.batch_ramp_start, t.mtp_weight, t.bias_freeze, t.moment_dtype) == \
+        (0.2, 0.3, True, "bfloat16")                           # the report's defaults
     rows = active_rows(t, 16)
     assert [int(rows(s)) for s in (0, 1, 16, 31, 32, 500)] == [3, 3, 9, 15, 16, 16]
     assert int(active_rows(t, 8)(0)) == 1 and int(active_rows(t, 1)(0)) == 1  # never below one row
@@ -38,6 +38,10 @@ def test_batch_ramp_gamma_and_lambda_schedules():
     assert float(g_on(999)) == pytest.approx(1e-3)
     lam = mtp_weight_schedule(t)
     assert [float(lam(s)) for s in (0, 675, 676, 999)] == [pytest.approx(0.3)] * 2 + [pytest.approx(0.1)] * 2
+    off_mtp = load_run_config("tiny", ["steps=1000", "mtp_weight=0"]).train     # 0 stays 0 (λ_final = λ/3)
+    assert float(mtp_weight_schedule(off_mtp)(999)) == 0.0
+    assert float(mtp_weight_schedule(load_run_config("tiny", ["steps=1000", "mtp_weight_final=0.2"]).train)(999)) == \
+        pytest.approx(0.2)
     const = lr_schedule(load_run_config("tiny", ["steps=100", "lr=7.3e-6", "lr_schedule=constant"]).train)
     assert [float(const(s)) for s in (0, 50, 99)] == [pytest.approx(7.3e-6)] * 3
     with pytest.raises(dsv3.ConfigError, match="batch_ramp_start"):
