@@ -120,6 +120,8 @@ def plot_needle(res: NeedleResult, path: str, title: str = "") -> None:
     im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(res.lengths)), [str(x) for x in res.lengths])
     ax.set_yticks(range(len(res.depths)), [f"{d:g}" for d in res.depths])
+    for (i, j), v in np.ndenumerate(grid):   # the value in each cell (colour alone hides 0.9 vs 1)
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth (%)")
     ax.set_title(title or f"Needle in a Haystack ({res.trials} trials per cell)")
