@@ -184,7 +184,9 @@ def fill_piece(source, piece: Piece, out: np.ndarray, scale_out: Optional[np.nda
     finally:
         source.release(name)
     if not source.allow_nonfinite and transcode.has_nonfinite(out):
-        fp8.check_finite(out, name, source.where(name))
+        # raised by the plain read, which names the first bad value by its index in the HF tensor
+        source.get_fp8(name) if scale_out is not None else source.get(name)
+        fp8.check_finite(out, name, source.where(name))  # finite in the source, not after the cast
 
 
 def to_hf_fp8(q_slice: np.ndarray, s_slice: np.ndarray, in_ndim: int) -> tuple[np.ndarray, np.ndarray]:
