@@ -7,7 +7,7 @@ model's mesh when it has one. The NLL per position is kept too: the long-context
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -3,13 +3,11 @@ hand-computed values, the batch-size ramp inside the step, and the host EMA (clo
 blocking the step)."""
 from __future__ import annotations
 
-import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
