@@ -93,6 +93,9 @@ def run(args) -> int:
         if bad:   # before the weights are read
             raise DataError(f"--lengths {bad} do not fit the model's context of {stored.max_position_embeddings} "
                             f"tokens with the answer (fix: lengths up to {stored.max_position_embeddings - 16}).")
+    if args.task == "ppl" and args.seq_len and args.seq_len > stored.max_position_embeddings:
+        raise DataError(f"--seq-len {args.seq_len} exceeds the model's context of {stored.max_position_embeddings} "
+                        f"tokens (fix: --seq-len {stored.max_position_embeddings} or less).")
     mesh = make_mesh(args.mesh) if args.mesh else None
     runtime = list(args.overrides) + ([f"ep_strategy={args.ep_strategy}"] if args.ep_strategy else [])
     cfg, model = load_checkpoint(args.checkpoint, mesh=mesh, runtime=runtime, ema=args.ema)

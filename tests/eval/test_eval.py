@@ -163,3 +163,17 @@ def test_score_and_generate_take_ema(tiny_checkpoint, capsys):
     assert main(["generate", "--checkpoint", str(tiny_checkpoint), "--prompt-ids", "0,9,10", "--max-new-tokens", "3",
                  "--ema", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]) <= 3
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["ppl", "--checkpoint", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+    (["needle", "--checkpoint", "{c}", "--lengths", "12x"], "comma list of integers"),
+    (["ppl", "--checkpoint", "{c}", "--plot", "{tmp}/nll.jpg"], "PNG"),
+    (["ppl", "--checkpoint", "{c}", "--plot", "{tmp}/no/such/dir/nll.png"], "does not exist"),
+    (["ppl", "--checkpoint", "{c}", "--seq-len", "9999"], "context"),
+    (["fim", "--checkpoint", "{c}", "--val-fraction", "0"], "held-out fraction"),
+])
+def test_eval_bad_input_is_one_line(argv, needle, tiny_checkpoint, tmp_path, capsys):
+    argv = [a.format(c=tiny_checkpoint, tmp=tmp_path) for a in argv]
+    code, _, err = _eval(capsys, *argv)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
