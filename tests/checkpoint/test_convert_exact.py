@@ -97,3 +97,12 @@ def test_kernels_match_numpy_on_odd_shapes():
             assert transcode.has_nonfinite(b), (dt, bad)
     assert transcode.has_nonfinite(np.array([0x7F], np.uint8).view(fp8.E4M3))
     assert not transcode.has_nonfinite(np.array([0x7E], np.uint8).view(fp8.E4M3))
+
+
+def test_progress_bar_shows_rate_and_eta(release, tmp_path, capsys):
+    """The bar (stderr) reports bytes per second and the time left; ``progress=False`` (``--quiet``) prints nothing."""
+    convert.hf_to_orbax(release, tmp_path / "a", progress=True, group_bytes=1 << 20)
+    err = capsys.readouterr().err
+    assert "B/s" in err and "<" in err and "100%" in err, err[-300:]  # [elapsed<remaining, rate]
+    convert.hf_to_orbax(release, tmp_path / "b", progress=False, group_bytes=1 << 20)
+    assert capsys.readouterr().err == ""
