@@ -15,7 +15,6 @@ the assistant's tokens (docs/design.md §Post-training).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path

@@ -32,7 +32,6 @@ from ..data.conversations import open_conversations
 from ..data.pipeline import split_document_ids
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..inference.generate import Generator
-from ..model.layers import RouterBias
 from .config import RunConfig
 from .grpo import group_advantages, make_grpo_step, make_logprob_fn
 from .program import train_program
