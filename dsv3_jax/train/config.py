@@ -143,6 +143,9 @@ def validate_train(t: TrainConfig, data: DataConfig) -> None:
         _fail(f"train.{bad}", getattr(t, bad), "GRPO's baseline is the mean reward of a group of sampled "
               "completions, so it needs at least 2 samples drawn at a temperature > 0",
               "e.g. train.group_size=8 train.temperature=1.0")
+    if t.objective == "sft" and not (t.init_from or data.tokenizer):
+        _fail("train.init_from", "", "train.objective=sft fine-tunes a model whose tokenizer knows the chat tokens, "
+              "and no tokenizer is trained on conversations", "set train.init_from=CKPT_DIR (or data.tokenizer)")
     if t.objective in ("grpo", "distill") and not (t.init_from if t.objective == "grpo" else t.teacher):
         f = "init_from" if t.objective == "grpo" else "teacher"
         _fail(f"train.{f}", "", f"train.objective={t.objective} needs a checkpoint", f"set train.{f}=CKPT_DIR")
