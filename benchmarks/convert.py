@@ -164,6 +164,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--small", action="store_true", help="~40 MB model instead of >=3 GB")
     ap.add_argument("--layers", type=int, default=16, help="layers of the synthetic model")
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds of every phase (median reported)")
+    ap.add_argument("--phases", default="convert,convert_fp8,export",
+                    help="what to time besides the plain read (comma list of convert, convert_fp8, export)")
     ap.add_argument("--workdir", help="where to generate (default: a temporary directory, removed after)")
     ap.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "DST"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -187,34 +189,39 @@ def main(argv=None) -> dict:
         run_child("read", src, dst, group)  # warm-up: the source in the page cache for every phase alike
         mon = LoadMonitor()
         mon.before()
-        runs: dict[str, list[dict]] = {"read": [], "convert": [], "convert_fp8": [], "export": []}
+        phases = ["read"] + [p for p in ("convert", "convert_fp8", "export") if p in args.phases.split(",")]
+        if "export" in phases and "convert" not in phases:
+            ap.error("--phases: export needs convert (it exports the bf16 checkpoint)")
+        where = {"read": (src, dst), "convert": (src, dst), "convert_fp8": (src, dst8), "export": (dst, hf)}
+        runs: dict[str, list[dict]] = {p: [] for p in phases}
         with mon:  # the phases alternate, so load from other processes falls on all of them alike
             for _ in range(args.rounds):
-                runs["read"].append(run_child("read", src, dst, group))
-                runs["convert"].append(run_child("convert", src, dst, group))
-                runs["convert_fp8"].append(run_child("convert_fp8", src, dst8, group))
-                runs["export"].append(run_child("export", dst, hf, group))
+                for p in phases:
+                    runs[p].append(run_child(p, *where[p], group))
         secs = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
-        mb, out_mb = size / 2**20, _dir_mb(dst)
+        mb = size / 2**20
         read_mb_s = mb / secs["read"]
-        conv, conv8 = runs["convert"][-1], runs["convert_fp8"][-1]
-        res = {
-            "benchmark": "convert_hf_fp8_to_orbax", "source_mb": round(mb, 1),
-            "layers": make_config(args.small, args.layers)["num_hidden_layers"],
-            "read_mb_s": round(read_mb_s, 1),
-            "convert_mb_s": round(mb / secs["convert"], 1), "ratio": round(secs["read"] / secs["convert"], 3),
-            "convert_keep_fp8_mb_s": round(mb / secs["convert_fp8"], 1),
-            "ratio_keep_fp8": round(secs["read"] / secs["convert_fp8"], 3),
-            # orbax-to-hf of the bf16 checkpoint: its bytes per second, against the same plain read
-            "export_mb_s": round(out_mb / secs["export"], 1),
-            "ratio_export": round(out_mb / secs["export"] / read_mb_s, 3),
-            "convert_rss_growth_mb": round(conv["peak_mb"] - conv["rss_before_mb"], 1),
-            "convert_keep_fp8_rss_growth_mb": round(conv8["peak_mb"] - conv8["rss_before_mb"], 1),
-            "export_rss_growth_mb": round(runs["export"][-1]["peak_mb"] - runs["export"][-1]["rss_before_mb"], 1),
-            "read_rss_growth_mb": round(runs["read"][-1]["peak_mb"] - runs["read"][-1]["rss_before_mb"], 1),
-            "group_mb": group / 2**20, "output_mb": round(out_mb, 1), "output_keep_fp8_mb": round(_dir_mb(dst8), 1),
-            "rounds": args.rounds, "workers": max(1, min(4, num_cores())), **mon.record(),
-        }
+
+        def growth(p):
+            return round(runs[p][-1]["peak_mb"] - runs[p][-1]["rss_before_mb"], 1)
+        res = {"benchmark": "convert_hf_fp8_to_orbax", "source_mb": round(mb, 1),
+               "layers": make_config(args.small, args.layers)["num_hidden_layers"],
+               "read_mb_s": round(read_mb_s, 1), "read_rss_growth_mb": growth("read")}
+        if "convert" in runs:
+            out_mb = _dir_mb(dst)
+            res.update({"convert_mb_s": round(mb / secs["convert"], 1), "ratio": round(secs["read"] / secs["convert"], 3),
+                        "convert_rss_growth_mb": growth("convert"), "output_mb": round(out_mb, 1)})
+        if "convert_fp8" in runs:
+            res.update({"convert_keep_fp8_mb_s": round(mb / secs["convert_fp8"], 1),
+                        "ratio_keep_fp8": round(secs["read"] / secs["convert_fp8"], 3),
+                        "convert_keep_fp8_rss_growth_mb": growth("convert_fp8"),
+                        "output_keep_fp8_mb": round(_dir_mb(dst8), 1)})
+        if "export" in runs:  # orbax-to-hf of the bf16 checkpoint: its bytes per second, against the same read
+            res.update({"export_mb_s": round(out_mb / secs["export"], 1),
+                        "ratio_export": round(out_mb / secs["export"] / read_mb_s, 3),
+                        "export_rss_growth_mb": growth("export")})
+        res.update({"group_mb": group / 2**20, "rounds": args.rounds, "workers": max(1, min(4, num_cores())),
+                    **mon.record()})
         print(json.dumps(res))
         return res
     finally:

@@ -543,7 +543,7 @@ def test_streaming_conversion_memory_is_bounded(tmp_path):
     import subprocess
     import sys
     root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, str(root / "benchmarks" / "convert.py"), "--small",
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "convert.py"), "--small", "--phases", "convert",
                           "--workdir", str(tmp_path)], capture_output=True, text=True, check=True, cwd=root)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["layers"] >= 16 and res["source_mb"] > 40
