@@ -161,8 +161,8 @@ def bench_speculative(model, label: str) -> None:
                                     "mtp": lambda: out.__setitem__("r", g(prompts, max_new_tokens=NEW,
                                                                           speculative="mtp"))}, repeats=2)
             sp = t["plain"]["median_s"] / t["mtp"]["median_s"]
-            table.append({"rate": rate, "acceptance": out["r"].acceptance_rate, "speedup": sp,
-                          "tokens_per_step": out["r"].tokens_per_step, "quiet": load["quiet"]})
+            table.append({"rate": rate, "acceptance": round(out["r"].acceptance_rate, 4), "speedup": round(sp, 4),
+                          "tokens_per_step": round(out["r"].tokens_per_step, 4), "quiet": load["quiet"]})
             if reach is None and sp >= 1.8:
                 reach = out["r"].acceptance_rate
         emit({"bench": "speculative_acceptance", "model": label, "batch": batch, "new_tokens": NEW,
