@@ -85,6 +85,8 @@ def bias_update(bias: nnx.State, counts: Optional[jax.Array], mtp_counts: Option
         if keys[0] == MOE_STACK:
             c = counts
         elif keys[0] == DeepSeekV3.MTP:
+            if mtp_counts is None:   # MTP not run (λ = 0): its routers saw no tokens, their bias stays
+                return b
             k = int(keys[1])
             c = mtp_counts[k:k + 1]
         else:

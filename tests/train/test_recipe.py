@@ -133,3 +133,16 @@ def test_ema_never_blocks_the_step():
     np.testing.assert_allclose(v[("w",)], 0.25 * np.asarray(_params(0)["w"]) + 0.75 * np.asarray(_params(2)["w"]),
                                rtol=1e-6)
     ema.close()
+
+
+def test_mtp_off_trains_and_leaves_the_mtp_router_bias():
+    """λ = 0 on a model with an MTP module: the module is not run, the step trains, the main routers'
+    bias moves and the MTP router's bias (which saw no token) stays."""
+    step, state = _step_setup("steps=1000", "mtp_weight=0", "batch_ramp_start=1")
+    new, m = step(state, _batch(), jnp.float32(0))
+    assert float(m["mtp"]) == 0.0 and bool(m["finite"])
+    flat = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(new["bias"])}
+    old = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(state["bias"])}
+    assert any(k.startswith("mtp") for k in flat)
+    for k in flat:
+        assert np.array_equal(flat[k], old[k]) == k.startswith("mtp"), k
