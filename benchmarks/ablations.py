@@ -128,6 +128,8 @@ def main() -> None:
     ap.add_argument("--needle-lengths", default="512,1024,2048")
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--out", help="run directory (default: a temporary one)")
+    ap.add_argument("--base-from", metavar="LOG", help="reuse the base runs' JSON lines of an earlier run's output "
+                                                      "(same --steps/--seeds) instead of training them again")
     a = ap.parse_args()
     if a.needle:
         needle(a.needle[0], a.needle[1], [int(x) for x in a.needle_lengths.split(",")], a.trials)
@@ -138,7 +140,10 @@ def main() -> None:
         out = Path(a.out or tmp)
         tokenizer = None
         runs: dict[str, list[dict]] = {}
-        for v in ["base"] + [v for v in variants if v != "base"]:
+        if a.base_from:
+            runs["base"] = [r for r in map(json.loads, filter(str.strip, Path(a.base_from).read_text().splitlines()))
+                            if r.get("variant") == "base" and r.get("steps") == a.steps][:a.seeds]
+        for v in ([] if a.base_from else ["base"]) + [v for v in variants if v != "base"]:
             for s in range(a.seeds):
                 runs.setdefault(v, []).append(run_one(v, s, out, a.steps, a.eval_batches, tokenizer))
                 tokenizer = tokenizer or out / f"{v}_s{s}" / "tokenizer.json"   # one tokenizer for every run
