@@ -222,9 +222,4 @@ def stage_layout(shardings, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(one, shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
-def pipeline_activations(p: PipelineConfig, pp: int) -> list[int]:
-    """The simulator's peak in-flight micro-batches per device for ``p`` (what the step measures)."""
-    return list(simulate(p.schedule, pp=pp, microbatches=p.microbatches).activations)
-
-
-__all__ = ["make_pipeline_grad_fn", "schedule_tables", "pipeline_activations", "stage_layout"]
+__all__ = ["make_pipeline_grad_fn", "schedule_tables", "stage_layout"]
