@@ -53,3 +53,21 @@ def test_stage_checkpoint_restores_without_stages_and_back(tmp_path):
     assert len(p["moe_layers"]["mlp"]["experts"]["gate"].get_value().sharding.device_set) == 1
     p = _roundtrip(single, staged, tmp_path / "b", 1.0)        # written on one device, read into stages
     assert spec(p)[0] == "stage"
+
+
+def test_stage_axis_splits_the_moe_stack_memory():
+    """Per device, the MoE stack's parameters and AdamW moments shrink by the stage count; the leaves every
+    stage holds (embedding, dense layers, head, MTP) do not (docs/design.md §Pipeline)."""
+    def per_device(prog, moe: bool):
+        total = 0
+        for k in ("params", "opt"):
+            flat_a = jax.tree_util.tree_leaves_with_path(prog.abstract[k])
+            flat_s = jax.tree.leaves(prog.shardings[k])
+            for (path, a), s in zip(flat_a, flat_s):
+                if any(getattr(p, "key", None) == "moe_layers" for p in path) == moe:
+                    total += int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
+        return total
+    staged = _program(make_mesh("stage=2,expert=4"))
+    flat = _program(make_mesh("expert=4", devices=jax.devices()[:4]))
+    assert per_device(staged, moe=True) * 2 == per_device(flat, moe=True) > 0
+    assert per_device(staged, moe=False) == per_device(flat, moe=False) > 0
