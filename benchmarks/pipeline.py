@@ -17,6 +17,9 @@
   share this machine's cores, so the step time is the total work of all stages plus the pipeline's
   bookkeeping (stash, ``ppermute``s, recomputation in the backward), not a pod's overlapped time.
 
+* ``layout_bytes_671b``: the 671B train state's bytes per chip on v5p:2x8x16 with and without a stage axis
+  (from the shardings; ``dsv3 plan --mesh stage=...`` compiles the same program for the compiler's figures).
+
     python benchmarks/pipeline.py            # every measurement
     python benchmarks/pipeline.py simulated  # some (by name prefix)
 """
@@ -105,7 +108,38 @@ def executed_step() -> None:
               "activations_simulated": simulate(schedule, pp=pp, microbatches=micro).activations, **load})
 
 
-MEASUREMENTS = {"simulated_bubble": simulated_bubble, "executed_step": executed_step}
+def layout_bytes_671b() -> None:
+    """Per-chip parameter + AdamW bytes of the 671B train state on a v5p:2x8x16 slice (256 chips), from the
+    shardings ``train_program`` lays out (no compile): with ``stage=2`` (the MoE stack split over stages, the
+    rest replicated over them) against the same chips without a stage axis. 58 MoE layers: 2 is the only
+    stage count below 29 that divides them; the torus takes ``stage`` on its 2-chip axis."""
+    import os
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from dsv3_jax.config import RuntimeConfig, load_config
+    from dsv3_jax.pipeline.config import PipelineConfig
+    from dsv3_jax.plan import _per_chip_bytes, topology_devices
+    from dsv3_jax.train.config import TrainConfig
+    from dsv3_jax.train.program import train_program
+    from sharding import DEFAULT_RULES, make_mesh
+
+    cfg, devs = load_config("deepseek_v3_671b"), topology_devices("v5p:2x8x16")
+
+    def gib(spec, pipeline=None):
+        prog = train_program(cfg, RuntimeConfig(), TrainConfig(), make_mesh(spec, devices=devs), DEFAULT_RULES,
+                             pipeline=pipeline)
+        return sum(_per_chip_bytes(prog.abstract[k], prog.shardings[k]) for k in prog.abstract) / 2**30
+    base = gib("fsdp=16,expert=16")
+    for schedule in ("1f1b", "dualpipe"):
+        ours = gib("stage=2,fsdp=16,expert=8", PipelineConfig(schedule, 4))
+        emit({"bench": "pipeline.layout_bytes_671b", "topology": "v5p:2x8x16", "schedule": schedule,
+              "mesh": "stage=2,fsdp=16,expert=8", "baseline_mesh": "fsdp=16,expert=16",
+              "ours_gib_per_chip": ours, "baseline_gib_per_chip": base, "ratio": ours / base,
+              "what": "params + router bias + AdamW moments (stored state; DualPipe's second stage copy is a "
+                      "temporary of the step, not stored)"})
+
+
+MEASUREMENTS = {"simulated_bubble": simulated_bubble, "executed_step": executed_step,
+                "layout_bytes_671b": layout_bytes_671b}
 
 
 def main(names: list[str]) -> None:
