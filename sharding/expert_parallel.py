@@ -199,7 +199,8 @@ def _send_pairs(a2a, buf: int, rows, p_tok, offs, sizes, mine_off, rsizes):
     return a2a(rows[p_tok], jnp.zeros((buf,) + rows.shape[1:], rows.dtype), offs, sizes, mine_off, rsizes)
 
 
-def _exchange(ep: ExpertParallel, expert_fn: ExpertFn, x, experts, weights, w_gate, w_up, w_down):
+def _exchange(ep: ExpertParallel, expert_fn: ExpertFn, x, experts, weights, w_gate, w_up, w_down,
+              mesh_axes: tuple):
     """The a2a strategies inside shard_map: x ``[T, D]``, experts/weights ``[T, K]`` (global ids).
     Returns (fp32 output ``[T, D]``, dropped token-slots, total token-slots).
 
@@ -268,7 +269,7 @@ def _exchange(ep: ExpertParallel, expert_fn: ExpertFn, x, experts, weights, w_ga
         out = one_round(out, 0)
     else:
         # every device takes the same branches (collectives inside), whatever its expert group
-        needed = jax.lax.pmax(jnp.max(jnp.where(real, p_round, -1)) + 1, free_axes(ep.mesh))
+        needed = jax.lax.pmax(jnp.max(jnp.where(real, p_round, -1)) + 1, mesh_axes)
         step = jax.checkpoint(lambda out, r: jax.lax.cond(r < needed, one_round, lambda o, _: o, out, r),
                               policy=jax.checkpoint_policies.nothing_saveable)
         out, _ = jax.lax.scan(lambda o, r: (step(o, r), None), out, jnp.arange(r_max))
@@ -286,6 +287,8 @@ def moe_forward(ep: ExpertParallel, x: jax.Array, router_kernel: jax.Array, bias
     w_in = P("expert", None, tensor)
     w_out = P("expert", tensor, None)
     has_bias = bias is not None
+    # the axes "the whole mesh" spans for this layer, read here: inside ``local`` every axis is manual
+    mesh_axes = free_axes(ep.mesh)
 
     def local(x, kernel, bias, w_gate, w_up, w_down):
         B, S, D = x.shape
@@ -306,10 +309,10 @@ def moe_forward(ep: ExpertParallel, x: jax.Array, router_kernel: jax.Array, bias
             if ep.n_expert_shards > 1:
                 out = jax.lax.psum_scatter(out, "expert", scatter_dimension=0, tiled=True)
         else:
-            out, dropped, _ = _exchange(ep, expert_fn, xt, et, wt, w_gate, w_up, w_down)
+            out, dropped, _ = _exchange(ep, expert_fn, xt, et, wt, w_gate, w_up, w_down, mesh_axes)
             if tensor:
                 out = jax.lax.psum(out, "tensor")
-        dropped = jax.lax.psum(dropped, free_axes(ep.mesh)) // ep.n_tensor  # tokens replicated over tensor
+        dropped = jax.lax.psum(dropped, mesh_axes) // ep.n_tensor  # tokens replicated over tensor
         shaped = lambda a: a.reshape(B, S, -1)  # noqa: E731
         return out.reshape(B, S, D).astype(x.dtype), shaped(gates), shaped(experts), shaped(scores), dropped
 
