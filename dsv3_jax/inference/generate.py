@@ -284,8 +284,10 @@ class Generator:
         # a mesh over several processes: the host-made values become replicated global arrays, and the
         # sampled tokens are read back from all processes (every process runs this loop alike)
         spread = self.mesh is not None and jax.process_count() > 1
-        rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()) if spread else None
-        glob = (lambda x: jax.device_put(x, rep)) if spread else jnp.asarray  # noqa: E731
+        # on any mesh the host-made loop values are replicated over it: the decode loop's buffers are made
+        # where its stop ids live (decode_loop.build_chunk), and one call may not mix device sets
+        rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()) if self.mesh is not None else None
+        glob = (lambda x: jax.device_put(x, rep)) if rep is not None else jnp.asarray  # noqa: E731
         host = distributed.host_value if spread else jax.device_get  # a pytree of arrays → numpy, one transfer
         make_cache = functools.partial(init_cache, cfg, B, total + 2, self.cache_dtype, mtp=bool(speculative))
         cache = jax.jit(make_cache, out_shardings=rep)() if spread else make_cache()
