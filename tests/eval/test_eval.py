@@ -177,3 +177,14 @@ def test_eval_bad_input_is_one_line(argv, needle, tiny_checkpoint, tmp_path, cap
     argv = [a.format(c=tiny_checkpoint, tmp=tmp_path) for a in argv]
     code, _, err = _eval(capsys, *argv)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_ppl_on_a_mesh_equals_one_device(tiny_checkpoint, capsys):
+    """--mesh data=2,expert=4 (8 CPU devices, expert-parallel MoE): the same perplexity (rtol 1e-5)."""
+    args = ["ppl", "--checkpoint", str(tiny_checkpoint), "--seq-len", "64", "--max-tokens", "200", "--json"]
+    code, one, err = _eval(capsys, *args)
+    assert code == 0, err
+    code, mesh, err = _eval(capsys, *args, "--mesh", "data=2,expert=4")
+    assert code == 0, err
+    a, b = json.loads(one[-1]), json.loads(mesh[-1])
+    assert a["tokens"] == b["tokens"] and b["ppl"] == pytest.approx(a["ppl"], rel=1e-5)
