@@ -3,11 +3,14 @@
 bytes, compile seconds — so the next change shows what it costs.
 
 * ``train``: the 671B train step (seq 4096, one sequence per chip, MTP, aux-free balancing, the default
-  remat policy, AdamW with fp32 moments) on v5p:8x8x4 (256 chips), expert=64,fsdp=4, bf16 compute,
-  ragged_a2a; ``train_fp8``: the same with quant=fp8.
+  remat policy, AdamW with the default bf16 moments) on v5p:8x8x4 (256 chips), expert=64,fsdp=4, bf16
+  compute, ep_strategy auto (ragged_a2a at expert=64); ``train_fp8``: the same with quant=fp8;
+  ``train_fp8_fp32_moments``: FP8 with fp32 AdamW moments (the heaviest state).
 * ``smallest``: the same step on the next smaller slice, v5p:4x4x8 (128 chips; expert=128, as 64 is not
   a product of its physical axes): with fp32 moments, and with moment_dtype=bfloat16.
 * ``decode``: one 671B decode step at 32K context over the latent cache, one sequence per batch shard.
+* ``v6e``: the train step on the largest v6e slice, v6e:16x16 (256 chips of 32 GiB; expert=256: a 2-D
+  torus takes axis sizes 16 or 256), with remat=full and bf16 moments — it does not fit (see README).
 
 Each line: ``case``, the plan's ``bytes_per_chip`` (params, optimizer, arguments, temporaries, outputs,
 aliased, total), ``hbm_bytes_per_chip``, ``fits``, ``flops_per_step`` (per chip; XLA counts a scanned
@@ -33,13 +36,17 @@ import dsv3_jax as dsv3  # noqa: E402
 from dsv3_jax.plan import plan  # noqa: E402
 from dsv3_jax.train.config import TrainConfig  # noqa: E402
 
-RT = dict(compute_dtype="bfloat16", ep_strategy="ragged_a2a")
+RT = dict(compute_dtype="bfloat16")
 CASES = {
     "train": dict(topology="v5p:8x8x4", mesh="expert=64,fsdp=4", step="train", runtime=RT),
     "train_fp8": dict(topology="v5p:8x8x4", mesh="expert=64,fsdp=4", step="train", runtime={**RT, "quant": "fp8"}),
-    "smallest": dict(topology="v5p:4x4x8", mesh="expert=128", step="train", runtime=RT),
+    "train_fp8_fp32_moments": dict(topology="v5p:8x8x4", mesh="expert=64,fsdp=4", step="train",
+                                   runtime={**RT, "quant": "fp8"}, train={"moment_dtype": "float32"}),
+    "smallest": dict(topology="v5p:4x4x8", mesh="expert=128", step="train", runtime=RT,
+                     train={"moment_dtype": "float32"}),
     "smallest_bf16_moments": dict(topology="v5p:4x4x8", mesh="expert=128", step="train", runtime=RT,
                                   train={"moment_dtype": "bfloat16"}),
+    "v6e": dict(topology="v6e:16x16", mesh="expert=256", step="train", runtime={**RT, "remat": "full"}),
     "decode": dict(topology="v5p:8x8x4", mesh="expert=64,fsdp=4", step="decode", runtime=RT, context=32768),
 }
 
