@@ -9,7 +9,7 @@
   as a fraction of the step, the step time (makespan), the worst device's stashed micro-batches and the
   parameter copies. GPipe's baseline is the 1F1B formula, which GPipe's bubble also equals.
 
-* ``executed_step`` (one line per schedule): the pipelined train step (``dsv3_jax/pipeline/executor.py``) of
+* ``executed_step`` (one line per schedule): the pipelined train step (``dsv3_jax/train/pipeline_step.py``) of
   a tiny model (1 dense + 4 MoE layers, MTP, 16 x 32 tokens) on 8 fake CPU devices, ``stage=4,data=2``,
   8 micro-batches, timed against the unpipelined step on ``data=8`` (the same devices and batch) in the same
   run; and the bubble the step measures (the share of ticks in which the worst device had no work, counted

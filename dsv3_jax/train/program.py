@@ -23,6 +23,7 @@ from .config import TrainConfig
 from .optim import lr_schedule, make_optimizer
 from .step import make_train_step
 from ..pipeline.config import PipelineConfig, validate_pipeline
+from .pipeline_step import make_pipeline_grad_fn, stage_layout
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -72,7 +73,6 @@ def train_program(cfg: ModelConfig, runtime: RuntimeConfig, t: TrainConfig, mesh
     bsh = {k: batch_sharding for k in BATCH_KEYS}
     grad_fn = None
     if mesh.shape.get("stage", 1) > 1:
-        from ..pipeline.executor import make_pipeline_grad_fn, stage_layout  # it imports train.*: not at the top
         pipeline = validate_pipeline(pipeline or PipelineConfig(), cfg, mesh.shape["stage"], grad_accum=t.grad_accum)
         grad_fn = make_pipeline_grad_fn(graphdef, cfg, runtime, t, pipeline, mesh)
         shardings = {k: stage_layout(v, mesh) for k, v in shardings.items()}

@@ -163,8 +163,8 @@ def test_sharding_and_validation_split(corpus, tok):
 
 
 def test_out_of_vocab_ids_raise(corpus, tok):
-    with pytest.raises(ValueError, match=r"token id \d+ is outside the model vocabulary of size 7"):
-        next(iter(make_dataset(_cfg(corpus), tok, vocab_size=7, shard_index=0, shard_count=1)))
+    with pytest.raises(ValueError, match=r"token id \d+ is outside the model vocabulary of size 9"):
+        next(iter(make_dataset(_cfg(corpus), tok, vocab_size=9, shard_index=0, shard_count=1)))
     with pytest.raises(ValueError, match=r"token id 4 of the special token 'fim_begin'.*size 4"):
         make_dataset(_cfg(corpus), tok, vocab_size=4, shard_index=0, shard_count=1)
     with pytest.raises(ValueError, match="token id -1 .* size 10"):

@@ -22,7 +22,7 @@ from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.model.layers import RouterBias
 from dsv3_jax.pipeline import simulate
 from dsv3_jax.pipeline.config import PipelineConfig, validate_pipeline
-from dsv3_jax.pipeline.executor import make_pipeline_grad_fn
+from dsv3_jax.train.pipeline_step import make_pipeline_grad_fn
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.program import train_program
 from dsv3_jax.train.step import denominators, make_loss_fn

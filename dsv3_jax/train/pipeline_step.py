@@ -33,11 +33,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..config import ModelConfig, RuntimeConfig
 from ..model.layers import dtype_of
-from ..train.config import TrainConfig
-from .config import PipelineConfig
-from .simulate import simulate
-from .stage import STACK, join, make_stage_fn, split_paths
-from .tables import OPS, TickTables, build_tables
+from .config import TrainConfig
+from ..pipeline.config import PipelineConfig
+from ..pipeline.simulate import simulate
+from .pipeline_stage import STACK, join, make_stage_fn, split_paths
+from ..pipeline.tables import OPS, TickTables, build_tables
 
 
 def schedule_tables(p: PipelineConfig, pp: int) -> TickTables:

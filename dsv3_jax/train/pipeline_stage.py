@@ -19,8 +19,8 @@ from ..config import ModelConfig
 from ..model import DeepSeekV3
 from ..model.rope import rope_angles
 from ..model.transformer import run_stack
-from ..train.config import TrainConfig
-from ..train.losses import balance_loss_terms, mtp_targets, token_ce_sum
+from .config import TrainConfig
+from .losses import balance_loss_terms, mtp_targets, token_ce_sum
 
 STACK = DeepSeekV3.STACKS[1]  # the stack split over stages
 
