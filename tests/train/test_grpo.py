@@ -165,12 +165,10 @@ def test_grpo_run_resumes_after_kill_exactly(pretrained, tmp_path):  # noqa: F81
     logs the same steps with the same numbers as an uninterrupted run (prompts and sampling keys are
     functions of the step; the policy and optimizer come from the checkpoint)."""
     import json
-    import signal
-    import subprocess
     import sys
 
     from tests.train.conftest import MODEL
-    from tests.train.test_trainer import _metrics, subprocess_env
+    from tests.train.test_trainer import kill_and_resume
     ckpt, _ = pretrained
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{a}+{a}="}],
@@ -182,27 +180,8 @@ def test_grpo_run_resumes_after_kill_exactly(pretrained, tmp_path):  # noqa: F81
                        "train.checkpoint_every=2", "train.progress=false", "train.tensorboard=false",
                        f"train.output_dir={out}",
                        "train.reward=dsv3_jax.train.rewards:exact_answer,dsv3_jax.train.rewards:format_check"]
-    env = subprocess_env()
-    ref, run = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(cli(ref), env=env, check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(cli(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        marker = run / "checkpoints" / "2" / "dsv3_checkpoint.json"
-        while time.time() < deadline and proc.poll() is None:
-            if marker.exists() and (run / "metrics.jsonl").exists() and len(_metrics(run)) >= 2:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    out = subprocess.run(cli(run), env=env, check=True, capture_output=True, text=True, timeout=600)
-    assert "resumed from" in out.stderr
-    got = {r["step"]: r for r in _metrics(run)}
-    want = {r["step"]: r for r in _metrics(ref)}
+    got, want, err, _ = kill_and_resume(cli, tmp_path, 2, 2)
+    assert "resumed from" in err
     assert sorted(got) == sorted(want) == list(range(1, 5))
     for s in want:
         for k in ("loss", "reward", "kl", "grad_norm", "response_len", "pass_rate"):

@@ -4,10 +4,7 @@ kill -9 exactly as pre-training does."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -18,7 +15,7 @@ import dsv3_jax as dsv3
 from dsv3_jax.data.conversations import SFTBatches, write_conversations
 from dsv3_jax.train import Trainer
 from dsv3_jax.train.losses import token_ce_sum
-from tests.train.test_trainer import _metrics, subprocess_env
+from tests.train.test_trainer import _metrics, kill_and_resume
 
 
 def arithmetic(n: int):
@@ -73,29 +70,10 @@ def test_sft_starts_from_checkpoint_and_learns_assistant_tokens(pretrained, tmp_
 
 
 def test_sft_resume_after_kill_is_exact(pretrained, tmp_path):
-    env = subprocess_env()
     cli = lambda out: [sys.executable, "-m", "dsv3_jax.cli", "train", "--config", "tiny", *_sft(  # noqa: E731
         pretrained, out, "steps=12", "checkpoint_every=3", "eval_every=100", "train.async_checkpoint=true")]
-    ref, run = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(cli(ref), env=env, check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(cli(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        marker = run / "checkpoints" / "3" / "dsv3_checkpoint.json"
-        while time.time() < deadline and proc.poll() is None:
-            if marker.exists() and (run / "metrics.jsonl").exists() and len(_metrics(run)) >= 5:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    out = subprocess.run(cli(run), env=env, check=True, capture_output=True, text=True, timeout=600)
-    assert "resumed from" in out.stderr
-    got = {r["step"]: r for r in _metrics(run)}
-    want = {r["step"]: r for r in _metrics(ref)}
+    got, want, err, _ = kill_and_resume(cli, tmp_path, 3, 5)
+    assert "resumed from" in err
     assert sorted(got) == sorted(want) == list(range(1, 13))
     for s in want:  # bit-identical on the same CPU and config
         assert got[s]["loss"] == want[s]["loss"] and got[s]["grad_norm"] == want[s]["grad_norm"], s

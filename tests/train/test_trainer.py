@@ -39,6 +39,34 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def kill_and_resume(cli, tmp_path: Path, checkpoint: int, min_records: int):
+    """Run ``cli(out)`` once whole (``ref``) and once killed with SIGKILL after checkpoint ``checkpoint`` and
+    ``min_records`` metric lines, then resumed to the end. Returns (resumed run's metrics by step, the whole
+    run's, the resume's stderr, metric lines written before the kill)."""
+    env = subprocess_env()
+    ref, run = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run(cli(ref), env=env, check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(cli(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        marker = run / "checkpoints" / str(checkpoint) / "dsv3_checkpoint.json"
+        while time.time() < deadline and proc.poll() is None:
+            if marker.exists() and (run / "metrics.jsonl").exists() and len(_metrics(run)) >= min_records:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = len(_metrics(run))
+    out = subprocess.run(cli(run), env=env, check=True, capture_output=True, text=True, timeout=600)
+    got = {r["step"]: r for r in _metrics(run)}
+    want = {r["step"]: r for r in _metrics(ref)}
+    return got, want, out.stderr, killed_at
+
+
 def test_short_run_lowers_loss_and_checkpoint_loads(make_run, tmp_path):
     run = make_run("steps=24", "checkpoint_every=12", "eval_every=12")
     tr = Trainer(run, log=lambda *a: None)
@@ -106,29 +134,9 @@ def _cli(out: Path, tok: Path, *extra: str) -> list[str]:
 
 
 def test_kill_and_resume_is_exact(tokenizer_dir, tmp_path):
-    env = subprocess_env()
-    ref, run = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(_cli(ref, tokenizer_dir), env=env, check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(_cli(run, tokenizer_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        marker = run / "checkpoints" / "3" / "dsv3_checkpoint.json"
-        while time.time() < deadline and proc.poll() is None:
-            if marker.exists() and (run / "metrics.jsonl").exists() and len(_metrics(run)) >= 5:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    killed_at = len(_metrics(run))
+    got, want, err, killed_at = kill_and_resume(lambda out: _cli(out, tokenizer_dir), tmp_path, 3, 5)
     assert killed_at >= 5
-    out = subprocess.run(_cli(run, tokenizer_dir), env=env, check=True, capture_output=True, text=True, timeout=600)
-    assert "resumed from" in out.stderr
-    got = {r["step"]: r for r in _metrics(run)}
-    want = {r["step"]: r for r in _metrics(ref)}
+    assert "resumed from" in err
     assert sorted(got) == sorted(want) == list(range(1, 31))
     for s in want:  # bit-identical on the same CPU and config
         assert got[s]["loss"] == want[s]["loss"], (s, got[s]["loss"], want[s]["loss"])
