@@ -24,7 +24,8 @@ import grain
 import numpy as np
 from grain.experimental import FirstFitPackIterDataset
 
-from dsv3_jax.data.pipeline import (DataConfig, ShardedBatches, _pad_batch, check_token_ids, document_ids)
+from dsv3_jax.data.pipeline import (DataConfig, ShardedBatches, _pad_batch, check_token_ids, document_ids,
+                                    encoded_documents)
 from dsv3_jax.data.sources import JSONL_SUFFIXES, list_files
 from dsv3_jax.data.tokenizer import Tokenizer, load_tokenizer
 from dsv3_jax.errors import DataError, DataNotFoundError
@@ -119,14 +120,8 @@ def make_sft_dataset(config: DataConfig, tokenizer: Union[Tokenizer, str, None] 
     if len(ids) == 0:
         raise DataError(f"no {split} conversations for this shard ({len(source)} in {config.path!r}, "
                         f"val_fraction={config.val_fraction}).")
-    train = split == "train"
-    ds = grain.MapDataset.source(ids.tolist())
-    if train and config.shuffle:
-        ds = ds.shuffle(seed=config.seed)
-    ds = ds.repeat(num_epochs if num_epochs is not None else (None if train else 1))
-    ds = ds.map_with_index(_EncodeConversation(source, tokenizer, config.seq_len, vocab_size))
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
-                                              prefetch_buffer_size=config.prefetch_documents))
+    ds = encoded_documents(ids, config, split, num_epochs,
+                           _EncodeConversation(source, tokenizer, config.seq_len, vocab_size))
     S = config.seq_len
     ds = FirstFitPackIterDataset(ds, length_struct={"inputs": S, "targets": S, "loss_mask": S},
                                  num_packing_bins=config.batch_size, shuffle_bins=False)

@@ -148,6 +148,22 @@ def _pad_batch(batch: dict, batch_size: int, pad_id: int) -> dict:
     return out
 
 
+def encoded_documents(ids: np.ndarray, config: DataConfig, split: str, num_epochs: Optional[int],
+                      encode) -> grain.IterDataset:
+    """The shard's documents ``ids`` as grain reads them: shuffled per epoch when training (``config.shuffle``),
+    repeated ``num_epochs`` times (default: forever for ``train``, once otherwise), each passed through
+    ``encode(index, document_id)`` on ``config.read_threads`` threads. Shared by pre-training text and SFT
+    conversations, so both keep the same order and resumable iterator state."""
+    train = split == "train"
+    ds = grain.MapDataset.source(ids.tolist())
+    if train and config.shuffle:
+        ds = ds.shuffle(seed=config.seed)
+    ds = ds.repeat(num_epochs if num_epochs is not None else (None if train else 1))
+    ds = ds.map_with_index(encode)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                                prefetch_buffer_size=config.prefetch_documents))
+
+
 def make_dataset(config: DataConfig, tokenizer: Union[Tokenizer, str, None] = None, *, split: str = "train",
                  vocab_size: Optional[int] = None, shard_index: Optional[int] = None,
                  shard_count: Optional[int] = None, num_epochs: Optional[int] = None,
@@ -178,16 +194,8 @@ def make_dataset(config: DataConfig, tokenizer: Union[Tokenizer, str, None] = No
     if len(ids) == 0:
         raise DataError(f"no {split} documents for this shard ({len(source)} documents in {config.path!r}, "
                          f"val_fraction={config.val_fraction}, shard {shard_index}/{shard_count}).")
-    train = split == "train"
-    ds = grain.MapDataset.source(ids.tolist())
-    if train and config.shuffle:
-        ds = ds.shuffle(seed=config.seed)
-    if num_epochs is None:
-        num_epochs = None if train else 1
-    ds = ds.repeat(num_epochs)
-    ds = ds.map_with_index(_EncodeDocument(source, tokenizer, config, vocab_size, len(ids)))
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
-                                              prefetch_buffer_size=config.prefetch_documents))
+    ds = encoded_documents(ids, config, split, num_epochs,
+                           _EncodeDocument(source, tokenizer, config, vocab_size, len(ids)))
     # a shuffled epoch holds every document once, so a document with text comes within 2 epochs
     ds = PackIterDataset(ds, config.seq_len, pad_id=tokenizer.pad_id, mask_documents=config.mask_documents,
                          max_empty_run=2 * len(ids), source=f"{len(ids)} {split} documents of {config.path!r}")
