@@ -74,26 +74,35 @@ def _remat_policy(name: str):
 
 
 def run_stack(blocks: Block, h, cos, sin, segment_ids, valid, rt: Execution,
-              cache: Optional[LatentCache] = None, positions=None):
+              cache: Optional[LatentCache] = None, positions=None, active=None):
     """Apply stacked ``blocks`` in sequence (a scan, or a Python loop with ``scan_layers=False``).
-    Returns (final hidden, per-layer stats stacked, the stack's updated cache or None)."""
+    Returns (final hidden, per-layer stats stacked, the stack's updated cache or None). ``active``
+    (``[n]`` bool, optional): a layer whose flag is false is skipped (``lax.cond``: no FLOPs) and passes
+    ``h`` through with zero stats — a pipeline stage's padding rows (docs/design.md §Pipeline)."""
     graphdef, state = nnx.split(blocks)
 
+    def layer(carry, layer_state, layer_cache):
+        return nnx.merge(graphdef, layer_state)(carry, cos, sin, segment_ids, valid, layer_cache, positions)
+
     def body(carry, xs):
-        layer_state, layer_cache = xs
-        h, stats, layer_cache = nnx.merge(graphdef, layer_state)(carry, cos, sin, segment_ids, valid,
-                                                                 layer_cache, positions)
+        layer_state, layer_cache, on = xs
+        if on is None:
+            h, stats, layer_cache = layer(carry, layer_state, layer_cache)
+        else:
+            shapes = jax.eval_shape(layer, carry, layer_state, layer_cache)
+            skip = lambda c, s, lc: (c, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes[1]), lc)  # noqa: E731
+            h, stats, layer_cache = jax.lax.cond(on, layer, skip, carry, layer_state, layer_cache)
         return h, (stats, layer_cache)
 
     if rt.remat != "none":
         body = jax.checkpoint(body, policy=_remat_policy(rt.remat), prevent_cse=not rt.scan_layers)
     if rt.scan_layers:
-        h, (stats, cache) = jax.lax.scan(body, h, (state, cache))
+        h, (stats, cache) = jax.lax.scan(body, h, (state, cache, active))
         return h, stats, cache
     n = jax.tree.leaves(state)[0].shape[0]
     outs = []
     for i in range(n):
-        h, out = body(h, jax.tree.map(lambda a: a[i], (state, cache)))
+        h, out = body(h, jax.tree.map(lambda a: a[i], (state, cache, active)))
         outs.append(out)
     stats, cache = jax.tree.map(lambda *a: jnp.stack(a), *outs)
     return h, stats, cache

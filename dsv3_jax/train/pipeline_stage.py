@@ -1,7 +1,8 @@
 """One pipeline stage of DeepSeek-V3 as a pure function (docs/design.md §Pipeline).
 
-The MoE stack ``[L, ...]`` is cut into ``PP`` contiguous slices of ``L/PP`` layers; stage ``s`` runs
-slice ``s``. The first stage also runs the embedding and the dense layers, the last one the final
+The MoE stack is cut into ``PP`` contiguous slices (``pipeline.partition.StageMap``: ``L/PP`` layers
+each, or a cost-balanced uneven split stored padded to ``lmax`` rows per stage); stage ``s`` runs slice
+``s``. The first stage also runs the embedding and the dense layers, the last one the final
 norm, the head, the MTP depths (sharing the embedding and head, which every stage holds) and the loss.
 Every stage adds the balance loss of its own MoE layers. All loss terms are sums divided by the global
 batch's denominators (``train.step.denominators``), so summing them over micro-batches and stages
@@ -9,7 +10,7 @@ gives the unpipelined step's loss exactly.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from ..config import ModelConfig
 from ..model import DeepSeekV3
 from ..model.rope import rope_angles
 from ..model.transformer import run_stack
+from ..pipeline.partition import StageMap
 from .config import TrainConfig
 from .losses import balance_loss_terms, mtp_targets, token_ce_sum
 
@@ -31,7 +33,7 @@ class StageAux(NamedTuple):
     ce: jax.Array
     mtp: jax.Array
     balance: jax.Array
-    counts: Any            # [L/PP, E] of the stage's MoE layers, or None
+    counts: Any            # [lmax, E] of the stage's MoE rows (zeros on padding rows), or None
     mtp_counts: Any        # [n_mtp, E] on the last stage (zeros elsewhere), or None
 
 
@@ -48,15 +50,18 @@ def join(treedef, is_stage: list[bool], stage_leaves: list, shared_leaves: list)
     return jax.tree_util.tree_unflatten(treedef, [next(it_s) if s else next(it_r) for s in is_stage])
 
 
-def make_stage_fn(graphdef, cfg: ModelConfig, t: TrainConfig, pp: int) -> Callable:
+def make_stage_fn(graphdef, cfg: ModelConfig, t: TrainConfig, pp: int, smap: Optional[StageMap] = None) -> Callable:
     """``fn(params, bias, rest, x_in, mb, denoms, stage) -> ((x_out, loss), StageAux)``.
 
-    ``params/bias/rest``: model states whose MoE-stack leaves hold this stage's ``L/PP`` layers;
+    ``params/bias/rest``: model states whose MoE-stack leaves hold this stage's ``lmax`` rows;
     ``x_in [b, S, D]``: the previous stage's output (ignored on stage 0, which embeds ``mb["inputs"]``);
-    ``stage``: a traced int. ``loss`` is this stage's share of the differentiated objective."""
+    ``stage``: a traced int. ``loss`` is this stage's share of the differentiated objective. With an
+    uneven ``smap`` the stage's padding rows (``smap.active[stage]`` false) are skipped: identity, zero
+    router stats, zero gradient."""
     n_mtp = cfg.num_mtp_layers if max(t.mtp_weight, t.mtp_weight_final) > 0 else 0
     use_bal = t.balance != "none" and t.balance_alpha > 0
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    active_table = None if smap is None or smap.even else jnp.asarray(smap.active)
 
     def fn(params, bias, rest, x_in, mb, denoms, stage, poison):
         model = nnx.merge(graphdef, params, bias, rest)
@@ -71,7 +76,8 @@ def make_stage_fn(graphdef, cfg: ModelConfig, t: TrainConfig, pp: int) -> Callab
             return h.astype(x_in.dtype)
 
         h = jax.lax.cond(stage == 0, embed, lambda: x_in)
-        h, stats, _ = run_stack(model.moe_layers, h, cos, sin, seg, valid, model.ex)
+        active = None if active_table is None else active_table[stage]
+        h, stats, _ = run_stack(model.moe_layers, h, cos, sin, seg, valid, model.ex, active=active)
         bal = balance_loss_terms(stats, E, K)[0] / denoms["seqs"]
 
         def head():

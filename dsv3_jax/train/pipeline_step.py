@@ -2,7 +2,8 @@
 
 ``make_pipeline_grad_fn`` returns a drop-in for the step's ``value_and_grad`` (``train.step``): the
 same ``(total, aux), grads`` from the same ``(params, bias, rest, batch, denoms, poison)``, computed by
-``PP`` stage groups that each hold ``L/PP`` MoE layers. Inside a ``shard_map`` manual over the
+``PP`` stage groups that each hold their MoE layers (``L/PP``, or an uneven split's ``lmax`` rows with
+padding: then the stack leaves come and go in the staged layout, ``pipeline.partition.StageMap``). Inside a ``shard_map`` manual over the
 ``stage`` axis only (the other axes stay with the compiler, and the MoE's expert-parallel
 ``shard_map`` nests inside it), a ``lax.scan`` walks the ticks; at each tick every device takes the
 branch (``lax.switch``) of its own item:
@@ -58,7 +59,11 @@ def make_pipeline_grad_fn(graphdef, cfg: ModelConfig, runtime: RuntimeConfig, t:
     pp = mesh.shape["stage"]
     tables = schedule_tables(p, pp)
     C, M = tables.chunks, p.microbatches
-    stage_fn = make_stage_fn(graphdef, cfg, t, pp)
+    # the layers of each stage (pipeline/partition.py); an uneven split takes the stack in its staged
+    # layout, PP x lmax rows with padding rows skipped (docs/design.md §Pipeline)
+    smap = p.stage_map() if p.layers_per_stage else None
+    uneven = smap is not None and not smap.even
+    stage_fn = make_stage_fn(graphdef, cfg, t, pp, smap)
     cdt = dtype_of(runtime.compute_dtype or cfg.param_dtype)
     n_mtp = cfg.num_mtp_layers if max(t.mtp_weight, t.mtp_weight_final) > 0 else 0
     fwd_perm = [[(i, i + 1) for i in range(pp - 1)], [(i + 1, i) for i in range(pp - 1)]]
@@ -200,8 +205,11 @@ def make_pipeline_grad_fn(graphdef, cfg: ModelConfig, runtime: RuntimeConfig, t:
         use_bal = t.balance != "none" and t.balance_alpha > 0
         total = (ce + denoms.get("mtp_weight", t.mtp_weight) * mtp + (t.balance_alpha * balance if use_bal else 0.0)) * (1.0 + poison)
         cnt = unrev(counts)
-        aux = {"ce": ce, "mtp": mtp, "balance": balance, "counts": cnt.reshape(-1, cnt.shape[-1]),
+        cnt = cnt.reshape(-1, cnt.shape[-1])
+        aux = {"ce": ce, "mtp": mtp, "balance": balance, "counts": cnt[smap.rows] if uneven else cnt,
                "mtp_counts": mtp_counts, "activations": measured[:, 0], "busy_ticks": measured[:, 1]}
+        if uneven:     # the bias update's counts, row for row with the staged bias (padding rows: zero)
+            aux["stack_counts"] = cnt
         return (total, aux), grads
     return grad_fn
 

@@ -103,11 +103,13 @@ def imbalance(counts: jax.Array) -> jax.Array:
 
 
 def make_train_step(graphdef, cfg: ModelConfig, t: TrainConfig, tx: optax.GradientTransformation,
-                    schedule: Callable, grad_fn: Optional[Callable] = None) -> Callable:
+                    schedule: Callable, grad_fn: Optional[Callable] = None, layer_rows=None) -> Callable:
     """``step(state, batch, poison) -> (state, metrics)``, not yet jitted (the trainer jits it with
     shardings). ``batch``: dict of ``[B, S]`` int32 arrays. ``grad_fn``: what computes ``(total, aux),
     grads`` (default: ``value_and_grad`` of ``make_loss_fn``; the pipelined step passes its own,
-    docs/design.md §Pipeline)."""
+    docs/design.md §Pipeline). ``layer_rows``: with an uneven pipeline split the MoE stack is stored in
+    the staged layout; the stored row of each layer (``StageMap.rows``), so the bias metrics stay per
+    layer, and ``aux["stack_counts"]`` (row for row, padding zero) drives the bias update."""
     grad_fn = grad_fn or jax.value_and_grad(make_loss_fn(graphdef, cfg, t), has_aux=True)
     A = t.grad_accum
     n_mtp = cfg.num_mtp_layers if max(mtp_weights(t)) > 0 else 0
@@ -146,7 +148,9 @@ def make_train_step(graphdef, cfg: ModelConfig, t: TrainConfig, tx: optax.Gradie
         new_params = optax.apply_updates(params, updates)
         new_bias = bias
         if t.balance == "aux_free" and t.bias_rate > 0 and aux["counts"] is not None:
-            new_bias = bias_update(bias, aux["counts"], aux["mtp_counts"], gamma_fn(state["applied"]))
+            # padding rows count zero for every expert: sign(0 - 0) = 0 leaves their bias at zero
+            new_bias = bias_update(bias, aux.get("stack_counts", aux["counts"]), aux["mtp_counts"],
+                                   gamma_fn(state["applied"]))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_state = {"params": keep(new_params, params), "bias": keep(new_bias, bias), "rest": rest,
                      "opt": keep(new_opt, state["opt"]), "applied": state["applied"] + finite.astype(jnp.int32)}
@@ -165,6 +169,8 @@ def make_train_step(graphdef, cfg: ModelConfig, t: TrainConfig, tx: optax.Gradie
                 main_b = [x for p, x in jax.tree_util.tree_leaves_with_path(new_state["bias"])
                           if getattr(p[0], "key", None) == MOE_STACK]
                 if main_b:
+                    if layer_rows is not None:
+                        main_b = [main_b[0][jnp.asarray(layer_rows)]]
                     metrics["bias_absmean"] = jnp.abs(main_b[0]).mean(-1)
                     metrics["bias_min"] = main_b[0].min(-1)
                     metrics["bias_max"] = main_b[0].max(-1)

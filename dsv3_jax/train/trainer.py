@@ -98,7 +98,7 @@ RESUME_QUIET = frozenset({
     "train.tensorboard", "train.mesh", "train.inject_nan_steps", "train.tokenizer_documents", "data.read_threads",
     "data.prefetch_documents", "runtime.attention_impl", "runtime.moe_impl", "runtime.moe_block_size",
     "runtime.remat", "runtime.scan_layers", "runtime.interpret", "runtime.ep_strategy", "runtime.emulate_ragged",
-    "pipeline.schedule", "pipeline.microbatches"})
+    "pipeline.schedule", "pipeline.microbatches", "pipeline.layers_per_stage"})
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -195,7 +195,8 @@ class Trainer:
         if self.mesh.shape.get("stage", 1) > 1:  # pipelined (docs/design.md §Pipeline): checks name the fix
             run = dataclasses.replace(run, pipeline=validate_pipeline(
                 run.pipeline, cfg, self.mesh.shape["stage"], d.batch_size, self.rules.batch_shards(self.mesh),
-                t.grad_accum))
+                t.grad_accum, n_mtp=cfg.num_mtp_layers if max(t.mtp_weight, t.mtp_weight_final) > 0 else 0,
+                seq_len=d.seq_len))
             self.run = run
         self.batch_sharding = self.rules.batch_sharding(self.mesh)
         self.data_shards = process_shards(self.batch_sharding, d)  # the virtual data shards this process reads
@@ -204,7 +205,10 @@ class Trainer:
         # layers expert-parallel, kernels per shard), state created directly in its shards
         prog = train_program(cfg, run.runtime, t, self.mesh, self.rules, seed=t.seed,
                              donate=jax.default_backend() != "cpu", pipeline=run.pipeline)
-        self.graphdef, sh, a = prog.graphdef, prog.shardings, prog.abstract
+        # the state is created, checkpointed, evaluated and averaged in the model layout; the step takes
+        # an uneven pipeline split's staged layout (prog.to_staged / to_model; docs/design.md §Pipeline)
+        self.prog = prog
+        self.graphdef, sh, a = prog.graphdef, prog.model_shardings, prog.model_abstract
         model_sh = {k: sh[k] for k in ("params", "bias", "rest")}
 
         def init():
@@ -217,9 +221,9 @@ class Trainer:
             model_state = jax.jit(init, out_shardings=model_sh)()
         self.schedule, self.tx = prog.schedule, prog.tx
         opt = jax.jit(self.tx.init, out_shardings=sh["opt"])(model_state["params"])
-        self.state = {**model_state, "opt": opt,
-                      "applied": jax.device_put(jnp.zeros((), jnp.int32), sh["applied"])}
-        self.state_shardings = sh
+        self.state = prog.to_staged({**model_state, "opt": opt,
+                                     "applied": jax.device_put(jnp.zeros((), jnp.int32), sh["applied"])})
+        self.state_shardings = prog.shardings
 
         # checkpoints: fail early when they could not be written
         check_writable(self.ckpt_dir, 2 * state_bytes(model_state, opt) + (1 << 20))
@@ -263,8 +267,7 @@ class Trainer:
             batch = next(ds)
             if all(distributed.allgather(ds.exhausted, "eval")):  # every shard has ended: nothing left
                 break
-            s, c, cnt = distributed.host_value(
-                self.eval_step(self.state["params"], self.state["bias"], self.state["rest"], self._put(batch)))
+            s, c, cnt = distributed.host_value(self.eval_step(*self._model_states(), self._put(batch)))
             tot, n = tot + float(s), n + float(c)
             if cnt is not None:
                 counts = np.asarray(cnt) if counts is None else counts + np.asarray(cnt)
@@ -278,9 +281,14 @@ class Trainer:
     def load_init_weights(self) -> None:
         """A new stage (``train.init_from``): the model variables of that checkpoint, restored into this
         run's shardings under this run's model config (its RoPE may differ); a fresh optimizer."""
-        p, b, r = restore_model_states(self.init_from, (self.state["params"], self.state["bias"], self.state["rest"]))
-        self.state = {**self.state, "params": p, "bias": b, "rest": r}
+        p, b, r = restore_model_states(self.init_from, self._model_states())
+        self.state = {**self.state, **self.prog.to_staged({"params": p, "bias": b, "rest": r})}
         self.log(f"initialised from {self.init_from}")
+
+    def _model_states(self) -> tuple:
+        """``(params, bias, rest)`` in the model layout (a gather when the pipeline split is uneven)."""
+        ms = self.prog.to_model({k: self.state[k] for k in ("params", "bias", "rest")})
+        return ms["params"], ms["bias"], ms["rest"]
 
     # -- loop ---------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -289,15 +297,15 @@ class Trainer:
         step, bad, skipped = 0, 0, 0
         metrics_path = self.out / "metrics.jsonl"
         latest = self.ckpt.latest_step()
-        model_states = (self.state["params"], self.state["bias"], self.state["rest"])
         if latest is not None:
-            # restore into the live state's shapes and shardings, dropping the fresh state first
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                    (model_states, self.state["opt"]))
-            self.state = model_states = None
-            (p, b, r), opt, meta = self.ckpt.restore(latest, *abstract)
-            self.state = {"params": p, "bias": b, "rest": r, "opt": opt,
-                          "applied": jax.device_put(jnp.asarray(meta["applied"], jnp.int32), self.state_shardings["applied"])}
+            # restore into the model layout's shapes and shardings, dropping the fresh state first
+            abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                    self.prog.model_abstract, self.prog.model_shardings)
+            self.state = None
+            (p, b, r), opt, meta = self.ckpt.restore(latest, (abstract["params"], abstract["bias"], abstract["rest"]),
+                                                     abstract["opt"])
+            self.state = self.prog.to_staged({"params": p, "bias": b, "rest": r, "opt": opt, "applied": jax.device_put(
+                jnp.asarray(meta["applied"], jnp.int32), self.state_shardings["applied"])})
             try:
                 it.set_state(meta["data_state"])
                 step, skipped = int(meta["step"]), int(meta.get("skipped", 0))
@@ -307,13 +315,13 @@ class Trainer:
                                       f"{' '.join(str(e).split())[:200]}) (fix: resume with the data settings that "
                                       "wrote it, or set train.output_dir to a new directory).") from None
             self.log(f"resumed from {self.ckpt_dir / str(latest)} (step {step})")
-            ema = self.ckpt.restore_ema(latest, self.state["params"]) if self.ema is not None else None
+            ema = self.ckpt.restore_ema(latest, self._model_states()[0]) if self.ema is not None else None
             if ema is not None:
                 self.ema.load(step, ema)
         elif self.init_from is not None:
             self.load_init_weights()
         if self.ema is not None and self.ema.step is None:
-            self.ema.submit(step, self.state["params"])
+            self.ema.submit(step, self._model_states()[0])
         if self.primary:
             _truncate_metrics(metrics_path, step)
         writer = _tensorboard(self.out / "tensorboard") if t.tensorboard and self.primary else None
@@ -331,7 +339,7 @@ class Trainer:
                 self.ckpt.poll()
                 step += 1
                 if self.ema is not None and self.ema.due(step):
-                    self.ema.submit(step, self.state["params"])  # returns at once (train/ema.py)
+                    self.ema.submit(step, self._model_states()[0])  # returns at once (train/ema.py)
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
                 finite = bool(m["finite"])
@@ -381,10 +389,10 @@ class Trainer:
                     ema = None
                     if self.ema is not None:   # the EMA as of this step (a checkpoint waits for it)
                         if not self.ema.due(step):
-                            self.ema.submit(step, self.state["params"])
+                            self.ema.submit(step, self._model_states()[0])
                         ema = self.ema.snapshot()[1]
-                    self.ckpt.save(step, (self.state["params"], self.state["bias"], self.state["rest"]),
-                                   self.state["opt"],
+                    ms = self.prog.to_model({k: self.state[k] for k in ("params", "bias", "rest", "opt")})
+                    self.ckpt.save(step, (ms["params"], ms["bias"], ms["rest"]), ms["opt"],
                                    {"step": step, "applied": int(self.state["applied"]), "skipped": skipped,
                                     "data_state": self._data_state(it), "seed": t.seed, "config": run.to_dict()},
                                    ema=ema)

@@ -7,6 +7,8 @@ in-flight micro-batches and busy ticks the step measures on each device equal th
 the whole train step (AdamW update, aux-loss-free bias update, parameters laid out over ``stage``) equals
 the one-device step. Sizes are the smallest that exercise every schedule: 1 dense + 4 MoE layers, MTP,
 16 rows of 16 tokens (packed documents and padding), the fewest micro-batches each schedule accepts.
+Uneven splits (docs/design.md §Pipeline): an explicit [3, 1] under DualPipe (gradients) and the automatic,
+cost-balanced [1, 2, 1] on 3 stages under 1F1B (one train step), with the stack stored padded.
 """
 import dataclasses
 
@@ -144,8 +146,64 @@ def test_pipelined_train_step_equals_one_device(setup, one_device_step, mesh_spe
     assert list(np.asarray(m["activations"])) == simulate(schedule, pp=pp, microbatches=_micro(schedule, pp)).activations
 
 
+def test_uneven_split_gradients_equal_one_device(setup):
+    """An explicit uneven split, [3, 1] MoE layers on ``stage=2,expert=4`` under DualPipe (each device runs
+    3 padded rows of both directions): the stack goes in staged (2 x 3 rows, stage 1's two padding rows
+    zero) and its gradient comes back staged; in layer order it equals the one-device gradient, the padding
+    rows' gradient is exactly zero, and the counts come back [L, E] in layer order."""
+    from dsv3_jax.train.program import restack
+    mesh = make_mesh("stage=2,expert=4")
+    p = validate_pipeline(PipelineConfig("dualpipe", 4, (3, 1)), CFG, 2, B, DEFAULT_RULES.batch_shards(mesh))
+    sm = p.stage_map()
+    assert (sm.lmax, list(sm.source), list(sm.active.reshape(-1))) == (3, [0, 1, 2, 3, 0, 0], [1, 1, 1, 1, 0, 0])
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DeepSeekV3(CFG, rngs=nnx.Rngs(0), runtime=RT, mesh=mesh)))
+    fn = jax.jit(make_pipeline_grad_fn(graphdef, CFG, RT, T, p, mesh))
+    staged = {k: restack(setup[k], sm.source, sm.active.reshape(-1)) for k in ("params", "bias", "rest")}
+    (total, aux), grads = fn(staged["params"], staged["bias"], staged["rest"], setup["batch"], setup["denoms"],
+                             setup["poison"])
+    (r_total, r_aux), r_grads = setup["ref"]
+    for k in ("ce", "mtp", "balance"):
+        np.testing.assert_allclose(aux[k], r_aux[k], rtol=LOSS_RTOL, err_msg=k)
+    np.testing.assert_allclose(total, r_total, rtol=LOSS_RTOL)
+    np.testing.assert_array_equal(aux["counts"], r_aux["counts"])
+    np.testing.assert_array_equal(aux["mtp_counts"], r_aux["mtp_counts"])
+    np.testing.assert_array_equal(np.asarray(aux["stack_counts"])[4:], 0)     # padding rows routed nothing
+    _close_tree(restack(grads, sm.rows), r_grads, GRAD_TOL, "gradient")
+    pad = [np.asarray(g)[4:] for g in jax.tree.leaves(grads["moe_layers"])]
+    assert all(np.all(g == 0) for g in pad)
+
+
+def test_balanced_uneven_train_step_equals_one_device(setup, one_device_step):
+    """The automatic split of 4 MoE layers over 3 stages (1F1B on 3 devices) is the cost-balanced [1, 2, 1];
+    one AdamW step with the aux-free bias update in the staged layout equals the one-device step in layer
+    order, and the padding rows (params, moments, bias) stay zero."""
+    mesh = make_mesh("stage=3", devices=jax.devices()[:3])
+    prog = train_program(CFG, RT, T, mesh, DEFAULT_RULES, pipeline=PipelineConfig("1f1b", 4))
+    assert prog.staged and prog.stage_map.counts == (1, 2, 1)
+    state = {"params": setup["params"], "bias": setup["bias"], "rest": setup["rest"],
+             "opt": prog.tx.init(setup["params"]), "applied": jnp.zeros((), jnp.int32)}
+    state = prog.to_staged(jax.device_put(state, prog.model_shardings))
+    gate = state["params"]["moe_layers"]["mlp"]["experts"]["gate"].get_value()
+    assert gate.shape[0] == 6 and gate.sharding.spec[0] == "stage"
+    new, m = prog.step(state, jax.device_put(setup["batch"], prog.batch_sharding), setup["poison"])
+    _, _, ref, rm = one_device_step
+    np.testing.assert_allclose(m["loss"], rm["loss"], rtol=LOSS_RTOL)
+    np.testing.assert_allclose(m["grad_norm"], rm["grad_norm"], rtol=1e-5)
+    np.testing.assert_array_equal(m["counts"], rm["counts"])
+    np.testing.assert_array_equal(m["bias_absmean"], rm["bias_absmean"])
+    model = prog.to_model(new)
+    _close_tree(model["params"], ref["params"], 1e-5, "parameter after AdamW")
+    _close_tree(model["opt"], ref["opt"], 1e-5, "AdamW moments")
+    _close_tree(model["bias"], ref["bias"], 0.0, "router bias after the aux-free update")
+    pad = np.flatnonzero(~prog.stage_map.active.reshape(-1))
+    for k in ("params", "bias", "opt"):
+        for path, x in jax.tree_util.tree_leaves_with_path(new[k]):
+            if any(getattr(q, "key", None) == "moe_layers" for q in path):
+                assert np.all(np.asarray(x)[pad] == 0), (k, jax.tree_util.keystr(path))
+
+
 @pytest.mark.parametrize("kw,match", [
-    (dict(pp=3), "cannot split the model's 4 MoE layers"),
+    (dict(pp=3, split=(2, 1)), "names 2 stages but the mesh has stage=3"),
     (dict(schedule="dualpipe", pp=2, microbatches=5), "even number"),
     (dict(schedule="1f1b", pp=4, microbatches=2), "fewer than the 4 stages"),
     (dict(schedule="1f1b", pp=2, microbatches=4, batch=12), "not divisible by pipeline.microbatches"),
@@ -153,7 +211,7 @@ def test_pipelined_train_step_equals_one_device(setup, one_device_step, mesh_spe
     (dict(schedule="pipedream"), "unknown"),
 ])
 def test_config_errors_name_the_fix(kw, match):
-    p = PipelineConfig(kw.get("schedule", "1f1b"), kw.get("microbatches", 0))
+    p = PipelineConfig(kw.get("schedule", "1f1b"), kw.get("microbatches", 0), kw.get("split", ()))
     with pytest.raises(PipelineConfigError, match=match) as e:
         validate_pipeline(p, CFG, kw.get("pp", 2), kw.get("batch", 16), 2, kw.get("grad_accum", 1))
     assert isinstance(e.value, Dsv3Error) and "fix:" in str(e.value)

@@ -48,11 +48,27 @@ def test_text_output_and_errors(capsys):
     assert main(["info", "--config", "tiny", "--mesh", "stage=3", "pipeline.schedule=zb1p", "--seq-len", "64"]) == 0
     out = capsys.readouterr().out
     assert "pipeline zb1p: 3 stages" in out and "activations 3 x stash = 48.00 KiB" in out
-    assert main(["info", "--config", "tiny", "--mesh", "stage=2"]) == 2  # 3 MoE layers do not split in 2
-    assert "divides 3" in capsys.readouterr().err
+    assert main(["info", "--config", "tiny", "--mesh", "stage=2", "pipeline.layers_per_stage=2,2"]) == 2
+    assert "add up to 3" in capsys.readouterr().err                # the tiny model has 3 MoE layers
     with pytest.raises(PipelineConfigError, match="fix: use pipeline.schedule"):
         pipeline_overrides(["pipeline.stages=4"])
     with pytest.raises(PipelineConfigError, match="whole number"):
         pipeline_overrides(["pipeline.microbatches=many"])
     with pytest.raises(PipelineConfigError, match="multiple of 6"):
         stage_memory(load_config("tiny"), "stage=3,data=2", microbatches=3, batch_size=8)
+
+
+def test_uneven_split_memory_and_costs(capsys):
+    """3 MoE layers on 2 stages: stored as 2 rows per stage (stage 1 pads one), costs from the cost model."""
+    from dsv3_jax.pipeline.partition import stage_costs, stage_extras
+    cfg = load_config("tiny")
+    m = stage_memory(cfg, "stage=2", schedule="1f1b", seq_len=64, layers_per_stage=(2, 1))
+    assert m["layers_per_stage"] == [2, 1] and m["lmax"] == 2
+    assert [(s["moe_layers"], s["padding_rows"]) for s in m["stages"]] == [(2, 0), (1, 1)]
+    assert {s["param_bytes"] for s in m["stages"]} == {4 * (2 * (MOE_LAYER + BIAS) + SHARED + BIAS)}
+    assert {s["optimizer_bytes"] for s in m["stages"]} == {2 * 4 * (2 * MOE_LAYER + SHARED)}
+    costs = stage_costs((2, 1), *stage_extras(cfg, 1, 64))
+    assert [s["cost"] for s in m["stages"]] == costs and m["imbalance"] == max(costs) / (sum(costs) / 2)
+    assert main(["info", "--config", "tiny", "--mesh", "stage=2", "pipeline.layers_per_stage=2,1",
+                 "--seq-len", "64"]) == 0
+    assert "MoE layers per stage [2, 1] (2 rows stored per stage)" in capsys.readouterr().out
