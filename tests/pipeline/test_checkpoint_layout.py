@@ -71,3 +71,52 @@ def test_stage_axis_splits_the_moe_stack_memory():
     flat = _program(make_mesh("expert=4", devices=jax.devices()[:4]))
     assert per_device(staged, moe=True) * 2 == per_device(flat, moe=True) > 0
     assert per_device(staged, moe=False) == per_device(flat, moe=False) > 0
+
+
+def test_uneven_stage_checkpoint_is_layout_free(tmp_path):
+    """An uneven split (3 MoE layers over stage=2 as [2, 1], stored as 2 x 2 rows with one padding row):
+    the trainer's path — staged state → ``to_model`` → checkpoint — writes the [L] stacks in layer order,
+    which restore exactly on one device; a one-device checkpoint restored into the model layout and
+    ``to_staged`` gives the staged state back, padding rows zero."""
+    cfg = dataclasses.replace(CFG, num_layers=4)           # 1 dense + 3 MoE layers
+    staged = train_program(cfg, RT, T, make_mesh("stage=2,expert=4"), DEFAULT_RULES,
+                           pipeline=PipelineConfig("1f1b", 2, (2, 1)))
+    single = train_program(cfg, RT, T, make_mesh(None, devices=jax.devices()[:1]), DEFAULT_RULES)
+    assert staged.staged and staged.abstract["params"]["moe_layers"]["attn_norm"]["scale"].shape[0] == 4
+    assert staged.model_abstract["params"]["moe_layers"]["attn_norm"]["scale"].shape[0] == 3
+
+    def model_state(prog, seed):
+        _, p, b, r = nnx.split(prog.build(), nnx.Param, RouterBias, ...)
+        p = jax.tree.map(lambda x: x + seed, p)
+        return {"params": p, "bias": b, "rest": r, "opt": prog.tx.init(p)}
+
+    def abstract(prog, model_layout):
+        a, s = (prog.model_abstract, prog.model_shardings) if model_layout else (prog.abstract, prog.shardings)
+        return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), a, s)
+
+    def save(directory, st):
+        ck = Checkpointer(directory, cfg, keep=1, async_save=False)
+        ck.save(1, (st["params"], st["bias"], st["rest"]), st["opt"], {"applied": 3})
+        return ck
+
+    def restore(ck, a):
+        (p, b, r), opt, _ = ck.restore(1, (a["params"], a["bias"], a["rest"]), a["opt"])
+        return {"params": p, "bias": b, "rest": r, "opt": opt}
+
+    def equal(got, want):
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    # written with the uneven stages (from the staged state, as the trainer does), read on one device
+    want = model_state(single, 0.5)
+    live = staged.to_staged(jax.device_put(want, {k: staged.model_shardings[k] for k in want}))
+    ck = save(tmp_path / "a", staged.to_model(live))
+    equal(restore(ck, abstract(single, True)), want)
+    # written on one device, read into the uneven stages
+    ck = save(tmp_path / "b", jax.device_put(want, {k: single.shardings[k] for k in want}))
+    got = staged.to_staged(restore(ck, abstract(staged, True)))
+    equal(got, live)
+    gate = got["params"]["moe_layers"]["mlp"]["experts"]["gate"].get_value()
+    assert gate.sharding.spec[0] == "stage" and np.all(np.asarray(gate)[3] == 0)   # stage 1's padding row
+    np.testing.assert_array_equal(np.asarray(gate)[[0, 1, 2]], np.asarray(want["params"]["moe_layers"]["mlp"]
+                                                                          ["experts"]["gate"].get_value()))
