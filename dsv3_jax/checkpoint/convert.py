@@ -165,10 +165,11 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
         stored_cfg = cfg.replace(param_dtype=dtype, num_mtp_layers=cfg.num_mtp_layers if include_mtp else 0,
                                  fp8_weights=keep_fp8)
         # 1. Check names and shapes of everything before writing anything.
-        shapes = mapping.param_shapes(stored_cfg)
+        _, abstract, _ = orbax_io.abstract_state(stored_cfg)  # (one trace of the model gives shapes and dtypes)
+        stored = orbax_io.flat_arrays(abstract)
+        shapes = {p: tuple(a.shape) for p, a in stored.items()}
+        dtypes = {p: np.dtype(a.dtype) for p, a in stored.items()}
         mapping.check_source(cfg, source, include_mtp, shapes)
-        _, abstract, _ = orbax_io.abstract_state(stored_cfg)
-        dtypes = {p: np.dtype(a.dtype) for p, a in orbax_io.flat_arrays(abstract).items()}
         units = _units(cfg, include_mtp)
         total = sum(source.nbytes(pc.hf_name) for _, plist in units for pc in plist)
         expected = {k for p, s in shapes.items() for k in orbax_io.disk_keys(p, s)}

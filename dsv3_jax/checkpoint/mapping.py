@@ -168,12 +168,15 @@ def fill_piece(source, piece: Piece, out: np.ndarray, scale_out: Optional[np.nda
         scale_out[...] = np.asarray(s_inv, np.float32).T
         return
     w, s_inv = source.view(name)
+    check = out  # where NaN/Inf would show: the written values, or the e4m3 bytes they come from
     try:
         if scale_out is not None:  # FP8 kept: the release's bits, transposed
             transcode.transpose_into(_as_shape(out, w.shape[::-1]), w)
             scale_out[...] = s_inv.T
         elif s_inv is not None:
-            transcode.dequantize_transposed_into(_as_shape(out, w.shape[::-1]), w, s_inv)
+            tables = transcode.dequantize_transposed_into(_as_shape(out, w.shape[::-1]), w, s_inv)
+            if transcode.tables_finite(tables):  # only a NaN byte can give NaN: check the 1-byte source
+                check = w
         else:
             if w.dtype == np.float64 and out.dtype != np.float32:
                 w = w.astype(np.float32)  # float64 → float32 → out, the rounding of the float32 path
@@ -181,12 +184,12 @@ def fill_piece(source, piece: Piece, out: np.ndarray, scale_out: Optional[np.nda
                 transcode.transpose_into(_as_shape(out, w.shape[::-1]), w)
             else:
                 out[...] = w.reshape(out.shape)
+        if not source.allow_nonfinite and transcode.has_nonfinite(check):
+            # raised by the plain read, which names the first bad value by its index in the HF tensor
+            source.get_fp8(name) if scale_out is not None else source.get(name)
+            fp8.check_finite(out, name, source.where(name))  # finite in the source, not after the cast
     finally:
         source.release(name)
-    if not source.allow_nonfinite and transcode.has_nonfinite(out):
-        # raised by the plain read, which names the first bad value by its index in the HF tensor
-        source.get_fp8(name) if scale_out is not None else source.get(name)
-        fp8.check_finite(out, name, source.where(name))  # finite in the source, not after the cast
 
 
 def to_hf_fp8(q_slice: np.ndarray, s_slice: np.ndarray, in_ndim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -55,9 +55,11 @@ def dequantize_transposed_into(out: np.ndarray, w8: np.ndarray, scale_inv: np.nd
     nb_out = want[0]
     bits = _UINT[out.dtype.itemsize]
     flat = np.ascontiguousarray(tables.transpose(1, 0, 2)).view(bits)  # [nb_in, nb_out, 256]
-    # index = block_out * 256 + byte: the block along out's columns (the weight's output rows)
-    idx_type = np.int32 if nb_out * 256 < 2**31 else np.int64
-    offset = (np.arange(n_out, dtype=idx_type) // fp8.BLOCK) * 256
+    # index = block_out * 256 + byte: the block along out's columns (the weight's output rows). uint16
+    # indices while they fit (up to 256 blocks, i.e. 32,768 output rows): the add writes 2 bytes per
+    # weight instead of 4 and the gather reads them as such (docs/design.md §Conversion speed)
+    idx_type = np.uint16 if nb_out * 256 <= 1 << 16 else np.int32 if nb_out * 256 < 2**31 else np.int64
+    offset = ((np.arange(n_out, dtype=np.int64) // fp8.BLOCK) * 256).astype(idx_type)
     u8 = w8.view(np.uint8)
     stripe = np.empty((fp8.BLOCK, n_out), np.uint8)
     idx = np.empty((fp8.BLOCK, n_out), idx_type)
@@ -72,19 +74,59 @@ def dequantize_transposed_into(out: np.ndarray, w8: np.ndarray, scale_inv: np.nd
     return tables
 
 
+_NAN_BYTES = (np.arange(256) & 0x7F) == 0x7F  # e4m3fn's two NaN encodings (it has no Inf)
+
+
+def tables_finite(tables: np.ndarray) -> bool:
+    """Whether every entry of ``block_tables`` other than the two NaN bytes' is finite: then a weight
+    dequantised through them is finite exactly where its e4m3 bytes are not NaN, which
+    ``has_nonfinite`` checks on the 1-byte source instead of the wider output."""
+    return bool(np.isfinite(tables[..., ~_NAN_BYTES]).all())
+
+
+# An all-ones exponent field marks NaN/Inf. Tested several values at a time in 64-bit words (SWAR):
+# ``(word & M) + L`` sets a lane's top bit exactly when its field is all ones (M: the field in every
+# lane, L: the field's lowest bit; field + lowest bit = the lane's top bit, so no carry leaves a lane).
+_EXP_FIELD = {("e4m3", 1): 0x7F, ("bfloat16", 2): 0x7F80, ("float16", 2): 0x7C00, ("float32", 4): 0x7F800000,
+              ("float64", 8): 0x7FF0000000000000}
+_SWAR_WORDS = 1 << 16  # 512 KB of words per pass: the temporaries stay in L2
+
+
+def _lanes(field: int, itemsize: int) -> tuple[np.uint64, np.uint64, np.uint64]:
+    lane_bits = 8 * itemsize
+    rep = sum(1 << (lane_bits * k) for k in range(8 // itemsize))  # 0x0101...01 for bytes, etc.
+    low = field & -field
+    return np.uint64(field * rep), np.uint64(low * rep), np.uint64((1 << (lane_bits - 1)) * rep)
+
+
 def has_nonfinite(a: np.ndarray) -> bool:
     """Whether float ``a`` (bf16/f16/f32/f64, or e4m3) holds NaN/Inf, read once without a float copy:
-    an all-ones exponent field in the bits."""
+    an all-ones exponent field in the bits, tested eight bytes at a time."""
     a = np.asarray(a)
     dt = np.dtype(a.dtype)
-    if dt == fp8.E4M3:
-        return bool(np.any((a.view(np.uint8) & 0x7F) == 0x7F))
-    exp_mask = {2: 0x7F80 if dt.name == "bfloat16" else 0x7C00, 4: 0x7F800000, 8: 0x7FF0000000000000}.get(dt.itemsize)
-    if exp_mask is None or dt.kind not in "fV":
+    kind = "e4m3" if dt == fp8.E4M3 else dt.name
+    field = _EXP_FIELD.get((kind, dt.itemsize))
+    if field is None or (dt.kind not in "fV" and kind != "e4m3"):
         return False
-    u = a.view(_UINT[dt.itemsize])
-    m = u.dtype.type(exp_mask)
-    return bool(np.any(np.bitwise_and(u, m) == m))
+    u = a.view(_UINT[dt.itemsize]) if a.ndim else a.reshape(1).view(_UINT[dt.itemsize])
+    if u.flags.c_contiguous:
+        u = u.reshape(-1)
+        n_words = u.nbytes // 8
+        if n_words:
+            words = u[:n_words * 8 // dt.itemsize].view(np.uint64)
+            m, low, top = _lanes(field, dt.itemsize)
+            tmp = np.empty(min(n_words, _SWAR_WORDS), np.uint64)
+            for i in range(0, n_words, _SWAR_WORDS):
+                w = words[i:i + _SWAR_WORDS]
+                t = tmp[:len(w)]
+                np.bitwise_and(w, m, out=t)
+                np.add(t, low, out=t)
+                np.bitwise_and(t, top, out=t)
+                if t.any():
+                    return True
+            u = u[n_words * 8 // dt.itemsize:]  # the last few values that do not fill a word
+    f = u.dtype.type(field)
+    return bool(np.any(np.bitwise_and(u, f) == f))
 
 
-__all__ = ["transpose_into", "dequantize_transposed_into", "block_tables", "has_nonfinite"]
+__all__ = ["transpose_into", "dequantize_transposed_into", "block_tables", "tables_finite", "has_nonfinite"]

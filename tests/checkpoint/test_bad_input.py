@@ -224,6 +224,21 @@ def _nan_fp8_bits_keep_fp8(w):
     return ["hf-to-orbax", "src8", "out", "--keep-fp8"], [W, "NaN/Inf", "(1, 2)"], ["src8"]
 
 
+def _nan_fp8_bits(w):  # dequantised: found on the 1-byte source, named by its index there
+    t = load_file(w / "src8" / "model.safetensors")
+    t[W].view(np.uint8)[1, 2] = 0xFF  # e4m3fn -NaN
+    save_file(t, w / "src8" / "model.safetensors")
+    return ["hf-to-orbax", "src8", "out"], [W, "NaN/Inf", "(1, 2)"], ["src8"]
+
+
+def _overflowing_scale(w):  # finite bytes and scale whose float32 product is Inf: found on the output
+    t = load_file(w / "src8" / "model.safetensors")
+    t[W + "_scale_inv"][0, 0] = 3e38
+    t[W].view(np.uint8)[0, 0] = 0x48  # e4m3fn 4.0: 4 * 3e38 overflows (the first of the block that does)
+    save_file(t, w / "src8" / "model.safetensors")
+    return ["hf-to-orbax", "src8", "out"], [W, "NaN/Inf", "(0, 0)"], ["src8"]
+
+
 def _scale_on_bf16_weight(w):
     t = load_file(w / "src" / "model.safetensors")
     t[W + "_scale_inv"] = np.ones((1, 1), np.float32)
@@ -408,6 +423,7 @@ CASES = {
     "dst-exists": _dst_exists, "dst-is-a-file": _dst_is_a_file, "missing-src": _missing_src,
     "fp8-scale-int32": _scale_int32, "nan-weight": _nan_weight, "inf-norm": _inf_norm, "inf-scale": _inf_scale,
     "zero-scale": _zero_scale, "nan-fp8-bits-keep-fp8": _nan_fp8_bits_keep_fp8,
+    "nan-fp8-bits": _nan_fp8_bits, "overflowing-scale": _overflowing_scale,
     "scale-on-float-weight": _scale_on_bf16_weight,
     "index-dotdot": _index_dotdot, "index-absolute": _index_absolute, "index-not-object": _index_not_object,
     "index-not-safetensors": _index_not_safetensors,

@@ -99,6 +99,33 @@ def test_kernels_match_numpy_on_odd_shapes():
     assert not transcode.has_nonfinite(np.array([0x7E], np.uint8).view(fp8.E4M3))
 
 
+def test_nonfinite_detector_on_every_length_and_layout():
+    """The word-at-a-time NaN/Inf test (``has_nonfinite``) agrees with ``np.isfinite`` for every float
+    format, lengths that do and do not fill 64-bit words, a bad value in the tail or a word, strided
+    views, and 0-d arrays; ``tables_finite`` ignores only the two NaN bytes of e4m3."""
+    rng = np.random.default_rng(1)
+    for dt in (fp8.E4M3, ml_dtypes.bfloat16, np.float16, np.float32, np.float64):
+        bads = [np.nan] if dt == fp8.E4M3 else [np.nan, np.inf, -np.inf]
+        for n in (1, 2, 3, 7, 8, 9, 15, 16, 17, 64, 129):
+            a = (rng.standard_normal(n) * 3).astype(np.float32).astype(dt)
+            assert not transcode.has_nonfinite(a), (dt, n)
+            for i in {0, n // 2, n - 1}:
+                for bad in bads:
+                    b = a.copy()
+                    b[i] = bad
+                    assert transcode.has_nonfinite(b), (dt, n, i, bad)
+                    assert transcode.has_nonfinite(np.tile(b, (2, 1))[:, ::-1]), (dt, n, i)  # not contiguous
+        assert transcode.has_nonfinite(np.array(np.nan).astype(dt)) and not transcode.has_nonfinite(np.array(1.0).astype(dt))
+    big = np.full(3 * transcode._SWAR_WORDS * 8 + 5, 0.5, ml_dtypes.bfloat16)  # several passes of words
+    assert not transcode.has_nonfinite(big)
+    big[2 * transcode._SWAR_WORDS * 4 + 1] = -np.inf
+    assert transcode.has_nonfinite(big)
+    s = np.ones((2, 2), np.float32)
+    assert transcode.tables_finite(transcode.block_tables(s, ml_dtypes.bfloat16))  # NaN bytes only
+    s[1, 0] = 3e38  # 448 * 3e38 overflows float32
+    assert not transcode.tables_finite(transcode.block_tables(s, np.float32))
+
+
 def test_progress_bar_shows_rate_and_eta(release, tmp_path, capsys):
     """The bar (stderr) reports bytes per second and the time left; ``progress=False`` (``--quiet``) prints nothing."""
     convert.hf_to_orbax(release, tmp_path / "a", progress=True, group_bytes=1 << 20)
