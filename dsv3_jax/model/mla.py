@@ -138,11 +138,17 @@ class MLA(nnx.Module):
                 q_lat[:, 0], q_rope[:, 0], ckv, krope, positions[:, 0] + 1)
             o = jnp.einsum("bhl,lhv->bhv", o_lat.astype(q.dtype), w_v)[:, None]
             return self.o_proj(o)
-        scores = (jnp.einsum("bshl,btl->bhst", q_lat, ckv, preferred_element_type=jnp.float32)
-                  + jnp.einsum("bshr,btr->bhst", q_rope, krope, preferred_element_type=jnp.float32))
+        # several new tokens (speculative verify: two): the S·H queries of a sequence are one axis, as the
+        # decode kernel's H, so both dots keep the cache's [T, ·] layout (a [B, H, S, T] layout made XLA:CPU
+        # transpose the cache and fall back to a naive dot: 2.4x slower at B=16, S=2; docs/design.md
+        # §Speculative decoding); each query sees the cache up to its own position
+        B, S, H = q_lat.shape[:3]
+        q_lat, q_rope = q_lat.reshape(B, S * H, -1), q_rope.reshape(B, S * H, -1)
+        scores = (jnp.einsum("bql,btl->bqt", q_lat, ckv, preferred_element_type=jnp.float32)
+                  + jnp.einsum("bqr,btr->bqt", q_rope, krope, preferred_element_type=jnp.float32))
         scores = scores * cfg.softmax_scale
-        visible = jnp.arange(ckv.shape[1])[None, None, :] <= positions[:, :, None]   # [B, S, T]
-        scores = jnp.where(visible[:, None], scores, jnp.finfo(jnp.float32).min)
+        visible = jnp.arange(ckv.shape[1])[None, None, :] <= jnp.repeat(positions, H, axis=1)[:, :, None]
+        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)              # [B, S·H, T]
         p = jax.nn.softmax(scores, axis=-1).astype(adt)
-        o_lat = jnp.einsum("bhst,btl->bshl", p, ckv, preferred_element_type=jnp.float32).astype(q.dtype)
-        return self.o_proj(jnp.einsum("bshl,lhv->bshv", o_lat, w_v))
+        o_lat = jnp.einsum("bqt,btl->bql", p, ckv, preferred_element_type=jnp.float32).astype(q.dtype)
+        return self.o_proj(jnp.einsum("bshl,lhv->bshv", o_lat.reshape(B, S, H, -1), w_v))
