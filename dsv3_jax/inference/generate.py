@@ -208,11 +208,13 @@ class Generator:
             """Verify ``[nxt, draft]`` at ``pos, pos+1``; draft again from the accepted position."""
             two = pos[:, None] + jnp.arange(2, dtype=jnp.int32)
             logits, h, cache = self.step(state, jnp.stack([nxt, draft], 1), two, cache)
-            a1, a2 = jnp.argmax(logits[:, 0], -1).astype(jnp.int32), jnp.argmax(logits[:, 1], -1).astype(jnp.int32)
-            ok = a1 == draft
-            mtp_logits, cache = self.mtp(state, h, jnp.stack([a1, a2], 1), two, cache)
-            new_draft = jnp.where(ok, jnp.argmax(mtp_logits[:, 1], -1), jnp.argmax(mtp_logits[:, 0], -1))
-            return a1, a2, ok, new_draft.astype(jnp.int32), cache
+            a = jnp.argmax(logits, -1).astype(jnp.int32)                 # [B, 2]: one reduction for both
+            ok = a[:, 0] == draft
+            # the MTP depth runs on both rows: row pos is always kept, row pos+1 only when the draft was
+            # right (else the next step overwrites its cache entry); the draft comes from the last kept row
+            mtp_logits, cache = self.mtp(state, h, a, two, cache)
+            new_draft = jnp.argmax(jnp.where(ok[:, None], mtp_logits[:, 1], mtp_logits[:, 0]), -1)
+            return a[:, 0], a[:, 1], ok, new_draft.astype(jnp.int32), cache
 
         @functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
         def spec_sample_step(state, nxt, draft, q_logits, pos, cache, key, *, temperature, top_k, top_p):
