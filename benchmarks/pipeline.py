@@ -20,6 +20,9 @@
 * ``layout_bytes_671b``: the 671B train state's bytes per chip on v5p:2x8x16 with and without a stage axis
   (from the shardings; ``dsv3 plan --mesh stage=...`` compiles the same program for the compiler's figures).
 
+* ``stage_split_671b``: the 671B model's cost-balanced split over 16 stages against the split by layer
+  count (slowest stage over the mean), and its train state per chip on v5p:8x16x16 with ``stage=16``.
+
     python benchmarks/pipeline.py            # every measurement
     python benchmarks/pipeline.py simulated  # some (by name prefix)
 """
@@ -138,8 +141,50 @@ def layout_bytes_671b() -> None:
                       "temporary of the step, not stored)"})
 
 
+def stage_split_671b() -> None:
+    """The 671B model (3 dense + 58 MoE layers + 1 MTP depth) on 16 stages: the cost-balanced split
+    (``pipeline.partition.balance``) against the split by layer count (58 = 10 x 4 + 6 x 3, the extra layers
+    on the first stages), as the most expensive stage's forward FLOPs per token over the mean stage's (1 =
+    perfect balance; a pipeline runs at the pace of its slowest stage); then the train state per chip on
+    v5p:8x16x16 (2048 chips) with ``stage=16`` (uneven split, stack stored padded to 16 x 4 rows) against the
+    same chips without a stage axis, from the shardings (no compile)."""
+    import os
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from dsv3_jax.config import RuntimeConfig, load_config
+    from dsv3_jax.pipeline.config import PipelineConfig
+    from dsv3_jax.pipeline.partition import balance, stage_costs, stage_extras
+    from dsv3_jax.plan import _per_chip_bytes, topology_devices
+    from dsv3_jax.train.config import TrainConfig
+    from dsv3_jax.train.program import train_program
+    from sharding import DEFAULT_RULES, make_mesh
+
+    cfg, pp = load_config("deepseek_v3_671b"), 16
+    extras = stage_extras(cfg, cfg.num_mtp_layers)
+    ours, naive = balance(cfg, pp, cfg.num_mtp_layers), (4,) * 10 + (3,) * 6
+
+    def imbalance(split):
+        c = stage_costs(split, *extras)
+        return max(c) / (sum(c) / pp)
+    emit({"bench": "pipeline.stage_split_671b", "pp": pp, "split": list(ours), "baseline_split": list(naive),
+          "ours_max_over_mean": imbalance(ours), "baseline_max_over_mean": imbalance(naive),
+          "ratio": imbalance(ours) / imbalance(naive),
+          "moe_layer_units": {"first_stage_extra": extras[1] / extras[0], "last_stage_extra": extras[2] / extras[0]},
+          "what": "slowest stage's forward FLOPs/token over the mean stage's (seq 4096)"})
+    devs = topology_devices("v5p:8x16x16")
+
+    def gib(spec, pipeline=None):
+        prog = train_program(cfg, RuntimeConfig(), TrainConfig(), make_mesh(spec, devices=devs), DEFAULT_RULES,
+                             pipeline=pipeline)
+        return sum(_per_chip_bytes(prog.abstract[k], prog.shardings[k]) for k in prog.abstract) / 2**30
+    base, staged = gib("fsdp=128,expert=16"), gib("stage=16,fsdp=8,expert=16", PipelineConfig("1f1b", pp))
+    emit({"bench": "pipeline.stage_split_671b_bytes", "topology": "v5p:8x16x16", "mesh": "stage=16,fsdp=8,expert=16",
+          "baseline_mesh": "fsdp=128,expert=16", "ours_gib_per_chip": staged, "baseline_gib_per_chip": base,
+          "ratio": staged / base, "what": "params + router bias + AdamW moments (stored state, stack padded to "
+                                          "16 x 4 rows for the [1, 4 x 14, 1] split)"})
+
+
 MEASUREMENTS = {"simulated_bubble": simulated_bubble, "executed_step": executed_step,
-                "layout_bytes_671b": layout_bytes_671b}
+                "layout_bytes_671b": layout_bytes_671b, "stage_split_671b": stage_split_671b}
 
 
 def main(names: list[str]) -> None:

@@ -1,6 +1,6 @@
 """The trainer on a ``stage`` mesh (docs/design.md §Pipeline), end to end: ``train.mesh=stage=2,data=4``
-runs the pipelined step with evaluation, the host EMA and a checkpoint, and gives the single-device run's
-losses; its checkpoint is the unsplit model's, so ``load_checkpoint`` reads it without any mesh."""
+runs the pipelined step (an uneven stage split) with evaluation, the host EMA and a checkpoint, and gives the
+single-device run's losses; its checkpoint is the unsplit model's, so ``load_checkpoint`` reads it without any mesh."""
 from __future__ import annotations
 
 import json
@@ -26,13 +26,16 @@ def test_trainer_with_stages_matches_one_device(make_run, tmp_path):
     (integer counts, sign update)."""
     runs = {}
     for name, mesh in (("one", ""), ("staged", "stage=2,data=4")):
-        run = make_run("num_layers=3", "steps=2", "checkpoint_every=2", "eval_every=2", "train.ema_every=1",
+        # 1 dense + 3 MoE layers: 2 stages split them unevenly ([2, 1] by cost, stored padded), so the run
+        # also goes through the staged <-> model layout conversions (docs/design.md §Pipeline)
+        run = make_run("num_layers=4", "steps=2", "checkpoint_every=2", "eval_every=2", "train.ema_every=1",
                        "pipeline.schedule=1f1b", f"train.mesh={mesh}", out=tmp_path / name)
         tr = Trainer(run, log=lambda *a: None)
         res = tr.train()
         runs[name] = (tr, res, _metrics(tmp_path / name))
     (t1, r1, m1), (ts, rs, ms) = runs["one"], runs["staged"]
     assert ts.mesh.shape["stage"] == 2 and "activations" in ms[-1]
+    assert ts.prog.staged and ts.run.pipeline.layers_per_stage == (2, 1)
     assert [r["step"] for r in ms] == [1, 2]
     for a, b in zip(m1, ms):
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
