@@ -90,8 +90,10 @@ class GRPOTrainer:
         # one optimizer update per policy update: the schedule spans steps × policy_updates updates
         prog = train_program(cfg, run.runtime, dataclasses.replace(t, steps=t.steps * t.policy_updates),
                              self.mesh, DEFAULT_RULES, seed=t.seed)
-        self.graphdef, sh = prog.graphdef, prog.shardings
-        a = {k: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), prog.abstract[k], sh[k])
+        # GRPO's own step is not pipelined: it takes the model layout (docs/design.md §Pipeline)
+        self.graphdef, sh = prog.graphdef, prog.model_shardings
+        a = {k: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), prog.model_abstract[k],
+                             sh[k])
              for k in ("params", "bias", "rest")}
         p, b, r = restore_model_states(init, (a["params"], a["bias"], a["rest"]))
         self.ref = (p, b, r)                       # π_ref: the starting weights, never updated
