@@ -254,9 +254,11 @@ class RuntimeConfig:
 
     compute_dtype: Optional[str] = None  # None: the parameters' dtype (a float32 checkpoint computes in float32)
     attention_impl: str = "auto"  # pallas_kernels.mla backend: "auto" | "reference" | "blockwise" | "pallas" | "pallas_gpu" | "pallas_tpu"
-    moe_impl: str = "auto"        # "auto" | "ragged" (jax.lax.ragged_dot) | "blocked" (block-padded GEMM)
+    moe_impl: str = "auto"        # "auto" | "ragged" (jax.lax.ragged_dot) | "looped" (CPU) | "blocked" (block-padded GEMM)
     moe_block_size: int = 0       # rows per block of the blocked GEMM; 0: from the expected rows per expert
-    remat: str = "save_dots_except_mla_up"  # "none" | "full" | "save_dots" | "save_dots_except_mla_up"
+    # "auto" | "none" | "full" | "save_dots" | "save_dots_except_mla_up"; auto: none on CPU (memory is plentiful
+    # there and recomputing costs a third of the step), save_dots_except_mla_up on GPU/TPU (docs/design.md §Remat)
+    remat: str = "auto"
     scan_layers: bool = True
     quant: str = "none"           # "none" | "fp8": every Linear's three GEMMs in FP8 (docs/architecture.md §6)
     interpret: bool = False       # run the Pallas kernels in the Pallas interpreter (any platform; tests)
@@ -295,9 +297,9 @@ _CHOICES = {
 }
 _RUNTIME_CHOICES = {
     "compute_dtype": (None, "float32", "bfloat16", "float16"),
-    "moe_impl": ("auto", "ragged", "blocked"),
+    "moe_impl": ("auto", "ragged", "looped", "blocked"),
     "attention_impl": ("auto", "reference", "blockwise", "pallas", "pallas_gpu", "pallas_tpu"),
-    "remat": ("none", "full", "save_dots", "save_dots_except_mla_up"),
+    "remat": ("auto", "none", "full", "save_dots", "save_dots_except_mla_up"),
     "quant": ("none", "fp8"),
     "ep_strategy": ("auto", "allgather", "ragged_a2a", "a2a_capacity"),
 }

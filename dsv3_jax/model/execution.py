@@ -39,15 +39,19 @@ def execution(cfg: ModelConfig, runtime: Optional[RuntimeConfig] = None, mesh: O
               rules: Rules = DEFAULT_RULES) -> Execution:
     """Resolve ``runtime`` for ``cfg`` on ``mesh``: ``compute_dtype=None`` → the parameters' dtype;
     ``auto`` kernels → the implementation for the mesh's platform; ``ep_strategy='auto'`` → the exchange
-    the mesh needs (``sharding.expert_parallel.resolve_strategy``)."""
+    the mesh needs (``sharding.expert_parallel.resolve_strategy``); ``remat='auto'`` → the platform's policy."""
     rt = (runtime or RuntimeConfig()).resolved(cfg)
     platform = platform_of(mesh)
     attn = mla_ops.resolve_backend(rt.attention_impl, rt.interpret, platform=platform)
-    moe = rt.moe_impl if rt.moe_impl != "auto" else ("blocked" if platform == "cpu" else "ragged")
+    # XLA:CPU: the looped expert-major tiles (docs/design.md §MoE on CPU); GPU/TPU: ragged_dot
+    moe = rt.moe_impl if rt.moe_impl != "auto" else ("looped" if platform == "cpu" else "ragged")
     fp8_backend = fp8.resolve_backend("pallas" if rt.interpret else "auto", rt.interpret, platform=platform)
     ep = resolve_strategy(rt.ep_strategy, mesh)
-    return Execution(dataclasses.replace(rt, attention_impl=attn, moe_impl=moe, ep_strategy=ep), mesh, rules,
-                     fp8_backend)
+    # remat 'auto': none on CPU (plentiful memory; recomputing the forward is a third of the step there),
+    # the recipe's policy on GPU/TPU (docs/design.md §Remat)
+    remat = rt.remat if rt.remat != "auto" else ("none" if platform == "cpu" else "save_dots_except_mla_up")
+    return Execution(dataclasses.replace(rt, attention_impl=attn, moe_impl=moe, ep_strategy=ep, remat=remat), mesh,
+                     rules, fp8_backend)
 
 
 __all__ = ["Execution", "execution"]

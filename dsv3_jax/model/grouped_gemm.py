@@ -4,6 +4,8 @@ Two implementations of ``grouped_matmul(x_sorted, w, group_sizes)`` (rows of ``x
 grouped by expert, ``w: [E, K, N]``):
 
 * ``ragged``  — ``jax.lax.ragged_dot``: the right primitive on GPU/TPU.
+* ``looped`` — expert-major tiles of a fixed capacity, looped until every row is done
+  (``looped_ffn``): the CPU default, batched matmuls against the weight stacks as they are.
 * ``blocked`` — pad each expert's group to a multiple of ``block`` rows and run one batched einsum
   over blocks with each block's expert weights. XLA:CPU's ragged_dot is ~100× slower than a dense
   matmul of the same FLOPs; this runs near dense speed. Still dropless: the static block count
@@ -24,6 +26,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.fp8 import grouped_linear, quantize_experts
 
+from .looped_ffn import looped_ffn, round_capacity
+
 
 def auto_block_size(rows: int, n_experts: int) -> int:
     """Rows per block of the blocked GEMM when none is configured: the expected rows per expert
@@ -37,7 +41,10 @@ def grouping(impl: str, rows: int, n_experts: int, block: int = 0) -> tuple[str,
     """``(impl, block)`` for ``rows`` token-slots over ``n_experts`` experts, decided at trace time:
     ``block`` > 0 is a fixed choice (``RuntimeConfig.moe_block_size``) and keeps ``impl``; otherwise the
     blocked GEMM becomes ``"per_row"`` when there is at most one row per expert, else gets
-    ``auto_block_size``. ``ragged`` (GPU/TPU) needs no block and is kept."""
+    ``auto_block_size``. ``ragged`` (GPU/TPU) needs no block and is kept. ``looped`` (the CPU default)
+    gets its round capacity (``round_capacity``), or ``per_row`` for decode-sized steps."""
+    if impl == "looped":   # the "block" is a round's rows per expert (looped_ffn); moe_block_size is the blocked layout's
+        return ("per_row", 1) if rows <= n_experts and not block else (impl, round_capacity(rows, n_experts))
     if block:
         return impl, block
     if impl == "blocked" and rows <= n_experts:
@@ -59,7 +66,7 @@ def per_row_ffn(x: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.A
 def resolve_impl(impl: str) -> str:
     if impl != "auto":
         return impl
-    return "blocked" if jax.default_backend() == "cpu" else "ragged"
+    return "looped" if jax.default_backend() == "cpu" else "ragged"
 
 
 def sort_by_expert(expert_idx: jax.Array, num_experts: int):
@@ -151,9 +158,11 @@ def expert_ffn(x_sorted: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w
             return jax.lax.ragged_dot(a, w.astype(a.dtype), group_sizes)
         h = jax.nn.silu(mm(x_sorted, w_gate)) * mm(x_sorted, w_up)
         return mm(h, w_down)
+    if impl == "looped":
+        return looped_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, block)
     if impl == "blocked":
         layout = BlockLayout(group_sizes, x_sorted.shape[0], block)
         xb = layout.scatter(x_sorted)
         h = jax.nn.silu(layout.matmul(xb, w_gate)) * layout.matmul(xb, w_up)
         return layout.gather(layout.matmul(h, w_down))
-    raise ValueError(f"unknown grouped GEMM implementation {impl!r}; use 'ragged', 'blocked' or 'auto'.")
+    raise ValueError(f"unknown grouped GEMM implementation {impl!r}; use 'ragged', 'looped', 'blocked' or 'auto'.")

@@ -85,7 +85,7 @@ def _naive_moe(moe, x, routing):
     return out + np.asarray(moe.shared(x))
 
 
-@pytest.mark.parametrize("impl", ["blocked", "ragged"])
+@pytest.mark.parametrize("impl", ["blocked", "looped", "ragged"])
 def test_grouped_gemm_equals_per_expert_loop(impl):
     cfg = dsv3.load_config("tiny")
     moe = MoE(cfg, execution(cfg, dsv3.RuntimeConfig(moe_impl=impl, moe_block_size=8)), nnx.Rngs(0))

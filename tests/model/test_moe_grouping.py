@@ -21,6 +21,9 @@ def test_grouping_by_rows_per_expert():
     assert grouping("blocked", 8192, 16) == ("blocked", 128)    # training batch: large blocks
     assert grouping("blocked", 8, 16, block=32) == ("blocked", 32)  # a fixed moe_block_size is kept
     assert grouping("ragged", 8, 16) == ("ragged", 8)           # ragged_dot needs no per-row path
+    assert grouping("looped", 8, 16) == ("per_row", 1)          # the CPU default: per-row for decode steps,
+    assert grouping("looped", 4096, 16) == ("looped", 320)      # else rounds of 1.25 × the mean rows per expert
+    assert grouping("looped", 4096, 16, block=128) == ("looped", 320)  # moe_block_size is the blocked layout's
 
 
 @pytest.mark.parametrize("tokens", [1, 2])
