@@ -46,6 +46,27 @@ def test_cached_decode_equals_full_forward_every_step(tiny, prefill):
     np.testing.assert_allclose(np.asarray(mtp_logits[0]), np.asarray(full.mtp_logits[0]), atol=TOL)
 
 
+def test_two_token_steps_over_rejected_drafts_equal_the_full_forward(tiny):
+    """The speculative verify step's cache discipline (docs/design.md §Speculative decoding): a
+    two-token step writes a wrong draft at pos+1; the next step starts at pos+1 and overwrites it, and
+    a query never reads the stale entry past its own position. Every kept row's logits equal the
+    uncached forward over the true sequence (fp32 cache, ``TOL``)."""
+    cfg, model, _ = tiny
+    seq = np.random.RandomState(3).randint(0, cfg.vocab_size, (2, 10)).astype(np.int32)
+    full = np.asarray(model(seq, mtp=False).logits)
+    step = jax.jit(lambda m, t, p, c: m(t, positions=p, cache=c))
+    cache = step(model, jnp.asarray(seq[:, :5]), jnp.broadcast_to(jnp.arange(5), (2, 5)),
+                 model.init_cache(2, 12, dtype=jnp.float32)).cache
+    junk = (seq + 7) % cfg.vocab_size                       # drafts that are always wrong
+    for p in (5, 6):                                        # rejected: only row 0 is kept, pos += 1
+        out = step(model, jnp.asarray(np.stack([seq[:, p], junk[:, p + 1]], 1)), jnp.full((2, 2), p) + jnp.arange(2),
+                   cache)
+        np.testing.assert_allclose(np.asarray(out.logits[:, 0]), full[:, p], atol=TOL)
+        cache = out.cache
+    out = step(model, jnp.asarray(seq[:, 7:9]), jnp.full((2, 2), 7) + jnp.arange(2), cache)  # accepted
+    np.testing.assert_allclose(np.asarray(out.logits), full[:, 7:9], atol=TOL)
+
+
 def test_cache_bytes_match_info(tiny):
     cfg, model, _ = tiny
     cache = model.init_cache(1, 4)  # the default (bf16) cache is what dsv3 info counts
