@@ -5,10 +5,13 @@ BF16 embedding/head/norms/gate, FP32 correction bias; sharded safetensors + inde
 wide config, then in fresh subprocesses (so each peak RSS is its own), alternating after a warm-up
 read, with other processes' CPU use measured before and during (``common.LoadMonitor``: ``quiet``):
   * read:        every tensor copied out of the mmapped shards (the I/O floor),
+  * copy:        the read plus writing the same bytes to files next to DST, fsynced (the floor of any
+                 converter that writes what it reads: ``ratio_copy`` bounds ``ratio_keep_fp8``),
   * convert:     ``hf_to_orbax --dtype bfloat16`` (dequantise, transpose, write Orbax layer by layer),
   * convert_fp8: ``hf_to_orbax --keep-fp8`` (e4m3 bits and scales transposed, written),
   * export:      ``orbax_to_hf`` of the bf16 checkpoint (its bytes per second).
 Prints one JSON line: MB/s of each (source bytes / wall time), ``ratio`` (bf16 convert / read),
+``ratio_copy`` (copy / read),
 ``ratio_keep_fp8`` and ``ratio_export`` (export MB/s / read MB/s), and each one's peak RSS growth over
 its RSS before starting (must stay bounded by ~a write group, not the model size).
 
@@ -137,6 +140,20 @@ def child(mode: str, src: str, dst: str) -> None:
                 n += b.nbytes
                 s._entries[e].reader.release(s._entries[e].raw)
                 del a, b
+    elif mode == "copy":  # the read, plus writing the same bytes out (fsynced per file, as TensorStore does)
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        with HFSource(src) as s:
+            by_file: dict = {}
+            for e in sorted(s._entries):
+                by_file.setdefault(s._entries[e].reader.path, []).append(e)
+            for path, names in by_file.items():
+                with open(Path(dst) / Path(path).name, "wb") as f:
+                    for e in names:
+                        a = s._raw(e)
+                        f.write(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)))
+                        s._entries[e].reader.release(s._entries[e].raw)
+                    f.flush()
+                    os.fsync(f.fileno())
     elif mode == "export":
         convert.orbax_to_hf(src, dst, progress=False, overwrite=True, max_shard_bytes=1 << 30)
     else:
@@ -164,8 +181,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--small", action="store_true", help="~40 MB model instead of >=3 GB")
     ap.add_argument("--layers", type=int, default=16, help="layers of the synthetic model")
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds of every phase (median reported)")
-    ap.add_argument("--phases", default="convert,convert_fp8,export",
-                    help="what to time besides the plain read (comma list of convert, convert_fp8, export)")
+    ap.add_argument("--phases", default="copy,convert,convert_fp8,export",
+                    help="what to time besides the plain read (comma list of copy, convert, convert_fp8, export)")
     ap.add_argument("--workdir", help="where to generate (default: a temporary directory, removed after)")
     ap.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "DST"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -177,27 +194,33 @@ def main(argv=None) -> dict:
     from dsv3_jax.checkpoint import convert as convert_mod
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dsv3_bench_convert_"))
     try:
-        src, dst, dst8, hf = work / "hf_fp8", work / "orbax", work / "orbax_fp8", work / "hf_export"
+        src, dst, dst8, hf, cp = (work / "hf_fp8", work / "orbax", work / "orbax_fp8", work / "hf_export",
+                                  work / "copy")
         if not (src / "model.safetensors.index.json").exists():
             shutil.rmtree(src, ignore_errors=True)
             generate(src, args.small, shard_bytes=(8 << 20) if args.small else (1 << 30), layers=args.layers)
         size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-        for d in (dst, dst8, hf):
+        for d in (dst, dst8, hf, cp):
             shutil.rmtree(d, ignore_errors=True)
         # the small model is a handful of default-size groups: scale the group down with it
         group = (4 << 20) if args.small else convert_mod.GROUP_BYTES
         run_child("read", src, dst, group)  # warm-up: the source in the page cache for every phase alike
         mon = LoadMonitor()
         mon.before()
-        phases = ["read"] + [p for p in ("convert", "convert_fp8", "export") if p in args.phases.split(",")]
+        phases = ["read"] + [p for p in ("copy", "convert", "convert_fp8", "export") if p in args.phases.split(",")]
         if "export" in phases and "convert" not in phases:
             ap.error("--phases: export needs convert (it exports the bf16 checkpoint)")
-        where = {"read": (src, dst), "convert": (src, dst), "convert_fp8": (src, dst8), "export": (dst, hf)}
+        where = {"read": (src, dst), "copy": (src, cp), "convert": (src, dst), "convert_fp8": (src, dst8),
+                 "export": (dst, hf)}
         runs: dict[str, list[dict]] = {p: [] for p in phases}
         with mon:  # the phases alternate, so load from other processes falls on all of them alike
             for _ in range(args.rounds):
                 for p in phases:
+                    if p != "read":  # a previous round's output is removed outside the timed region
+                        shutil.rmtree(where[p][1], ignore_errors=True)
                     runs[p].append(run_child(p, *where[p], group))
+                    if p == "copy":
+                        shutil.rmtree(cp, ignore_errors=True)
         secs = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
         mb = size / 2**20
         read_mb_s = mb / secs["read"]
@@ -207,6 +230,8 @@ def main(argv=None) -> dict:
         res = {"benchmark": "convert_hf_fp8_to_orbax", "source_mb": round(mb, 1),
                "layers": make_config(args.small, args.layers)["num_hidden_layers"],
                "read_mb_s": round(read_mb_s, 1), "read_rss_growth_mb": growth("read")}
+        if "copy" in runs:
+            res.update({"copy_mb_s": round(mb / secs["copy"], 1), "ratio_copy": round(secs["read"] / secs["copy"], 3)})
         if "convert" in runs:
             out_mb = _dir_mb(dst)
             res.update({"convert_mb_s": round(mb / secs["convert"], 1), "ratio": round(secs["read"] / secs["convert"], 3),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -31,10 +32,12 @@ from ..errors import CheckpointError
 from ..model import DeepSeekV3
 from . import fp8, mapping, orbax_io, transcode
 from .hf_source import TOKENIZER_FILES, HFSource
+from .host_buffers import BufferPool, frozen_gc
 from .orbax_io import atomic_dir
 from .safetensors_io import SUPPORTED_DTYPES, save_file
 
 GROUP_BYTES = 128 << 20  # output bytes per partial save (bounds memory: ~2 groups)
+SPLIT_BYTES = 32 << 20   # a float tensor larger than this is filled by several threads, in row ranges
 DTYPES = {"bfloat16": SUPPORTED_DTYPES["BF16"], "float32": np.dtype(np.float32)}
 
 
@@ -180,50 +183,85 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
         def scale_path(path: tuple):  # FP8-stored weight → its block scales (None: stored as float)
             return mapping.stored_scale_path(stored_cfg, path, shapes)
 
-        def fill(arrays: dict, pc: mapping.Piece) -> int:
+        def fill(arrays: dict, pc: mapping.Piece, rows: Optional[tuple[int, int]]) -> int:
             key, sub = orbax_io.disk_path(pc.path, pc.index)
             sp = scale_path(pc.path)
             mapping.fill_piece(source, pc, arrays[key][sub],
-                               None if sp is None else arrays[orbax_io.disk_path(sp, pc.index)[0]][sub])
-            return source.nbytes(pc.hf_name)
+                               None if sp is None else arrays[orbax_io.disk_path(sp, pc.index)[0]][sub], rows)
+            n = source.nbytes(pc.hf_name)
+            return n if rows is None else n * (rows[1] - rows[0]) // source.shape(pc.hf_name)[0]
 
         def out_bytes(pc: mapping.Piece) -> int:
             return int(np.prod(shapes[pc.path][len(pc.index):])) * dtypes[pc.path].itemsize
 
+        def tasks(group) -> list[tuple[mapping.Piece, Optional[tuple[int, int]]]]:
+            """A group's pieces; a large float tensor (embedding, head) as row ranges, one per thread."""
+            out = []
+            for pc in group:
+                shape = source.shape(pc.hf_name)
+                if out_bytes(pc) < SPLIT_BYTES or len(shape) != 2 or source.is_fp8(pc.hf_name) or scale_path(pc.path):
+                    out.append((pc, None))
+                    continue
+                parts = math.ceil(out_bytes(pc) / SPLIT_BYTES)
+                step = math.ceil(shape[0] / parts / transcode.TILE_ROWS) * transcode.TILE_ROWS
+                out += [(pc, (r, min(r + step, shape[0]))) for r in range(0, shape[0], step)]
+            return out
+
         orbax_io.check_free_space(dst, sum(out_bytes(pc) for _, plist in units for pc in plist))
         with atomic_dir(dst, overwrite) as tmp, _progress(total, f"convert {src.name}", progress) as bar, \
-                ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool, _write_context():
+                ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool, _write_context(), frozen_gc():
             params_dir = tmp / orbax_io.PARAMS_DIR
-            pending = None
+            buffers = BufferPool()
+            pending = None  # the save in flight
+            filling: list = []  # the fill tasks in flight
+
+            def start(group) -> tuple[dict, list]:
+                """Allocate a group's arrays (recycled from the group before last) and start filling them."""
+                arrays: dict[tuple, np.ndarray] = {}
+                for pc in group:
+                    per_layer = bool(orbax_io.stack_len(pc.path) and pc.index)
+                    # the model's dtype: --dtype (e4m3 with --keep-fp8); the router bias stays fp32 (docs/architecture.md §6)
+                    for path in (pc.path, scale_path(pc.path)):
+                        k = path and orbax_io.disk_path(path, pc.index)[0]
+                        if path is not None and k not in arrays:
+                            full = shapes[path]
+                            arrays[k] = buffers.take(full[1:] if per_layer else full, dtypes[path])
+                buffers.drop()
+                return arrays, [pool.submit(fill, arrays, pc, rows) for pc, rows in tasks(group)]
+
+            def split_names(group) -> set:
+                return {pc.hf_name for pc, rows in tasks(group) if rows is not None}
 
             def _write_groups():
-                nonlocal pending
-                for group in _groups(units, out_bytes, group_bytes):
-                    arrays: dict[tuple, np.ndarray] = {}
-                    for pc in group:
-                        per_layer = bool(orbax_io.stack_len(pc.path) and pc.index)
-                        # the model's dtype: --dtype (e4m3 with --keep-fp8); the router bias stays fp32 (docs/architecture.md §6)
-                        for path in (pc.path, scale_path(pc.path)):
-                            k = path and orbax_io.disk_path(path, pc.index)[0]
-                            if path is not None and k not in arrays:
-                                full = shapes[path]
-                                arrays[k] = np.empty(full[1:] if per_layer else full, dtypes[path])
-                    for n in pool.map(lambda pc: fill(arrays, pc), group):
-                        bar.update(n)
+                # Group k is saved (Orbax/TensorStore threads) while group k+1 is filled on the worker
+                # threads; k+1 reuses k-1's arrays, whose save has finished: two groups in memory.
+                nonlocal pending, filling
+                groups = list(_groups(units, out_bytes, group_bytes))
+                arrays, filling = start(groups[0])
+                saving: dict = {}
+                for i, group in enumerate(groups):
+                    for f in filling:
+                        bar.update(f.result())
+                    for name in split_names(group):  # (the others dropped their pages when filled)
+                        source.release(name)
                     if pending is not None:
                         pending.result()
-                    # written while the next group is read and dequantised (at most two groups in memory)
+                        buffers.give(saving.values())
+                    nxt, filling = start(groups[i + 1]) if i + 1 < len(groups) else (None, [])
                     pending = ocp.partial.save_async(params_dir, orbax_io.nest(arrays))
                     written.update(arrays)
-                    del arrays
-                if pending is not None:
-                    pending.result()
+                    saving, arrays = arrays, nxt
+                pending.result()
 
             try:
                 _write_groups()
             except BaseException:
-                if pending is not None:  # let the in-flight write finish before the temp dir is removed
-                    with contextlib.suppress(BaseException):
+                for f in filling:
+                    f.cancel()
+                with contextlib.suppress(BaseException):  # let in-flight work finish before the temp dir goes
+                    for f in filling:
+                        f.exception()
+                    if pending is not None:
                         pending.result()
                 raise
             if written != expected:  # a bug, not bad input: never finalize an incomplete tree

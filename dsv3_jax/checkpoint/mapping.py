@@ -153,15 +153,21 @@ def _as_shape(out: np.ndarray, shape: tuple) -> np.ndarray:
     return v
 
 
-def fill_piece(source, piece: Piece, out: np.ndarray, scale_out: Optional[np.ndarray] = None) -> None:
+def fill_piece(source, piece: Piece, out: np.ndarray, scale_out: Optional[np.ndarray] = None,
+               rows: Optional[tuple[int, int]] = None) -> None:
     """Write HF tensor ``piece.hf_name`` of ``source`` (an ``HFSource``) into ``out``, our slice
     ``params[path][index]`` (any float dtype, or e4m3), in one pass: transpose and cast straight into
     place from the source's mmap (``transcode``: tiled transposes, FP8 through per-block tables; the
     values are bit for bit those of dequantising to float32 and casting). With ``scale_out`` (block
     scales ``[ib, ob]``) the weight is stored in FP8: an FP8 source's e4m3 bits and scales are copied,
     transposed into our layout (nothing re-quantised); a float source is quantised like the release
-    (docs/architecture.md §6). The written values are checked for NaN/Inf unless the source allows them."""
+    (docs/architecture.md §6). The written values are checked for NaN/Inf unless the source allows them.
+
+    ``rows``: only rows ``r0:r1`` of a 2-D float (not FP8) HF tensor, so that several threads can fill
+    one large tensor (the embedding, the head); the caller then drops its pages (``source.release``)."""
     name = piece.hf_name
+    if rows is not None and (scale_out is not None or source.is_fp8(name) or len(source.shape(name)) != 2):
+        raise ValueError(f"fill_piece: rows= is for 2-D float tensors, not {name}")
     if scale_out is not None and not source.is_fp8(name):
         w8, s_inv = fp8.quantize(source.get(name, np.float32))
         _as_shape(out, w8.shape[::-1])[...] = w8.T
@@ -178,18 +184,25 @@ def fill_piece(source, piece: Piece, out: np.ndarray, scale_out: Optional[np.nda
             if transcode.tables_finite(tables):  # only a NaN byte can give NaN: check the 1-byte source
                 check = w
         else:
+            r0, r1 = rows or (0, w.shape[0])
+            if piece.transform == LINEAR:  # our [in, out]: HF rows are our columns
+                check = _as_shape(out, w.shape[::-1])[:, r0:r1]
+            else:
+                check = out if rows is None else _as_shape(out, w.shape)[r0:r1]
+            w = w[r0:r1]
             if w.dtype == np.float64 and out.dtype != np.float32:
                 w = w.astype(np.float32)  # float64 → float32 → out, the rounding of the float32 path
             if piece.transform == LINEAR:
-                transcode.transpose_into(_as_shape(out, w.shape[::-1]), w)
+                transcode.transpose_into(check, w)
             else:
-                out[...] = w.reshape(out.shape)
+                check[...] = w.reshape(check.shape)
         if not source.allow_nonfinite and transcode.has_nonfinite(check):
             # raised by the plain read, which names the first bad value by its index in the HF tensor
             source.get_fp8(name) if scale_out is not None else source.get(name)
-            fp8.check_finite(out, name, source.where(name))  # finite in the source, not after the cast
+            fp8.check_finite(check, name, source.where(name))  # finite in the source, not after the cast
     finally:
-        source.release(name)
+        if rows is None:
+            source.release(name)
 
 
 def to_hf_fp8(q_slice: np.ndarray, s_slice: np.ndarray, in_ndim: int) -> tuple[np.ndarray, np.ndarray]:

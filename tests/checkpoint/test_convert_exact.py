@@ -57,8 +57,14 @@ def reference(src: Path, dtype: str, keep_fp8: bool) -> dict[tuple, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("dtype, keep_fp8", [("bfloat16", False), ("float32", False), ("bfloat16", True)])
-def test_conversion_is_bit_identical_to_plain_reference(release, tmp_path, dtype, keep_fp8):
+@pytest.mark.parametrize("dtype, keep_fp8, split", [("bfloat16", False, False), ("float32", False, False),
+                                                    ("bfloat16", True, False), ("bfloat16", False, True),
+                                                    ("float32", True, True)])
+def test_conversion_is_bit_identical_to_plain_reference(release, tmp_path, monkeypatch, dtype, keep_fp8, split):
+    """Groups of 1 MB (many: output arrays recycled between them); ``split``: every float tensor over
+    64 KB (embedding, head, dense MLP) filled in row ranges by several threads."""
+    if split:
+        monkeypatch.setattr(convert, "SPLIT_BYTES", 1 << 16)
     dst = tmp_path / "orbax"
     convert.hf_to_orbax(release, dst, dtype=dtype, keep_fp8=keep_fp8, progress=False, group_bytes=1 << 20)
     got = orbax_io.read_params(dst)
