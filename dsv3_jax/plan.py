@@ -196,7 +196,8 @@ def plan(cfg: ModelConfig, topology: str, mesh: str, *, step: str = "train", bat
         t = train or TrainConfig()
         prog = train_program(cfg, runtime, t, m, rules, donate=True, pipeline=pipeline)
         if pp > 1:
-            notes.append(f"pipeline: {pipeline.schedule}, {pipeline.microbatches} micro-batches over {pp} stages")
+            notes.append(f"pipeline: {pipeline.schedule}, {pipeline.microbatches} micro-batches over {pp} stages, "
+                         f"MoE layers per stage {list(prog.stage_map.counts)}")
         lowered = prog.lower(batch, seq)
         params = _per_chip_bytes(prog.abstract["params"], prog.shardings["params"])
         params += _per_chip_bytes(prog.abstract["bias"], prog.shardings["bias"])

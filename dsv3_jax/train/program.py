@@ -6,6 +6,7 @@ have).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Optional
 
 import jax
@@ -104,6 +105,27 @@ def restack(tree, index, mask=None):
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def spread_over_stage(shardings, abstract, mesh: Mesh):
+    """The model layout's shardings of an uneven split with ``stage`` added to each MoE-stack leaf's first
+    dim after the layer dim that it divides (with the axes already there), so that the ``[L]`` copy the
+    conversions, checkpoints and evaluation see is split over the stage groups too instead of held whole
+    by each (docs/design.md §Pipeline); a leaf with no such dim stays replicated over ``stage``."""
+    pp = mesh.shape["stage"]
+
+    def one(path, sh, a):
+        if not _in_stack(path) or not isinstance(sh, NamedSharding):
+            return sh
+        spec = list(tuple(sh.spec) + (None,) * (len(a.shape) - len(tuple(sh.spec))))
+        for i in range(1, len(a.shape)):
+            axes = () if spec[i] is None else (spec[i],) if isinstance(spec[i], str) else tuple(spec[i])
+            if a.shape[i] % (math.prod(mesh.shape[x] for x in axes) * pp) == 0:
+                spec[i] = axes + ("stage",)
+                return NamedSharding(mesh, P(*spec))
+        return sh
+    return jax.tree_util.tree_map_with_path(one, shardings, abstract,
+                                            is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
 def _staged_shapes(abstract, rows: int):
     def one(path, a):
         return jax.ShapeDtypeStruct((rows,) + tuple(a.shape[1:]), a.dtype) if _in_stack(path) else a
@@ -140,7 +162,8 @@ def train_program(cfg: ModelConfig, runtime: RuntimeConfig, t: TrainConfig, mesh
         staged = {k: stage_layout(v, mesh) for k, v in shardings.items()}
         if smap.even:       # [L] splits over stage as it is: one layout, no copies
             shardings = model_shardings = staged
-        else:               # [PP x lmax] rows in slot order; the model layout stays whole over stage
+        else:               # [PP x lmax] rows in slot order; the model layout split over stage another way
+            model_shardings = {k: spread_over_stage(v, abstract[k], mesh) for k, v in shardings.items()}
             abstract, shardings, layer_rows = _staged_shapes(abstract, smap.pp * smap.lmax), staged, smap.rows
     step = jax.jit(make_train_step(graphdef, cfg, t, tx, schedule, grad_fn, layer_rows),
                    in_shardings=(shardings, bsh, NamedSharding(mesh, P())), out_shardings=(shardings, None),
