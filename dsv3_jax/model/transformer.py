@@ -90,7 +90,8 @@ def run_stack(blocks: Block, h, cos, sin, segment_ids, valid, rt: Execution,
             h, stats, layer_cache = layer(carry, layer_state, layer_cache)
         else:
             shapes = jax.eval_shape(layer, carry, layer_state, layer_cache)
-            skip = lambda c, s, lc: (c, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes[1]), lc)  # noqa: E731
+            def skip(c, s, lc):
+                return c, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes[1]), lc
             h, stats, layer_cache = jax.lax.cond(on, layer, skip, carry, layer_state, layer_cache)
         return h, (stats, layer_cache)
 

@@ -3,8 +3,8 @@
 ``make_pipeline_grad_fn`` returns a drop-in for the step's ``value_and_grad`` (``train.step``): the
 same ``(total, aux), grads`` from the same ``(params, bias, rest, batch, denoms, poison)``, computed by
 ``PP`` stage groups that each hold their MoE layers (``L/PP``, or an uneven split's ``lmax`` rows with
-padding: then the stack leaves come and go in the staged layout, ``pipeline.partition.StageMap``). Inside a ``shard_map`` manual over the
-``stage`` axis only (the other axes stay with the compiler, and the MoE's expert-parallel
+padding: then the stack leaves come and go in the staged layout, ``pipeline.partition.StageMap``).
+Inside a ``shard_map`` manual over the ``stage`` axis only (the other axes stay with the compiler, and the MoE's expert-parallel
 ``shard_map`` nests inside it), a ``lax.scan`` walks the ticks; at each tick every device takes the
 branch (``lax.switch``) of its own item:
 
