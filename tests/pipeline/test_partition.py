@@ -98,3 +98,42 @@ def test_bad_layers_per_stage_value():
     for bad in ("1,x", [1.5, 2], [True, 1]):
         with pytest.raises(PipelineConfigError, match="not a list of whole numbers"):
             parse_layers_per_stage(bad)
+
+
+def test_padding_rows_are_identity_layers():
+    """``run_stack`` with ``active`` flags (a stage's padding rows, docs/design.md §Pipeline): layers 0, 2
+    with row 1 inactive give the output and router stats of the two-layer stack [0, 2] (fp32, 1e-6 of the
+    largest entry), row 1's stats are zero and its weights get an exactly zero gradient."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dsv3_jax.config import RuntimeConfig
+    from dsv3_jax.model import DeepSeekV3
+    from dsv3_jax.model.rope import rope_angles
+    from dsv3_jax.model.transformer import run_stack
+
+    cfg = load_config("tiny", ["num_layers=4"])                       # 3 MoE layers
+    model = DeepSeekV3(cfg, rngs=nnx.Rngs(0), runtime=RuntimeConfig(compute_dtype="float32"))
+    graphdef, state = nnx.split(model.moe_layers)
+    B, S = 2, 8
+    h = jax.random.normal(jax.random.key(0), (B, S, cfg.hidden_size))
+    pos = jnp.tile(jnp.arange(S), (B, 1))
+    seg = jnp.ones((B, S), jnp.int32)
+    cos, sin = rope_angles(cfg, pos)
+
+    def run(st, active):
+        out, stats, _ = run_stack(nnx.merge(graphdef, st), h, cos, sin, seg, seg > 0, model.ex, active=active)
+        return out, stats
+
+    out, stats = jax.jit(run)(state, jnp.array([True, False, True]))
+    want, wstats = jax.jit(run)(jax.tree.map(lambda a: a[jnp.array([0, 2])], state), None)
+    scale = float(jnp.abs(want).max())
+    assert float(jnp.abs(out - want).max()) <= 1e-6 * scale
+    np.testing.assert_array_equal(np.asarray(stats.counts)[[0, 2]], np.asarray(wstats.counts))
+    assert not np.asarray(stats.counts)[1].any() and not np.asarray(stats.seq_probs)[1].any()
+    grads = jax.jit(jax.grad(lambda st: run(st, jnp.array([True, False, True]))[0].sum()))(state)
+    for g in jax.tree.leaves(grads):
+        assert not np.asarray(g)[1].any()
+    gate = np.asarray(grads["mlp"]["experts"]["gate"].get_value())
+    assert gate[0].any() and gate[2].any()
