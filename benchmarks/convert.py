@@ -11,7 +11,7 @@ read, with other processes' CPU use measured before and during (``common.LoadMon
   * convert_fp8: ``hf_to_orbax --keep-fp8`` (e4m3 bits and scales transposed, written),
   * export:      ``orbax_to_hf`` of the bf16 checkpoint (its bytes per second).
 Prints one JSON line: MB/s of each (source bytes / wall time), ``ratio`` (bf16 convert / read),
-``ratio_copy`` (copy / read),
+``ratio_copy`` (copy / read), ``convert_vs_copy`` and ``keep_fp8_vs_copy`` (each conversion against the copy),
 ``ratio_keep_fp8`` and ``ratio_export`` (export MB/s / read MB/s), and each one's peak RSS growth over
 its RSS before starting (must stay bounded by ~a write group, not the model size).
 
@@ -232,6 +232,9 @@ def main(argv=None) -> dict:
                "read_mb_s": round(read_mb_s, 1), "read_rss_growth_mb": growth("read")}
         if "copy" in runs:
             res.update({"copy_mb_s": round(mb / secs["copy"], 1), "ratio_copy": round(secs["read"] / secs["copy"], 3)})
+            for p, key in (("convert", "convert_vs_copy"), ("convert_fp8", "keep_fp8_vs_copy")):
+                if p in runs:  # how close each conversion comes to the copy floor of the same run
+                    res[key] = round(secs["copy"] / secs[p], 3)
         if "convert" in runs:
             out_mb = _dir_mb(dst)
             res.update({"convert_mb_s": round(mb / secs["convert"], 1), "ratio": round(secs["read"] / secs["convert"], 3),
