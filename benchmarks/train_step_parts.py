@@ -163,18 +163,21 @@ def main(argv=None):
     ap.add_argument("--remat", default=None, help="RuntimeConfig.remat (default: the runtime's default)")
     ap.add_argument("--block", type=int, default=0, help="RuntimeConfig.moe_block_size (0: auto)")
     ap.add_argument("--scan", default="1", help="scan_layers 1|0")
+    ap.add_argument("--moe-impl", default="auto", help="RuntimeConfig.moe_impl (auto: looped on CPU)")
     args = ap.parse_args(argv)
     spec, batch, seq = CASES[args.config]
     cfg = build_config(spec)
     kw = {} if args.remat is None else {"remat": args.remat}
-    runtime = dsv3.RuntimeConfig(compute_dtype="float32", moe_block_size=args.block, scan_layers=args.scan == "1", **kw)
+    runtime = dsv3.RuntimeConfig(compute_dtype="float32", moe_block_size=args.block, scan_layers=args.scan == "1",
+                                 moe_impl=args.moe_impl, **kw)
     log(f"[{args.config}] compiling parts ...")
     parts, mult = build_parts(cfg, runtime, batch, seq)
     log(f"[{args.config}] timing {args.repeats} interleaved rounds ...")
     t, load = side_by_side(parts, warmup=1, repeats=args.repeats, sync={k: jax.block_until_ready for k in parts})
     step_s = t["full_step"]["median_s"]
     total = sum(t[k]["median_s"] * mult[k] for k in mult)
-    rt = {"remat": runtime.remat, "moe_block_size": args.block, "scan_layers": runtime.scan_layers}
+    rt = {"remat": runtime.remat, "moe_impl": args.moe_impl, "moe_block_size": args.block,
+          "scan_layers": runtime.scan_layers}
     for k in parts:
         emit({"bench": "train_step_parts", "config": cfg.name, "part": k, "seconds": t[k]["median_s"],
               "step_seconds": step_s, "ratio": t[k]["median_s"] / step_s, **rt, **load})
