@@ -8,6 +8,10 @@
   beside the fp32 one — all in the same run.
 * ``speculative_mtp``: MTP speculative vs plain greedy at batch 1 and 16 (``speedup``, acceptance,
   tokens per step, the verify step's cost over a plain step, identical output).
+* ``speculative_step_costs``: the pieces of a decode step timed in a device loop (a plain step, the
+  main model on the 2 verified tokens, the MTP depth on 1 and 2 rows, the fused speculative step) as
+  microseconds and ratios to a plain step, beside XLA's FLOPs and bytes for each; ``speculative_mtp``
+  adds the ceiling ``tokens_per_step / (1 + mtp_cost_ratio)`` and how close the speed-up comes to it.
 * ``speculative_acceptance``: speed-up vs a synthetic acceptance rate (the draft replaced by the
   target's own next token with that probability, else by a wrong one; the MTP head still runs, so the
   step costs what it costs) and the lowest rate reaching 1.8×.
@@ -30,6 +34,7 @@ import numpy as np  # noqa: E402
 
 import dsv3_jax as dsv3  # noqa: E402
 from dsv3_jax.inference import Generator  # noqa: E402
+from dsv3_jax.inference.generate import greedy  # noqa: E402
 
 PROMPT, NEW = 32, 64
 RATES = (0.0, 0.5, 0.7, 0.8, 0.9, 1.0)
@@ -130,27 +135,108 @@ def oracle_draft(gen: Generator, plain_tokens: list[list[int]], prompts, rate: f
     return mtp
 
 
+STEP_LOOP = 32   # steps per timed call of a step piece
+
+
+def step_pieces(gen: Generator, batch: int) -> dict:
+    """The pieces of a decode step as ``(loop, one, args)``: ``loop(state, cache, *args)`` runs
+    ``STEP_LOOP`` steps in one ``fori_loop`` (each step's tokens fed back; no dispatch, no host),
+    ``one(state, cache, *args, i)`` one step. ``plain``: the main model on 1 token + argmax (a plain
+    step); ``main2``: the main model on the 2 verified tokens; ``mtp1``/``mtp2``: the MTP depth (embedding, block, head) on 1 / 2 rows;
+    ``spec``: the whole fused speculative step (``Generator.spec_step``)."""
+    import jax
+    import jax.numpy as jnp
+    rng = np.random.RandomState(batch)
+    toks = jnp.asarray(rng.randint(2, gen.cfg.vocab_size, (batch, 2)), jnp.int32)
+    hid = jnp.asarray(rng.randn(batch, 2, gen.cfg.hidden_size), jnp.float32)
+    pos0 = jnp.full((batch,), PROMPT, jnp.int32)
+
+    def at(i):   # positions cycle over 8 slots past the prompt: the cache stays within its length
+        return pos0 + i % 8
+
+    def plain(st, c, t, h, i):
+        lg, _, c = gen.step(st, t[:, :1], at(i)[:, None], c)
+        return t.at[:, 0].set(greedy(lg[:, 0])), c
+
+    def main2(st, c, t, h, i):
+        lg, _, c = gen.step(st, t, at(i)[:, None] + jnp.arange(2), c)
+        return greedy(lg), c
+
+    def mtp1(st, c, t, h, i):
+        lg, c = gen.mtp(st, h[:, :1], t[:, :1], at(i)[:, None], c)
+        return t.at[:, 0].set(greedy(lg[:, 0])), c
+
+    def mtp2(st, c, t, h, i):
+        lg, c = gen.mtp(st, h, t, at(i)[:, None] + jnp.arange(2), c)
+        return greedy(lg), c
+
+    def spec(st, c, t, h, i):
+        a1, _, _, draft, c = gen.spec_step(st, t[:, 0], t[:, 1], at(i), c)
+        return jnp.stack([a1, draft], 1), c
+
+    def looped(piece):
+        def run(st, c, t, h):
+            return jax.lax.fori_loop(0, STEP_LOOP, lambda i, tc: piece(st, tc[1], tc[0], h, i), (t, c))
+        return run
+    return {k: (looped(f), f, (toks, hid)) for k, f in
+            {"plain": plain, "main2": main2, "mtp1": mtp1, "mtp2": mtp2, "spec": spec}.items()}
+
+
+def step_costs(gen: Generator, batch: int) -> dict:
+    """Per-step microseconds of each piece (``step_pieces``; fastest of the interleaved repeats: the
+    least disturbed by others' load), their ratios to a plain step, and XLA's own FLOPs and bytes for
+    one step of each piece (``cost_analysis``), as ratios to a plain step."""
+    import jax
+    from dsv3_jax.model import init_cache
+    cache = init_cache(gen.cfg, batch, PROMPT + NEW + 2, gen.cache_dtype, mtp=True)
+    pieces = step_pieces(gen, batch)
+    fns, cost = {}, {}
+    for k, (loop, one, args) in pieces.items():
+        run = jax.jit(loop)
+        fns[k] = lambda run=run, args=args: jax.block_until_ready(run(gen.state, cache, *args))
+        ca = jax.jit(lambda st, c, t, h, one=one: one(st, c, t, h, 0)).lower(gen.state, cache, *args).compile()
+        ca = ca.cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        cost[k] = (float(ca.get("flops", 0.0)), float(ca.get("bytes accessed", 0.0)))
+    times, load = side_by_side(fns, repeats=7)
+    us = {k: times[k]["min_s"] / STEP_LOOP * 1e6 for k in fns}
+    return {"batch": batch, "us_per_step": us, "cost_ratio": {k: v / us["plain"] for k, v in us.items()},
+            "flops_ratio": {k: v[0] / cost["plain"][0] for k, v in cost.items()},
+            "bytes_ratio": {k: v[1] / cost["plain"][1] for k, v in cost.items()}, **load}
+
+
 def bench_speculative(model, label: str) -> None:
     fp32 = Generator(model, cache_dtype="float32")
     for batch in (1, 16):
         prompts = prompts_for(model.cfg.vocab_size, batch, seed=100 + batch)
         gen = Generator(model)
+        costs = step_costs(gen, batch)
+        emit({"bench": "speculative_step_costs", "model": label, **costs})
         res = {}
         fns = {"plain": lambda: res.__setitem__("plain", gen(prompts, max_new_tokens=NEW)),
                "mtp": lambda: res.__setitem__("mtp", gen(prompts, max_new_tokens=NEW, speculative="mtp")),
                "prefill_plain": lambda: gen(prompts, max_new_tokens=1),
                "prefill_mtp": lambda: gen(prompts, max_new_tokens=1, speculative="mtp")}
-        times, load = side_by_side(fns, repeats=3)
-        med = {k: v["median_s"] for k, v in times.items()}
+        times, load = side_by_side(fns, repeats=5)
+        # fastest of the alternating repeats: a 64-token generation is tens of ms, and on a shared machine
+        # the median carries others' load into the prefill-subtracted decode time
+        med = {k: v["min_s"] for k, v in times.items()}
         dec_plain, dec_mtp = med["plain"] - med["prefill_plain"], med["mtp"] - med["prefill_mtp"]
         step_ratio = (dec_mtp / res["mtp"].steps) / (dec_plain / res["plain"].steps)
+        # the ceiling: a step emits tokens_per_step tokens and costs at least a plain step plus the MTP
+        # depth on the rows it drafts from (docs/design.md §Speculative decoding)
+        tps, cr = res["mtp"].tokens_per_step, costs["cost_ratio"]
+        ceiling = tps / (1 + cr["mtp2"])
         exact = (fp32(prompts, max_new_tokens=NEW, speculative="mtp").tokens
                  == fp32(prompts, max_new_tokens=NEW).tokens)
         emit({"bench": "speculative_mtp", "model": label, "batch": batch, "new_tokens": NEW,
               "tokens_per_s_plain": batch * NEW / med["plain"], "tokens_per_s_mtp": batch * NEW / med["mtp"],
               "speedup": med["plain"] / med["mtp"], "decode_speedup": dec_plain / dec_mtp,
               "acceptance_rate": res["mtp"].acceptance_rate, "tokens_per_step": res["mtp"].tokens_per_step,
-              "verify_step_cost_ratio": step_ratio,
+              "verify_step_cost_ratio": step_ratio, "verify_step_cost_ratio_loop": cr["spec"],
+              "main_2_token_cost_ratio": cr["main2"], "mtp_cost_ratio": cr["mtp2"], "mtp_1_row_cost_ratio": cr["mtp1"],
+              "ceiling_speedup": ceiling, "ceiling_speedup_1_row_mtp": tps / (1 + cr["mtp1"]),
+              "fraction_of_ceiling": (dec_plain / dec_mtp) / ceiling,
               "identical_output": res["mtp"].tokens == res["plain"].tokens, "identical_output_fp32": exact, **load})
         table, reach = [], None
         for rate in RATES:
@@ -159,10 +245,13 @@ def bench_speculative(model, label: str) -> None:
             out = {}
             t, load = side_by_side({"plain": lambda: gen(prompts, max_new_tokens=NEW),
                                     "mtp": lambda: out.__setitem__("r", g(prompts, max_new_tokens=NEW,
-                                                                          speculative="mtp"))}, repeats=2)
-            sp = t["plain"]["median_s"] / t["mtp"]["median_s"]
+                                                                          speculative="mtp"))}, repeats=3)
+            sp = t["plain"]["min_s"] / t["mtp"]["min_s"]
+            dsp = (t["plain"]["min_s"] - med["prefill_plain"]) / max(1e-9, t["mtp"]["min_s"] - med["prefill_mtp"])
+            r_tps = out["r"].tokens_per_step
             table.append({"rate": rate, "acceptance": round(out["r"].acceptance_rate, 4), "speedup": round(sp, 4),
-                          "tokens_per_step": round(out["r"].tokens_per_step, 4), "quiet": load["quiet"]})
+                          "decode_speedup": round(dsp, 4), "tokens_per_step": round(r_tps, 4),
+                          "ceiling_speedup": round(r_tps / (1 + cr["mtp2"]), 4), "quiet": load["quiet"]})
             if reach is None and sp >= 1.8:
                 reach = out["r"].acceptance_rate
         emit({"bench": "speculative_acceptance", "model": label, "batch": batch, "new_tokens": NEW,
