@@ -29,7 +29,7 @@ post-train-demo: $(STAMP)   # SFT then GRPO from the `make demo` checkpoint (run
 	$(BIN)/python -m dsv3_jax.post_train_demo
 
 bench: $(STAMP)
-	@for b in forward_backward compile_time train_step decode expert_parallel mla fp8_gemm fp8_training convert multiprocess plan pipeline ablations; do \
+	@for b in forward_backward compile_time train_step train_step_parts decode expert_parallel mla fp8_gemm fp8_training convert multiprocess plan pipeline ablations; do \
 	  test -f benchmarks/$$b.py && $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
