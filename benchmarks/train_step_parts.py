@@ -134,7 +134,8 @@ def build_parts(cfg, runtime, batch: int, seq: int) -> tuple[dict, dict]:
     mult["optimizer"] = 1
 
     cp = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (the step donates its state)
-    st = {"params": cp(params), "bias": cp(bias), "rest": cp(rest), "opt": tx.init(params), "applied": jnp.zeros((), jnp.int32)}
+    st = {"params": cp(params), "bias": cp(bias), "rest": cp(rest), "opt": tx.init(params),
+          "applied": jnp.zeros((), jnp.int32)}
     step = jax.jit(make_train_step(graphdef, cfg, t, tx, lr_schedule(t)), donate_argnums=(0,))
     poison = jnp.float32(0)
     c_step = step.lower(st, b, poison).compile()

@@ -43,7 +43,7 @@ def grouping(impl: str, rows: int, n_experts: int, block: int = 0) -> tuple[str,
     blocked GEMM becomes ``"per_row"`` when there is at most one row per expert, else gets
     ``auto_block_size``. ``ragged`` (GPU/TPU) needs no block and is kept. ``looped`` (the CPU default)
     gets its round capacity (``round_capacity``), or ``per_row`` for decode-sized steps."""
-    if impl == "looped":   # the "block" is a round's rows per expert (looped_ffn); moe_block_size is the blocked layout's
+    if impl == "looped":   # "block" = a round's rows per expert (looped_ffn); moe_block_size is blocked's only
         return ("per_row", 1) if rows <= n_experts and not block else (impl, round_capacity(rows, n_experts))
     if block:
         return impl, block

@@ -113,11 +113,10 @@ class MoE(nnx.Module):
         rt = self.rt
         rows, n_exp = tokens * self.cfg.num_experts_per_tok, self.cfg.n_routed_experts
         # FP8 expert GEMMs run on the blocked layout whatever the float implementation (grouped_gemm.expert_ffn)
-        impl = "blocked" if rt.quant == "fp8" and rt.moe_impl == "looped" else rt.moe_impl
-        impl, block = grouping(impl, rows, n_exp, rt.moe_block_size)
+        base = "blocked" if rt.quant == "fp8" and rt.moe_impl == "looped" else rt.moe_impl
+        impl, block = grouping(base, rows, n_exp, rt.moe_block_size)
         if impl == "per_row" and (not all_local or rt.quant == "fp8"):  # per-row is the one-device float path
-            impl, block = ("looped", round_capacity(rows, n_exp)) if rt.moe_impl == "looped" and rt.quant != "fp8" \
-                else ("blocked" if rt.moe_impl == "looped" else rt.moe_impl, auto_block_size(rows, n_exp))
+            impl, block = base, (round_capacity(rows, n_exp) if base == "looped" else auto_block_size(rows, n_exp))
         return functools.partial(local_expert_sum, impl=impl, block=block, quant=rt.quant,
                                  all_local=all_local, fp8_backend=rt.fp8_backend, interpret=rt.interpret)
 
