@@ -54,6 +54,7 @@ CONFIG_100M = dict(
 # cores (None, the thread count XLA uses: the ratio) and, for the tiny model, also single-threaded
 # (reported beside it: its many small ops can be faster without OpenMP). MoE block rows are fixed (16: what the
 # tiny config ran with, 128: the old default) rather than chosen automatically, so figures stay comparable.
+# They apply to moe_impl=blocked only: the CPU default, looped, sizes its rounds from the batch.
 CASES = {
     "tiny": ("tiny", 8, 128, 7, (None, 1), 16),
     "100m": (CONFIG_100M, 4, 256, 3, (None,), 128),
