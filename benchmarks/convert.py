@@ -12,7 +12,9 @@ read, with other processes' CPU use measured before and during (``common.LoadMon
   * export:      ``orbax_to_hf`` of the bf16 checkpoint (its bytes per second).
 Prints one JSON line: MB/s of each (source bytes / wall time), ``ratio`` (bf16 convert / read),
 ``ratio_copy`` (copy / read), ``convert_vs_copy`` and ``keep_fp8_vs_copy`` (each conversion against the copy),
-``ratio_keep_fp8`` and ``ratio_export`` (export MB/s / read MB/s), and each one's peak RSS growth over
+``ratio_keep_fp8`` and ``ratio_export`` (export MB/s / read MB/s), ``convert_write_vs_copy`` and
+``keep_fp8_write_vs_copy`` (output bytes written per second against the copy's: 1.0 is the disk's write
+rate; a bf16 output is ~2x its FP8 source), and each one's peak RSS growth over
 its RSS before starting (must stay bounded by ~a write group, not the model size).
 
     python benchmarks/convert.py                 # ≥3 GB, 16 layers (a few minutes on 2 cores)
@@ -238,12 +240,19 @@ def main(argv=None) -> dict:
         if "convert" in runs:
             out_mb = _dir_mb(dst)
             res.update({"convert_mb_s": round(mb / secs["convert"], 1), "ratio": round(secs["read"] / secs["convert"], 3),
-                        "convert_rss_growth_mb": growth("convert"), "output_mb": round(out_mb, 1)})
+                        "convert_rss_growth_mb": growth("convert"), "output_mb": round(out_mb, 1),
+                        "convert_write_mb_s": round(out_mb / secs["convert"], 1)})
         if "convert_fp8" in runs:
             res.update({"convert_keep_fp8_mb_s": round(mb / secs["convert_fp8"], 1),
                         "ratio_keep_fp8": round(secs["read"] / secs["convert_fp8"], 3),
                         "convert_keep_fp8_rss_growth_mb": growth("convert_fp8"),
-                        "output_keep_fp8_mb": round(_dir_mb(dst8), 1)})
+                        "output_keep_fp8_mb": round(_dir_mb(dst8), 1),
+                        "convert_keep_fp8_write_mb_s": round(_dir_mb(dst8) / secs["convert_fp8"], 1)})
+        if "copy" in runs:  # bytes written per second against the copy's (the disk's fsynced write rate):
+            # bf16 output is ~2x the FP8 source, so its source-bytes ratio understates how busy the disk is
+            for p, key, d in (("convert", "convert_write_vs_copy", dst), ("convert_fp8", "keep_fp8_write_vs_copy", dst8)):
+                if p in runs:
+                    res[key] = round((_dir_mb(d) / secs[p]) / (mb / secs["copy"]), 3)
         if "export" in runs:  # orbax-to-hf of the bf16 checkpoint: its bytes per second, against the same read
             res.update({"export_mb_s": round(out_mb / secs["export"], 1),
                         "ratio_export": round(out_mb / secs["export"] / read_mb_s, 3),
