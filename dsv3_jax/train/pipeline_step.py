@@ -50,12 +50,27 @@ def _split_stage(x, pp: int):
     return x.reshape(pp, x.shape[0] // pp, *x.shape[1:])
 
 
+def _without_stage(spec) -> tuple:
+    """A partition spec's entries with the (manual) ``stage`` axis taken out."""
+    def drop(ax):
+        if isinstance(ax, tuple):
+            ax = tuple(a for a in ax if a != "stage")
+            return ax if len(ax) > 1 else (ax[0] if ax else None)
+        return None if ax == "stage" else ax
+    return tuple(drop(ax) for ax in spec)
+
+
 def make_pipeline_grad_fn(graphdef, cfg: ModelConfig, runtime: RuntimeConfig, t: TrainConfig, p: PipelineConfig,
-                          mesh: Mesh) -> Callable:
+                          mesh: Mesh, param_shardings=None) -> Callable:
     """``grad_fn(params, bias, rest, batch, denoms, poison) -> ((total, aux), grads)`` like
     ``jax.value_and_grad(loss_fn, has_aux=True)`` of ``train.step``; ``aux`` also holds, measured on each
     device as the step runs, ``"activations"``: the peak in-flight micro-batches ``[PP]``, and
-    ``"busy_ticks"``: the ticks it had work in (of ``schedule_tables(p, PP).n_ticks``)."""
+    ``"busy_ticks"``: the ticks it had work in (of ``schedule_tables(p, PP).n_ticks``).
+
+    ``param_shardings``: the parameters' (staged) shardings. The gradient accumulators inside the stage
+    ``shard_map`` are held in them (over the axes other than ``stage``); left to the compiler they came out
+    replicated: the 671B on ``stage=4,expert=64`` kept each stage's attention output projections' gradient
+    whole, 7 GiB per chip (docs/pipeline.md §Memory)."""
     pp = mesh.shape["stage"]
     tables = schedule_tables(p, pp)
     C, M = tables.chunks, p.microbatches
@@ -73,6 +88,16 @@ def make_pipeline_grad_fn(graphdef, cfg: ModelConfig, runtime: RuntimeConfig, t:
     def grad_fn(params, bias, rest, batch, denoms, poison):
         trees = {"params": params, "bias": bias, "rest": rest}
         parts = {k: split_paths(v) for k, v in trees.items()}   # (is_stage, treedef, leaves)
+        # per gradient leaf, its spec inside the shard_map (None: leave it to the compiler); a stage
+        # leaf's gradient is [L/PP, ...] there, its accumulator [C, L/PP, ...]
+        st_specs = sh_specs = None
+        if param_shardings is not None:
+            flags, _, shs = split_paths(param_shardings)
+            if len(shs) != len(parts["params"][2]):   # not leaf for leaf: leave the layout to the compiler
+                flags, shs = [], []
+            specs = [_without_stage(sh.spec) if isinstance(sh, NamedSharding) else None for sh in shs]
+            st_specs = [None if sp is None else (None,) + sp[1:] for sp, f in zip(specs, flags) if f]
+            sh_specs = [sp for sp, f in zip(specs, flags) if not f]
         stage_in, shared_in = {}, {}
         for k, (is_stage, _, leaves) in parts.items():
             st = [_split_stage(x, pp) for x, s in zip(leaves, is_stage) if s]
@@ -98,6 +123,14 @@ def make_pipeline_grad_fn(graphdef, cfg: ModelConfig, runtime: RuntimeConfig, t:
                 return stage_fn(tr["params"], tr["bias"], tr["rest"], x, mb, denoms,
                                 jnp.where(c == 0, d, pp - 1 - d), poison)
 
+            def held(leaves, specs, lead=0):
+                """``leaves`` constrained to ``specs`` (with ``lead`` unsharded leading dims)."""
+                if specs is None:
+                    return leaves
+                am = jax.sharding.get_abstract_mesh()
+                return [x if sp is None else jax.lax.with_sharding_constraint(x, NamedSharding(am, P(*((None,) * lead + sp))))
+                        for x, sp in zip(leaves, specs)]
+
             x_shape = (B // M, S, cfg.hidden_size)
             zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
             aux0 = jax.eval_shape(lambda: run(0, [a[0] for a in local["params"]], shared_in["params"],
@@ -107,7 +140,7 @@ def make_pipeline_grad_fn(graphdef, cfg: ModelConfig, runtime: RuntimeConfig, t:
                 "gs": jnp.zeros((C, max(tables.n_g) or 1) + x_shape, cdt),   # output gradients waiting
                 "out_x": jnp.zeros((C,) + x_shape, cdt),                      # this tick's messages
                 "out_g": jnp.zeros((C,) + x_shape, cdt),
-                "gst": zeros(local["params"]), "gsh": zeros(shared_in["params"]),
+                "gst": held(zeros(local["params"]), st_specs, 1), "gsh": held(zeros(shared_in["params"]), sh_specs),
                 "aux": jax.tree.map(lambda s: jnp.zeros((C,) + s.shape, s.dtype), aux0),
                 "live": jnp.zeros((), jnp.int32), "peak": jnp.zeros((), jnp.int32),
                 "busy": jnp.zeros((), jnp.int32),                              # ticks with work
@@ -120,6 +153,11 @@ def make_pipeline_grad_fn(graphdef, cfg: ModelConfig, runtime: RuntimeConfig, t:
                 last = jnp.where(c == 0, d, pp - 1 - d) == pp - 1
                 g = jnp.where(last, jnp.zeros_like(g), g)       # the last stage's output feeds only the loss
                 return c, m, x, (g, jnp.ones((), jnp.float32)), [a[c] for a in local["params"]], shared_in["params"]
+
+            def accumulate(carry, c, dsp, dshp):   # weight gradients into the chunk's accumulators
+                gst = [a.at[c].add(v) for a, v in zip(carry["gst"], held(dsp, st_specs))]
+                gsh = [a + v for a, v in zip(carry["gsh"], held(dshp, sh_specs))]
+                return dict(carry, gst=held(gst, st_specs, 1), gsh=held(gsh, sh_specs))
 
             def add_at(tree, c, value):
                 return jax.tree.map(lambda a, v: a.at[c].add(v), tree, value)
@@ -137,8 +175,8 @@ def make_pipeline_grad_fn(graphdef, cfg: ModelConfig, runtime: RuntimeConfig, t:
             def op_b(carry, op):        # full backward: weight gradients and the input gradient
                 c, m, x, cot, sp, shp = operands(carry, op)
                 dsp, dshp, dx = jax.vjp(lambda sp, shp, x: run(c, sp, shp, x, m)[0], sp, shp, x)[1](cot)
-                return dict(carry, gst=add_at(carry["gst"], c, dsp), gsh=jax.tree.map(jnp.add, carry["gsh"], dshp),
-                            live=carry["live"] - 1, out_g=carry["out_g"].at[c].set(dx.astype(cdt)))
+                return dict(accumulate(carry, c, dsp, dshp), live=carry["live"] - 1,
+                            out_g=carry["out_g"].at[c].set(dx.astype(cdt)))
 
             def op_i(carry, op):        # input-gradient half: on the critical path
                 c, m, x, cot, sp, shp = operands(carry, op)
@@ -148,8 +186,7 @@ def make_pipeline_grad_fn(graphdef, cfg: ModelConfig, runtime: RuntimeConfig, t:
             def op_w(carry, op):        # weight-gradient half: fills bubbles; frees the stash entry
                 c, m, x, cot, sp, shp = operands(carry, op)
                 dsp, dshp = jax.vjp(lambda sp, shp: run(c, sp, shp, x, m)[0], sp, shp)[1](cot)
-                return dict(carry, gst=add_at(carry["gst"], c, dsp), gsh=jax.tree.map(jnp.add, carry["gsh"], dshp),
-                            live=carry["live"] - 1)
+                return dict(accumulate(carry, c, dsp, dshp), live=carry["live"] - 1)
 
             # one branch per op kind the schedule uses, each traced once (chunk and micro-batch are data)
             used = sorted({OPS.index(k) for cb in tables.combos for k, _ in cb} | {0})

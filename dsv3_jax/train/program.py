@@ -158,8 +158,8 @@ def train_program(cfg: ModelConfig, runtime: RuntimeConfig, t: TrainConfig, mesh
         pipeline = validate_pipeline(pipeline or PipelineConfig(), cfg, mesh.shape["stage"], grad_accum=t.grad_accum,
                                      n_mtp=n_mtp)
         smap = pipeline.stage_map()
-        grad_fn = make_pipeline_grad_fn(graphdef, cfg, runtime, t, pipeline, mesh)
         staged = {k: stage_layout(v, mesh) for k, v in shardings.items()}
+        grad_fn = make_pipeline_grad_fn(graphdef, cfg, runtime, t, pipeline, mesh, staged["params"])
         if smap.even:       # [L] splits over stage as it is: one layout, no copies
             shardings = model_shardings = staged
         else:               # [PP x lmax] rows in slot order; the model layout split over stage another way
