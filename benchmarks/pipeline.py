@@ -23,7 +23,11 @@
 * ``stage_split_671b``: the 671B model's cost-balanced split over 16 stages against the split by layer
   count (slowest stage over the mean), and its train state per chip on v5p:8x16x16 with ``stage=16``.
 
-    python benchmarks/pipeline.py            # every measurement
+* ``compiled_671b`` (only when named): the 671B train step compiled for v5p:8x8x4 with ``stage=4,expert=64``
+  (1F1B, 4 micro-batches) against ``expert=64,fsdp=4``, the compiler's bytes per chip (``dsv3 plan``).
+
+    python benchmarks/pipeline.py            # every measurement but compiled_671b
+    python benchmarks/pipeline.py compiled_671b   # the two 671B compiles (~10 min on 2 cores)
     python benchmarks/pipeline.py simulated  # some (by name prefix)
 """
 from __future__ import annotations
@@ -183,13 +187,41 @@ def stage_split_671b() -> None:
                                           "16 x 4 rows for the [1, 4 x 14, 1] split)"})
 
 
+def compiled_671b() -> None:
+    """The 671B train step (seq 4096, 256 sequences, default runtime and recipe: bf16 compute, bf16 AdamW
+    moments, MTP) compiled by XLA:TPU for v5p:8x8x4 (256 chips) with a stage axis (``stage=4,expert=64``,
+    1F1B over 4 micro-batches, the cost-balanced split) and without (``expert=64,fsdp=4``): the compiler's
+    bytes per chip (``dsv3 plan``). Two compiles of several minutes each, so only when named."""
+    import os
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from dsv3_jax.config import load_config
+    from dsv3_jax.pipeline.config import PipelineConfig
+    from dsv3_jax.plan import plan
+
+    cfg, topo = load_config("deepseek_v3_671b"), "v5p:8x8x4"
+    base = plan(cfg, topo, "expert=64,fsdp=4", batch=256, seq=4096)
+    staged = plan(cfg, topo, "stage=4,expert=64", batch=256, seq=4096,
+                  pipeline=PipelineConfig(schedule="1f1b", microbatches=4))
+    gib = {k: {n: v / 2**30 for n, v in p.bytes_per_chip.items()} for k, p in (("ours", staged), ("baseline", base))}
+    emit({"bench": "pipeline.compiled_671b", "topology": topo, "mesh": "stage=4,expert=64", "baseline_mesh":
+          "expert=64,fsdp=4", "schedule": "1f1b", "microbatches": 4, "batch": 256, "seq": 4096,
+          "ours_gib_per_chip": gib["ours"]["total"], "baseline_gib_per_chip": gib["baseline"]["total"],
+          "ratio": gib["ours"]["total"] / gib["baseline"]["total"], "ours_fits": staged.fits,
+          "baseline_fits": base.fits, "hbm_gib_per_chip": base.hbm_bytes_per_chip / 2**30,
+          "ours_bytes_gib": gib["ours"], "baseline_bytes_gib": gib["baseline"],
+          "compile_seconds": {"ours": staged.compile_seconds, "baseline": base.compile_seconds},
+          "what": "the compiler's bytes per chip (arguments + temporaries + outputs - aliased)"})
+
+
 MEASUREMENTS = {"simulated_bubble": simulated_bubble, "executed_step": executed_step,
-                "layout_bytes_671b": layout_bytes_671b, "stage_split_671b": stage_split_671b}
+                "layout_bytes_671b": layout_bytes_671b, "stage_split_671b": stage_split_671b,
+                "compiled_671b": compiled_671b}
+ON_REQUEST = {"compiled_671b"}   # minutes of compiling: run when named, not by default
 
 
 def main(names: list[str]) -> None:
     for name, fn in MEASUREMENTS.items():
-        if not names or any(name.startswith(n) for n in names):
+        if (not names and name not in ON_REQUEST) or any(name.startswith(n) for n in names):
             fn()
 
 
