@@ -237,22 +237,24 @@ def main(argv=None) -> dict:
             for p, key in (("convert", "convert_vs_copy"), ("convert_fp8", "keep_fp8_vs_copy")):
                 if p in runs:  # how close each conversion comes to the copy floor of the same run
                     res[key] = round(secs["copy"] / secs[p], 3)
+        # output bytes written per second, also against the copy's (the disk's fsynced write rate): a bf16
+        # output is ~2x its FP8 source, so the source-bytes ratio understates how busy the disk is
+        written = {p: _dir_mb(d) / secs[p] for p, d in (("convert", dst), ("convert_fp8", dst8)) if p in runs}
+        if "copy" in runs:
+            for p, key in (("convert", "convert_write_vs_copy"), ("convert_fp8", "keep_fp8_write_vs_copy")):
+                if p in written:
+                    res[key] = round(written[p] / (mb / secs["copy"]), 3)
         if "convert" in runs:
-            out_mb = _dir_mb(dst)
+            out_mb = written["convert"] * secs["convert"]
             res.update({"convert_mb_s": round(mb / secs["convert"], 1), "ratio": round(secs["read"] / secs["convert"], 3),
                         "convert_rss_growth_mb": growth("convert"), "output_mb": round(out_mb, 1),
-                        "convert_write_mb_s": round(out_mb / secs["convert"], 1)})
+                        "convert_write_mb_s": round(written["convert"], 1)})
         if "convert_fp8" in runs:
             res.update({"convert_keep_fp8_mb_s": round(mb / secs["convert_fp8"], 1),
                         "ratio_keep_fp8": round(secs["read"] / secs["convert_fp8"], 3),
                         "convert_keep_fp8_rss_growth_mb": growth("convert_fp8"),
-                        "output_keep_fp8_mb": round(_dir_mb(dst8), 1),
-                        "convert_keep_fp8_write_mb_s": round(_dir_mb(dst8) / secs["convert_fp8"], 1)})
-        if "copy" in runs:  # bytes written per second against the copy's (the disk's fsynced write rate):
-            # bf16 output is ~2x the FP8 source, so its source-bytes ratio understates how busy the disk is
-            for p, key, d in (("convert", "convert_write_vs_copy", dst), ("convert_fp8", "keep_fp8_write_vs_copy", dst8)):
-                if p in runs:
-                    res[key] = round((_dir_mb(d) / secs[p]) / (mb / secs["copy"]), 3)
+                        "output_keep_fp8_mb": round(written["convert_fp8"] * secs["convert_fp8"], 1),
+                        "convert_keep_fp8_write_mb_s": round(written["convert_fp8"], 1)})
         if "export" in runs:  # orbax-to-hf of the bf16 checkpoint: its bytes per second, against the same read
             res.update({"export_mb_s": round(out_mb / secs["export"], 1),
                         "ratio_export": round(out_mb / secs["export"] / read_mb_s, 3),

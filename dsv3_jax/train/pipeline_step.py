@@ -70,7 +70,7 @@ def make_pipeline_grad_fn(graphdef, cfg: ModelConfig, runtime: RuntimeConfig, t:
     ``param_shardings``: the parameters' (staged) shardings. The gradient accumulators inside the stage
     ``shard_map`` are held in them (over the axes other than ``stage``); left to the compiler they came out
     replicated: the 671B on ``stage=4,expert=64`` kept each stage's attention output projections' gradient
-    whole, 7 GiB per chip (docs/pipeline.md §Memory)."""
+    whole, 7 GiB per chip (docs/pipeline.md §What the compiler allocates)."""
     pp = mesh.shape["stage"]
     tables = schedule_tables(p, pp)
     C, M = tables.chunks, p.microbatches
@@ -84,20 +84,22 @@ def make_pipeline_grad_fn(graphdef, cfg: ModelConfig, runtime: RuntimeConfig, t:
     fwd_perm = [[(i, i + 1) for i in range(pp - 1)], [(i + 1, i) for i in range(pp - 1)]]
     bwd_perm = [[(i + 1, i) for i in range(pp - 1)], [(i, i + 1) for i in range(pp - 1)]]
     tab = {k: jnp.asarray(getattr(tables, k)) for k in ("kind", "chunk", "mb", "x_slot", "g_slot", "recv_x", "recv_g")}
+    # per gradient leaf, its spec inside the shard_map (None: left to the compiler): a stage leaf's gradient
+    # is [L/PP, ...] there (its accumulator [C, L/PP, ...]), a shared leaf's is the parameter's shape
+    n_specs = st_specs = sh_specs = None
+    if param_shardings is not None:
+        flags, _, shs = split_paths(param_shardings)
+        specs = [_without_stage(sh.spec) if isinstance(sh, NamedSharding) else None for sh in shs]
+        n_specs = len(specs)
+        st_specs = [None if sp is None else (None,) + sp[1:] for sp, f in zip(specs, flags) if f]
+        sh_specs = [sp for sp, f in zip(specs, flags) if not f]
 
     def grad_fn(params, bias, rest, batch, denoms, poison):
         trees = {"params": params, "bias": bias, "rest": rest}
         parts = {k: split_paths(v) for k, v in trees.items()}   # (is_stage, treedef, leaves)
-        # per gradient leaf, its spec inside the shard_map (None: leave it to the compiler); a stage
-        # leaf's gradient is [L/PP, ...] there, its accumulator [C, L/PP, ...]
-        st_specs = sh_specs = None
-        if param_shardings is not None:
-            flags, _, shs = split_paths(param_shardings)
-            if len(shs) != len(parts["params"][2]):   # not leaf for leaf: leave the layout to the compiler
-                flags, shs = [], []
-            specs = [_without_stage(sh.spec) if isinstance(sh, NamedSharding) else None for sh in shs]
-            st_specs = [None if sp is None else (None,) + sp[1:] for sp, f in zip(specs, flags) if f]
-            sh_specs = [sp for sp, f in zip(specs, flags) if not f]
+        if n_specs is not None and n_specs != len(parts["params"][2]):
+            raise ValueError(f"param_shardings has {n_specs} leaves, the parameters {len(parts['params'][2])}: "
+                             "pass the shardings of these parameters (train_program's staged 'params').")
         stage_in, shared_in = {}, {}
         for k, (is_stage, _, leaves) in parts.items():
             st = [_split_stage(x, pp) for x, s in zip(leaves, is_stage) if s]
