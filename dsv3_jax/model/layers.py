@@ -96,11 +96,13 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """``x / sqrt(mean(x²) + eps) * scale``, computed in fp32 (as the reference implementations)."""
+    """``x / sqrt(mean(x²) + eps) * scale``, computed in fp32 (as the reference implementations).
+    ``eps``: ``cfg.rms_norm_eps`` unless given (the MLA latent norms fix it: docs/architecture.md §2)."""
 
-    def __init__(self, dim: int, cfg: ModelConfig, rt: Execution, rngs: nnx.Rngs, axis_name: str = "norm"):
+    def __init__(self, dim: int, cfg: ModelConfig, rt: Execution, rngs: nnx.Rngs, axis_name: str = "norm",
+                 eps: float | None = None):
         self.scale = param(rngs, (dim,), (axis_name,), std=0.0, dtype=cfg.param_dtype, init="ones")
-        self.eps = cfg.rms_norm_eps
+        self.eps = cfg.rms_norm_eps if eps is None else eps
         self.compute_dtype = dtype_of(rt.compute_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -42,6 +42,12 @@ class LatentCache(NamedTuple):
     krope: jax.Array
 
 
+# The two latent norms use a fixed eps, not ``rms_norm_eps``: the reference implementations (transformers,
+# DeepSeek's own) build them with the RMSNorm default, so a config with another eps differs only in the
+# other norms (docs/architecture.md §2).
+LATENT_NORM_EPS = 1e-6
+
+
 class MLA(nnx.Module):
     def __init__(self, cfg: ModelConfig, rt: Execution, rngs: nnx.Rngs):
         self.cfg, self.rt = cfg, rt
@@ -50,10 +56,10 @@ class MLA(nnx.Module):
             self.q_proj = Linear(D, (H, cfg.qk_head_dim), ("embed", "heads", "qk_dim"), cfg, rt, rngs)
         else:
             self.q_a_proj = Linear(D, cfg.q_lora_rank, ("embed", "q_lora"), cfg, rt, rngs)
-            self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg, rt, rngs, axis_name="q_lora")
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg, rt, rngs, axis_name="q_lora", eps=LATENT_NORM_EPS)
             self.q_b_proj = Linear(cfg.q_lora_rank, (H, cfg.qk_head_dim), ("q_lora", "heads", "qk_dim"), cfg, rt, rngs)
         self.kv_a_proj = Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, ("embed", "kv_lora"), cfg, rt, rngs)
-        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, cfg, rt, rngs, axis_name="kv_lora")
+        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, cfg, rt, rngs, axis_name="kv_lora", eps=LATENT_NORM_EPS)
         self.kv_b_proj = Linear(cfg.kv_lora_rank, (H, cfg.qk_nope_head_dim + cfg.v_head_dim),
                                 ("kv_lora", "heads", "qkv_dim"), cfg, rt, rngs)
         self.o_proj = Linear((H, cfg.v_head_dim), D, ("heads", "v_dim", "embed"), cfg, rt, rngs)

@@ -66,7 +66,7 @@ def route(logits: jax.Array, bias: Optional[jax.Array], cfg: ModelConfig) -> Rou
         choice = jnp.where(jnp.repeat(group_mask, E // cfg.n_group, axis=-1), choice, -jnp.inf)
     _, experts = jax.lax.top_k(choice, K)
     weights = jnp.take_along_axis(scores, experts, axis=-1)
-    if cfg.norm_topk_prob and K > 1:
+    if cfg.norm_topk_prob:  # also for K = 1 (gate 1 · factor), as transformers and DeepSeek's inference code
         weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
     return Routing(weights * cfg.routed_scaling_factor, experts.astype(jnp.int32), scores)
 

@@ -26,6 +26,9 @@ BASE = dict(vocab_size=300, hidden_size=48, intermediate_size=96, num_layers=3, 
     {"runtime.moe_impl": "ragged", "n_shared_experts": 2},  # ragged_dot grouped GEMM, 2 shared experts
     {"runtime.attention_impl": "blockwise"},              # flash attention (online softmax) path
     {"rope_scaling": {"type": "none"}, "n_group": 1, "topk_group": 1},  # plain RoPE, no groups
+    {"num_experts_per_tok": 1, "first_k_dense": 0},       # top-1: the normalised gate is the factor itself
+    {"norm_topk_prob": False, "rms_norm_eps": 1e-3,       # the latent norms keep eps 1e-6 (as transformers)
+     "rope_scaling": {**BASE["rope_scaling"], "mscale": 0.707, "mscale_all_dim": 0.0}},
 ])
 def test_logits_match_transformers(variant):
     runtime = dsv3.load_runtime({k: v for k, v in variant.items() if k.startswith("runtime.")})
