@@ -7,10 +7,11 @@ import dsv3_jax as dsv3
 from dsv3_jax.checkpoint import mapping
 
 
-def hf_config(cfg: dsv3.ModelConfig):
-    from transformers import DeepseekV3Config
+def hf_config(cfg: dsv3.ModelConfig, v2: bool = False):
+    """transformers' config for ``cfg``: ``DeepseekV3Config``, or ``DeepseekV2Config`` (softmax-gated V2 routing)."""
+    from transformers import DeepseekV2Config, DeepseekV3Config
     kw = {k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type", "rope_scaling")}
-    c = DeepseekV3Config(**kw)
+    c = (DeepseekV2Config if v2 else DeepseekV3Config)(**kw)
     c._attn_implementation = "eager"
     return c
 
@@ -31,11 +32,13 @@ def randomize(model, seed: int, bias_scale: float = 0.05):
     return model
 
 
-def hf_model(cfg: dsv3.ModelConfig, seed: int = 0):
+def hf_model(cfg: dsv3.ModelConfig, seed: int = 0, v2: bool = False):
+    """A random ``DeepseekV3ForCausalLM`` (``v2``: ``DeepseekV2ForCausalLM``) for ``cfg``."""
     import torch
-    from transformers import DeepseekV3ForCausalLM
+    from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
     torch.manual_seed(seed)
-    return randomize(DeepseekV3ForCausalLM(hf_config(cfg)).eval(), seed)
+    cls = DeepseekV2ForCausalLM if v2 else DeepseekV3ForCausalLM
+    return randomize(cls(hf_config(cfg, v2)).eval(), seed)
 
 
 def hf_state(model) -> dict[str, np.ndarray]:

@@ -44,6 +44,26 @@ def test_logits_match_transformers(variant):
     assert err <= TOL, f"max |ours - transformers| = {err}"
 
 
+V2 = dict(scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=2.0, num_experts_per_tok=3,
+          n_shared_experts=2, rope_scaling={**BASE["rope_scaling"], "mscale": 0.707, "mscale_all_dim": 0.707})
+
+
+@pytest.mark.parametrize("variant", [
+    dict(topk_method="greedy", n_group=1, topk_group=1, q_lora_rank=None),      # DeepSeek-V2-Lite's flags
+    dict(topk_method="group_limited_greedy", n_group=4, topk_group=2),          # DeepSeek-V2's flags
+], ids=["v2_lite", "v2"])
+def test_v2_configs_match_transformers_deepseek_v2(variant):
+    """The same code with V2's flags (softmax gates, no correction bias, greedy or group-limited greedy
+    top-k, gates not renormalised) equals transformers' ``DeepseekV2ForCausalLM``."""
+    cfg = dsv3.load_config({**BASE, **V2, **variant})
+    ref = hf_model(cfg, seed=4, v2=True)
+    assert not any("e_score_correction_bias" in k for k in ref.state_dict())
+    ours = our_model(cfg, hf_state(ref))
+    tokens = np.random.RandomState(5).randint(0, cfg.vocab_size, (3, 48))
+    err = np.abs(np.asarray(ours(tokens, mtp=False).logits) - hf_logits(ref, tokens)).max()
+    assert err <= TOL, f"max |ours - transformers DeepseekV2| = {err}"
+
+
 def test_packed_batch_equals_separate_documents():
     """Two documents packed in one row with segment ids and per-document positions give the same
     logits as each document run alone (attention never crosses the segment boundary)."""
