@@ -83,6 +83,27 @@ def _check_hf_types(hf: Mapping[str, Any]) -> None:
                     check(f"{outer}.{key}", rs[key], types_)
             if rs.get("type", rs.get("rope_type")) == "yarn" and "factor" not in rs:
                 raise ConfigError(f"config.json field {outer}: YaRN scaling needs a 'factor' (fix: add it, e.g. 40).")
+    _check_hf_flags(hf)
+
+
+# config.json flags the DeepSeek-V2/V3 architecture fixes: a value other than these changes the model in a
+# way this implementation does not express, so converting would give a different model without saying so
+_HF_FIXED = {
+    "hidden_act": (("silu", "swish"), "SwiGLU experts and FFNs"),
+    "attention_bias": ((False,), "attention projections without biases"),
+    "mlp_bias": ((False,), "FFN projections without biases"),
+    "tie_word_embeddings": ((False,), "an output head separate from the embedding"),
+    "rope_interleave": ((True,), "the release's interleaved rope channels"),
+    "moe_layer_freq": ((1,), "every layer after first_k_dense_replace an MoE layer"),
+}
+
+
+def _check_hf_flags(hf: Mapping[str, Any]) -> None:
+    for key, (allowed, what) in _HF_FIXED.items():
+        if key in hf and hf[key] is not None and hf[key] not in allowed:
+            raise ConfigError(f"config.json field {key}={hf[key]!r}: dsv3-jax implements DeepSeek-V2/V3 as released, "
+                              f"with {what} ({key}={allowed[0]!r}); this checkpoint is a different model (fix: use a "
+                              "DeepSeek-V2/V3-architecture checkpoint, or correct the field if it was edited by hand).")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -78,6 +78,18 @@ def test_from_hf_missing_fields():
         dsv3.ModelConfig.from_hf({"vocab_size": 10})
 
 
+@pytest.mark.parametrize("field,value", [("hidden_act", "gelu"), ("attention_bias", True), ("mlp_bias", True),
+                                         ("tie_word_embeddings", True), ("rope_interleave", False),
+                                         ("moe_layer_freq", 2)])
+def test_from_hf_refuses_flags_that_make_another_model(field, value):
+    """A flag the architecture fixes, set otherwise, is refused by name (converting would silently drop a
+    bias, a tie or a layout); the value the release uses, or the field absent, is accepted."""
+    hf = dsv3.load_config("tiny").to_hf()
+    assert dsv3.ModelConfig.from_hf({k: v for k, v in hf.items() if k != field}) is not None
+    with pytest.raises(ConfigError, match=rf"{field}={value!r}.*different model"):
+        dsv3.ModelConfig.from_hf({**hf, field: value})
+
+
 def test_softmax_scale_671b_matches_spec():
     # docs/architecture.md §2: softmax_scale = 192^-0.5 · mscale², mscale = 0.1·ln(40) + 1 → 0.135234…
     cfg = dsv3.load_config("deepseek_v3_671b")
