@@ -99,6 +99,11 @@ _HF_FIXED = {
 
 
 def _check_hf_flags(hf: Mapping[str, Any]) -> None:
+    sparse = [k for k in ("index_topk", "index_n_heads", "index_head_dim") if k in hf]
+    if sparse or hf.get("model_type") == "deepseek_v32":
+        raise ConfigError(f"config.json is a DeepSeek-V3.2 config ({', '.join(sparse) or 'model_type deepseek_v32'}): its "
+                          "sparse attention (the lightning indexer) is not implemented here, and dropping it would "
+                          "give a different model (fix: use a DeepSeek-V3 / V3.1 / R1 or V2 checkpoint).")
     for key, (allowed, what) in _HF_FIXED.items():
         if key in hf and hf[key] is not None and hf[key] not in allowed:
             raise ConfigError(f"config.json field {key}={hf[key]!r}: dsv3-jax implements DeepSeek-V2/V3 as released, "

@@ -90,6 +90,13 @@ def test_from_hf_refuses_flags_that_make_another_model(field, value):
         dsv3.ModelConfig.from_hf({**hf, field: value})
 
 
+def test_from_hf_refuses_v32_sparse_attention():
+    hf = dsv3.load_config("tiny").to_hf()
+    for extra in ({"index_topk": 2048, "index_n_heads": 64}, {"model_type": "deepseek_v32"}):
+        with pytest.raises(ConfigError, match="DeepSeek-V3.2 config.*indexer"):
+            dsv3.ModelConfig.from_hf({**hf, **extra})
+
+
 def test_softmax_scale_671b_matches_spec():
     # docs/architecture.md §2: softmax_scale = 192^-0.5 · mscale², mscale = 0.1·ln(40) + 1 → 0.135234…
     cfg = dsv3.load_config("deepseek_v3_671b")
