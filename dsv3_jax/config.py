@@ -57,6 +57,19 @@ _HF_TYPES = {
     "rope_theta": _NUM + _NONE, "scoring_func": (str,), "topk_method": (str,), "norm_topk_prob": (bool,),
     "rope_scaling": (Mapping,) + _NONE, "rope_parameters": (Mapping,) + _NONE,
 }
+# What a field left out of config.json means: the default of transformers' config class for the model type
+# (``DeepseekV3Config`` also for configs without one, e.g. Kimi-K2's), so a sparse config describes the
+# model transformers would build from it. V3's class always routes sigmoid + noaux_tc; V2's always softmax.
+_HF_DEFAULTS = {
+    "deepseek_v3": dict(first_k_dense_replace=3, n_routed_experts=256, num_experts_per_tok=8, n_shared_experts=1,
+                        moe_intermediate_size=2048, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+                        scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True, q_lora_rank=1536,
+                        intermediate_size=18432, max_position_embeddings=4096),
+    "deepseek_v2": dict(first_k_dense_replace=0, n_routed_experts=64, num_experts_per_tok=None, n_shared_experts=2,
+                        moe_intermediate_size=1407, n_group=None, topk_group=None, routed_scaling_factor=1.0,
+                        scoring_func="softmax", topk_method="greedy", norm_topk_prob=False, q_lora_rank=1536,
+                        intermediate_size=11008, max_position_embeddings=2048),
+}
 _HF_ROPE_TYPES = {"type": (str,) + _NONE, "rope_type": (str,) + _NONE, "factor": _NUM,
                   "original_max_position_embeddings": _INT, "beta_fast": _NUM, "beta_slow": _NUM,
                   "mscale": _NUM + _NONE, "mscale_all_dim": _NUM + _NONE, "rope_theta": _NUM + _NONE}
@@ -208,36 +221,43 @@ class ModelConfig:
                     mscale=float(rs_src.get("mscale", 1) or 1), mscale_all_dim=float(rs_src.get("mscale_all_dim", 0) or 0))
             elif kind not in ("default", "none", None):
                 raise ConfigError(f"rope scaling type {kind!r} is not supported (fix: use 'yarn' or none).")
-        n_routed = hf.get("n_routed_experts") or 0
+        d = _HF_DEFAULTS.get(hf.get("model_type"), _HF_DEFAULTS["deepseek_v3"])
+
+        def get(key):  # the field, or transformers' default for this model type when config.json omits it
+            return hf[key] if key in hf else d.get(key)
+        n_routed = get("n_routed_experts") or 0
         n_layers = int(hf["num_hidden_layers"])
         kw = dict(
             name=name, vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
-            intermediate_size=int(hf.get("intermediate_size", 0)), num_layers=n_layers,
-            first_k_dense=int(hf.get("first_k_dense_replace", 0)) if n_routed else n_layers,
-            num_heads=int(hf["num_attention_heads"]), q_lora_rank=hf.get("q_lora_rank"),
+            intermediate_size=int(get("intermediate_size")), num_layers=n_layers,
+            first_k_dense=int(get("first_k_dense_replace") or 0) if n_routed else n_layers,
+            num_heads=int(hf["num_attention_heads"]), q_lora_rank=get("q_lora_rank"),
             kv_lora_rank=int(hf["kv_lora_rank"]), qk_nope_head_dim=int(hf["qk_nope_head_dim"]),
             qk_rope_head_dim=int(hf["qk_rope_head_dim"]), v_head_dim=int(hf["v_head_dim"]),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            max_position_embeddings=int(get("max_position_embeddings")),
             rope_theta=float(rope_theta if rope_theta is not None else 10000.0), rope_scaling=rs,
-            n_routed_experts=int(n_routed) or 1, num_experts_per_tok=int(hf.get("num_experts_per_tok") or 1),
-            n_shared_experts=int(hf.get("n_shared_experts") or 0),
-            moe_intermediate_size=int(hf.get("moe_intermediate_size", 0)),
-            n_group=int(hf.get("n_group") or 1), topk_group=int(hf.get("topk_group") or 1),
-            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-            scoring_func=str(hf.get("scoring_func", "sigmoid")),
-            topk_method=str(hf.get("topk_method", "noaux_tc")),
-            norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+            n_routed_experts=int(n_routed) or 1, num_experts_per_tok=int(get("num_experts_per_tok") or 1),
+            n_shared_experts=int(get("n_shared_experts") or 0),
+            moe_intermediate_size=int(get("moe_intermediate_size")),
+            n_group=int(get("n_group") or 1), topk_group=int(get("topk_group") or 1),
+            routed_scaling_factor=float(get("routed_scaling_factor")),
+            scoring_func=str(get("scoring_func")), topk_method=str(get("topk_method")),
+            norm_topk_prob=bool(get("norm_topk_prob")),
             num_mtp_layers=int(hf.get("num_nextn_predict_layers", 0)),
             init_std=float(hf.get("initializer_range", 0.006)),
         )
         return validate(cls(**kw))
 
     def to_hf(self) -> dict:
-        """The Hugging Face ``DeepseekV3Config`` fields (release spelling, plus ``rope_parameters``)."""
+        """The Hugging Face config fields (release spelling, plus ``rope_parameters``): ``DeepseekV3Config``'s,
+        or ``DeepseekV2Config``'s for softmax gating (the V2 family, which transformers' V3 class would run
+        with sigmoid gates)."""
         rs = self.rope_scaling
+        v2 = self.scoring_func == "softmax"
         out = {
-            "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+            "architectures": ["DeepseekV2ForCausalLM" if v2 else "DeepseekV3ForCausalLM"],
+            "model_type": "deepseek_v2" if v2 else "deepseek_v3",
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size, "moe_intermediate_size": self.moe_intermediate_size,
             "num_hidden_layers": self.num_layers, "num_nextn_predict_layers": self.num_mtp_layers,

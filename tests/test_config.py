@@ -62,15 +62,39 @@ def test_unknown_config_name_suggests():
         dsv3.load_config("tinyy")
 
 
-def test_hf_roundtrip_both_rope_spellings():
-    cfg = dsv3.load_config("deepseek_v3_671b")
+@pytest.mark.parametrize("name,model_type", [("deepseek_v3_671b", "deepseek_v3"), ("deepseek_v2_236b", "deepseek_v2"),
+                                             ("deepseek_v2_lite_16b", "deepseek_v2"), ("tiny", "deepseek_v3")])
+def test_hf_roundtrip_both_rope_spellings(name, model_type):
+    cfg = dsv3.load_config(name)
     hf = cfg.to_hf()
-    assert hf["rope_scaling"]["type"] == "yarn" and hf["rope_parameters"]["rope_type"] == "yarn"
+    assert hf["model_type"] == model_type  # softmax gating is the V2 family: transformers' V3 class would use sigmoid
+    if cfg.rope_scaling.enabled:
+        assert hf["rope_scaling"]["type"] == "yarn" and hf["rope_parameters"]["rope_type"] == "yarn"
     release = {k: v for k, v in hf.items() if k != "rope_parameters"}
     tf5 = {k: v for k, v in hf.items() if k not in ("rope_scaling", "rope_theta")}
     for spelling in (release, tf5):
         back = dsv3.ModelConfig.from_hf(json.loads(json.dumps(spelling)), name=cfg.name)
         assert back == cfg.replace(init_std=back.init_std)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v2"])
+def test_from_hf_fields_left_out_mean_what_transformers_builds(model_type):
+    """A config.json that leaves routing fields out describes the model transformers' config class for
+    its model type builds (e.g. V3: routed_scaling_factor 2.5, 8 groups, top-4 groups, 3 dense layers)."""
+    transformers = pytest.importorskip("transformers")
+    required = dict(vocab_size=300, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, kv_lora_rank=32,
+                    qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+    ours = dsv3.ModelConfig.from_hf({**required, "model_type": model_type})
+    ref = {"deepseek_v3": transformers.DeepseekV3Config, "deepseek_v2": transformers.DeepseekV2Config}[model_type](**required)
+    assert ours.first_k_dense == ref.first_k_dense_replace and ours.n_routed_experts == ref.n_routed_experts
+    assert ours.routed_scaling_factor == ref.routed_scaling_factor and ours.q_lora_rank == ref.q_lora_rank
+    assert (ours.n_group, ours.topk_group) == (ref.n_group or 1, ref.topk_group or 1)
+    assert ours.num_experts_per_tok == (ref.num_experts_per_tok or 1) and ours.n_shared_experts == ref.n_shared_experts
+    assert ours.moe_intermediate_size == ref.moe_intermediate_size and ours.intermediate_size == ref.intermediate_size
+    assert ours.norm_topk_prob == ref.norm_topk_prob and ours.max_position_embeddings == ref.max_position_embeddings
+    # transformers' V3 class always gates with sigmoid + the bias (noaux_tc), its V2 class with softmax
+    assert (ours.scoring_func, ours.topk_method) == (("sigmoid", "noaux_tc") if model_type == "deepseek_v3"
+                                                     else ("softmax", ref.topk_method))
 
 
 def test_from_hf_missing_fields():

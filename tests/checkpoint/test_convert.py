@@ -312,6 +312,29 @@ def test_roundtrip_bit_identical_and_transformers_loads_export(src, orb, tmp_pat
     assert np.abs(hf_logits(model, toks) - hf_logits(src[1], toks)).max() <= TOL
 
 
+def test_v2_lite_flags_convert_score_and_export_as_deepseek_v2(tmp_path):
+    """A transformers ``DeepseekV2ForCausalLM`` (V2-Lite's flags: softmax gates, greedy top-k, no q-LoRA)
+    saved with save_pretrained converts and scores like transformers; the export says ``deepseek_v2``, so
+    ``AutoModelForCausalLM`` rebuilds the same V2 model (its V3 class would gate with sigmoid)."""
+    from transformers import AutoModelForCausalLM
+    from tests.model.test_parity import V2
+    cfg = dsv3.load_config({**BASE, **V2, "topk_method": "greedy", "n_group": 1, "topk_group": 1, "q_lora_rank": None})
+    ref = hf_model(cfg, seed=6, v2=True)
+    ref.save_pretrained(tmp_path / "hf")
+    assert cli.main(["convert", "hf-to-orbax", str(tmp_path / "hf"), str(tmp_path / "orb"), "--dtype", "float32",
+                     "--quiet"]) == 0
+    stored, model = dsv3.load_checkpoint(tmp_path / "orb")
+    assert (stored.scoring_func, stored.topk_method, stored.norm_topk_prob) == ("softmax", "greedy", False)
+    toks = tokens(seed=6)
+    want = hf_logits(ref, toks)
+    assert np.abs(np.asarray(model(toks, mtp=False).logits) - want).max() <= TOL
+    assert cli.main(["convert", "orbax-to-hf", str(tmp_path / "orb"), str(tmp_path / "out"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "deepseek_v2"
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="float32", attn_implementation="eager").eval()
+    assert type(back).__name__ == "DeepseekV2ForCausalLM"
+    assert np.abs(hf_logits(back, toks) - want).max() <= TOL
+
+
 def test_roundtrip_bf16_and_fp8_export(src, tmp_path):
     bf = tmp_path / "bf16"
     convert.hf_to_orbax(src[0], bf, dtype="bfloat16", progress=False)
