@@ -64,14 +64,14 @@ def test_pipelined_step_keeps_gradient_accumulators_sharded():
     """The pipelined step (``stage=2,expert=4``) holds its gradient accumulators in the parameters'
     sharding over the non-stage axes. Left to XLA:TPU they came out replicated: each stage's stacked
     attention output projection gradient ``[L/PP, heads, v, D]`` whole on every chip, the largest buffer at
-    the peak (1.10 GiB per chip here before, 0.97 after; the 671B on v5p:8x8x4 ``stage=4,expert=64``:
+    the peak (0.79 GiB per chip here before, 0.71 after; the 671B on v5p:8x8x4 ``stage=4,expert=64``:
     111.5 GiB, not fitting, before; 91.8 after)."""
     wide = ["hidden_size=1024", "num_heads=16", "v_head_dim=128", "qk_nope_head_dim=128", "q_lora_rank=512",
-            "kv_lora_rank=256", "moe_intermediate_size=512", "intermediate_size=2048", "num_layers=9",
+            "kv_lora_rank=256", "moe_intermediate_size=512", "intermediate_size=2048", "num_layers=5",
             "vocab_size=4096"]
     cfg = dsv3.load_config("tiny", wide)
     p = plan(cfg, "v5p:2x2x2", "stage=2,expert=4", seq=64, buffers=12, pipeline=PipelineConfig(schedule="1f1b"))
     assert p.fits and len(p.peak_buffers) == 12
     whole = [r for r in p.peak_buffers if r["shape"].replace(" ", "").split("{")[0].endswith("16,128,1024]")]
     assert not whole, whole           # o_proj's gradient sharded over `expert` along D: [..., 16, 128, 256]
-    assert p.bytes_per_chip["total"] < 1.0 * 2**30, p.bytes_per_chip
+    assert p.bytes_per_chip["total"] < 0.75 * 2**30, p.bytes_per_chip
