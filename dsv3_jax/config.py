@@ -96,7 +96,6 @@ def _check_hf_types(hf: Mapping[str, Any]) -> None:
                     check(f"{outer}.{key}", rs[key], types_)
             if rs.get("type", rs.get("rope_type")) == "yarn" and "factor" not in rs:
                 raise ConfigError(f"config.json field {outer}: YaRN scaling needs a 'factor' (fix: add it, e.g. 40).")
-    _check_hf_flags(hf)
 
 
 # config.json flags the DeepSeek-V2/V3 architecture fixes: a value other than these changes the model in a
@@ -199,6 +198,7 @@ class ModelConfig:
             raise ConfigError(f"config.json must be a JSON object, got {type(hf).__name__} (fix: point at the "
                               "model's own config.json).")
         _check_hf_types(hf)
+        _check_hf_flags(hf)
         missing = [k for k in required if k not in hf]
         if missing:
             raise ConfigError(f"config.json is missing required field(s) {missing}; it does not look "

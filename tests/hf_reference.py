@@ -7,11 +7,13 @@ import dsv3_jax as dsv3
 from dsv3_jax.checkpoint import mapping
 
 
-def hf_config(cfg: dsv3.ModelConfig, v2: bool = False):
-    """transformers' config for ``cfg``: ``DeepseekV3Config``, or ``DeepseekV2Config`` (softmax-gated V2 routing)."""
+def hf_config(cfg: dsv3.ModelConfig):
+    """transformers' config for ``cfg``, of the class its ``to_hf`` names: ``DeepseekV3Config``, or
+    ``DeepseekV2Config`` for softmax gating (the V2 family)."""
     from transformers import DeepseekV2Config, DeepseekV3Config
-    kw = {k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type", "rope_scaling")}
-    c = (DeepseekV2Config if v2 else DeepseekV3Config)(**kw)
+    hf = cfg.to_hf()
+    kw = {k: v for k, v in hf.items() if k not in ("architectures", "model_type", "rope_scaling")}
+    c = (DeepseekV2Config if hf["model_type"] == "deepseek_v2" else DeepseekV3Config)(**kw)
     c._attn_implementation = "eager"
     return c
 
@@ -32,13 +34,14 @@ def randomize(model, seed: int, bias_scale: float = 0.05):
     return model
 
 
-def hf_model(cfg: dsv3.ModelConfig, seed: int = 0, v2: bool = False):
-    """A random ``DeepseekV3ForCausalLM`` (``v2``: ``DeepseekV2ForCausalLM``) for ``cfg``."""
+def hf_model(cfg: dsv3.ModelConfig, seed: int = 0):
+    """A random ``DeepseekV3ForCausalLM`` for ``cfg`` (``DeepseekV2ForCausalLM`` for softmax gating)."""
     import torch
     from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
     torch.manual_seed(seed)
-    cls = DeepseekV2ForCausalLM if v2 else DeepseekV3ForCausalLM
-    return randomize(cls(hf_config(cfg, v2)).eval(), seed)
+    c = hf_config(cfg)
+    cls = DeepseekV2ForCausalLM if c.model_type == "deepseek_v2" else DeepseekV3ForCausalLM
+    return randomize(cls(c).eval(), seed)
 
 
 def hf_state(model) -> dict[str, np.ndarray]:

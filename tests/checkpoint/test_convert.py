@@ -319,7 +319,7 @@ def test_v2_lite_flags_convert_score_and_export_as_deepseek_v2(tmp_path):
     from transformers import AutoModelForCausalLM
     from tests.model.test_parity import V2
     cfg = dsv3.load_config({**BASE, **V2, "topk_method": "greedy", "n_group": 1, "topk_group": 1, "q_lora_rank": None})
-    ref = hf_model(cfg, seed=6, v2=True)
+    ref = hf_model(cfg, seed=6)
     ref.save_pretrained(tmp_path / "hf")
     assert cli.main(["convert", "hf-to-orbax", str(tmp_path / "hf"), str(tmp_path / "orb"), "--dtype", "float32",
                      "--quiet"]) == 0

@@ -56,7 +56,7 @@ def test_v2_configs_match_transformers_deepseek_v2(variant):
     """The same code with V2's flags (softmax gates, no correction bias, greedy or group-limited greedy
     top-k, gates not renormalised) equals transformers' ``DeepseekV2ForCausalLM``."""
     cfg = dsv3.load_config({**BASE, **V2, **variant})
-    ref = hf_model(cfg, seed=4, v2=True)
+    ref = hf_model(cfg, seed=4)
     assert not any("e_score_correction_bias" in k for k in ref.state_dict())
     ours = our_model(cfg, hf_state(ref))
     tokens = np.random.RandomState(5).randint(0, cfg.vocab_size, (3, 48))
