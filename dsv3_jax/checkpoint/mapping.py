@@ -148,9 +148,12 @@ def stored_scale_path(cfg: ModelConfig, path: Path, shapes: Mapping[Path, tuple]
 
 def _as_shape(out: np.ndarray, shape: tuple) -> np.ndarray:
     """``out`` viewed with ``shape`` (never a copy: writes must land in ``out``)."""
-    v = out.view()
-    v.shape = shape  # raises if it would need a copy
-    return v
+    try:
+        return np.reshape(out, shape, copy=False)  # numpy >= 2.1: raises ValueError where a copy is needed
+    except TypeError:  # older numpy has no copy=; setting .shape raises instead (deprecated from 2.5)
+        v = out.view()
+        v.shape = shape
+        return v
 
 
 def fill_piece(source, piece: Piece, out: np.ndarray, scale_out: Optional[np.ndarray] = None,

@@ -37,8 +37,9 @@ def block_tables(scale_inv: np.ndarray, dtype) -> np.ndarray:
     """``[nb_out, nb_in, 256]`` table of ``dtype`` values: entry ``b`` of block ``(i, j)`` is
     ``dtype(float32(e4m3 byte b) * scale_inv[i, j])`` (the product ``fp8.dequantize`` computes)."""
     s = np.asarray(scale_inv, np.float32)
-    prod = fp8._LUT[None, None, :] * s[:, :, None]  # float32 × float32 → float32, as in fp8.dequantize
-    return prod if np.dtype(dtype) == np.float32 else prod.astype(dtype)
+    with np.errstate(over="ignore"):  # an overflow is an Inf entry, which the callers look for and report
+        prod = fp8._LUT[None, None, :] * s[:, :, None]  # float32 × float32 → float32, as in fp8.dequantize
+        return prod if np.dtype(dtype) == np.float32 else prod.astype(dtype)
 
 
 def dequantize_transposed_into(out: np.ndarray, w8: np.ndarray, scale_inv: np.ndarray) -> np.ndarray:
