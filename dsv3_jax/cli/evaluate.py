@@ -1,4 +1,4 @@
-"""``dsv3 eval --checkpoint C {ppl,needle,fim}``: held-out perplexity, Needle in a Haystack and FIM exact
+"""``dsv3 eval {ppl,needle,fim} --checkpoint C``: held-out perplexity, Needle in a Haystack and FIM exact
 match of a checkpoint (dsv3_jax/eval; docs/design.md §Evaluation). With ``--json`` the last line is one
 object: ``ppl`` → ``{"ppl", "tokens"}``, ``needle`` → ``{"lengths", "depths", "accuracy"}``, ``fim`` →
 ``{"exact_match", "n"}``."""
