@@ -246,6 +246,12 @@ CASES = [
     ("tokenizer-override-not-accepted", T + ["k=v"], ["unrecognized", "k=v"]),
     ("tokenizer-missing-output", ["tokenizer", "train", "--vocab-size", "300"], ["--output"]),
     ("tokenizer-no-action", ["tokenizer"], ["required", "{{train}}"]),
+    # a subcommand's flags before its name (argparse alone says "invalid choice: 'C'")
+    ("eval-flags-before-task", ["eval", "--checkpoint", "C", "--ema", "ppl", "--json"],
+     ["--checkpoint is a flag of `dsv3 eval ppl`", "fix: name the subcommand first: `dsv3 eval ppl --checkpoint C "
+      "--ema --json`"]),
+    ("convert-flags-before-direction", ["convert", "--dtype", "bfloat16", "hf-to-orbax", "a", "b"],
+     ["--dtype is a flag of `dsv3 convert hf-to-orbax`", "`dsv3 convert hf-to-orbax --dtype bfloat16 a b`"]),
 ]
 
 

@@ -48,6 +48,7 @@ def parse_args(argv: Sequence[str], parser: Optional[ArgumentParser] = None) -> 
     """Parse ``argv``; ``key=value`` overrides are collected wherever they stand. Raises
     ``SystemExit`` (code 2, one line on stderr) for anything else argparse does not recognise."""
     parser = parser or build_parser()
+    _check_subcommand_first(parser, list(argv))
     args, extra = parser.parse_known_args(list(argv))
     takes_overrides = hasattr(args, "overrides")
     given = list(args.overrides) + extra if takes_overrides else extra
@@ -58,6 +59,29 @@ def parse_args(argv: Sequence[str], parser: Optional[ArgumentParser] = None) -> 
     if takes_overrides:
         args.overrides = list(args.overrides) + extra
     return args
+
+
+def _check_subcommand_first(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """``dsv3 eval --checkpoint C ppl``: the flags belong to ``ppl``, so argparse would answer "invalid
+    choice: 'C'". Say instead that the subcommand comes first, with the reordered command."""
+    i = 0
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or i >= len(argv):
+            return
+        choices = subs[0].choices
+        if argv[i] in choices:
+            parser, i = choices[argv[i]], i + 1
+            continue
+        if not argv[i].startswith("-") or argv[i] in ("-h", "--help"):
+            return
+        later = next((a for a in argv[i + 1:] if a in choices), None)
+        if later is not None:
+            j = argv.index(later, i + 1)
+            fixed = [*argv[:i], later, *argv[i:j], *argv[j + 1:]]
+            usage_error(parser.prog, f"{argv[i]} is a flag of `{parser.prog} {later}`, not of `{parser.prog}`",
+                        f"name the subcommand first: `{parser.prog.split()[0]} {' '.join(fixed)}`")
+        return
 
 
 def _one_line(e: BaseException) -> str:
