@@ -168,8 +168,9 @@ def test_uneven_split_gradients_equal_one_device(setup):
     np.testing.assert_array_equal(aux["counts"], r_aux["counts"])
     np.testing.assert_array_equal(aux["mtp_counts"], r_aux["mtp_counts"])
     np.testing.assert_array_equal(np.asarray(aux["stack_counts"])[4:], 0)     # padding rows routed nothing
-    # 1e-6 of each leaf's largest entry (measured 8.3e-7: fp32 sums in another order)
-    _close_tree(restack(grads, sm.rows), r_grads, 1e-6, "gradient")
+    # GRAD_TOL of each leaf's largest entry, as for the even splits (measured 8.3e-7 and, in another CI
+    # run, 1.06e-6: fp32 sums in another order)
+    _close_tree(restack(grads, sm.rows), r_grads, GRAD_TOL, "gradient")
     pad = [np.asarray(g)[4:] for g in jax.tree.leaves(grads["moe_layers"])]
     assert all(np.all(g == 0) for g in pad)
 
