@@ -97,12 +97,13 @@ def dequantize(w8: np.ndarray, scale_inv: np.ndarray, dtype=np.float32, name: st
     out, inn = w8.shape
     x = np.take(_LUT, w8.view(np.uint8))  # float32 [out, in]
     s = np.asarray(scale_inv, np.float32)
-    if out % BLOCK == 0 and inn % BLOCK == 0:
-        x.reshape(want[0], BLOCK, want[1], BLOCK)[...] *= s[:, None, :, None]
-    else:
-        for b in range(want[0]):  # partial blocks: one block row at a time
-            x[b * BLOCK:(b + 1) * BLOCK] *= np.repeat(s[b], BLOCK)[:inn]
-    return x if np.dtype(dtype) == np.float32 else x.astype(dtype)
+    with np.errstate(over="ignore"):  # an overflowing product is Inf, which the converter's check reports
+        if out % BLOCK == 0 and inn % BLOCK == 0:
+            x.reshape(want[0], BLOCK, want[1], BLOCK)[...] *= s[:, None, :, None]
+        else:
+            for b in range(want[0]):  # partial blocks: one block row at a time
+                x[b * BLOCK:(b + 1) * BLOCK] *= np.repeat(s[b], BLOCK)[:inn]
+        return x if np.dtype(dtype) == np.float32 else x.astype(dtype)
 
 
 def quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
