@@ -190,6 +190,18 @@ def stage_split_671b() -> None:
                                           "16 x 4 rows for the [1, 4 x 14, 1] split)"})
 
 
+def _compiled_bytes(ours, baseline) -> dict:
+    """The JSON fields comparing two ``dsv3 plan`` results: GiB per chip (total and by kind), their
+    ratio, whether each fits the chip's HBM, and the compile times."""
+    gib = {k: {n: v / 2**30 for n, v in p.bytes_per_chip.items()} for k, p in (("ours", ours), ("baseline", baseline))}
+    return {"ours_gib_per_chip": gib["ours"]["total"], "baseline_gib_per_chip": gib["baseline"]["total"],
+            "ratio": gib["ours"]["total"] / gib["baseline"]["total"], "ours_fits": ours.fits,
+            "baseline_fits": baseline.fits, "hbm_gib_per_chip": baseline.hbm_bytes_per_chip / 2**30,
+            "ours_bytes_gib": gib["ours"], "baseline_bytes_gib": gib["baseline"],
+            "compile_seconds": {"ours": ours.compile_seconds, "baseline": baseline.compile_seconds},
+            "what": "the compiler's bytes per chip (arguments + temporaries + outputs - aliased)"}
+
+
 def compiled_671b() -> None:
     """The 671B train step (seq 4096, 256 sequences, default runtime and recipe: bf16 compute, bf16 AdamW
     moments, MTP) compiled by XLA:TPU for v5p:8x8x4 (256 chips) with a stage axis (``stage=4,expert=64``,
@@ -205,15 +217,9 @@ def compiled_671b() -> None:
     base = plan(cfg, topo, "expert=64,fsdp=4", batch=256, seq=4096)
     staged = plan(cfg, topo, "stage=4,expert=64", batch=256, seq=4096,
                   pipeline=PipelineConfig(schedule="1f1b", microbatches=4))
-    gib = {k: {n: v / 2**30 for n, v in p.bytes_per_chip.items()} for k, p in (("ours", staged), ("baseline", base))}
     emit({"bench": "pipeline.compiled_671b", "topology": topo, "mesh": "stage=4,expert=64", "baseline_mesh":
           "expert=64,fsdp=4", "schedule": "1f1b", "microbatches": 4, "batch": 256, "seq": 4096,
-          "ours_gib_per_chip": gib["ours"]["total"], "baseline_gib_per_chip": gib["baseline"]["total"],
-          "ratio": gib["ours"]["total"] / gib["baseline"]["total"], "ours_fits": staged.fits,
-          "baseline_fits": base.fits, "hbm_gib_per_chip": base.hbm_bytes_per_chip / 2**30,
-          "ours_bytes_gib": gib["ours"], "baseline_bytes_gib": gib["baseline"],
-          "compile_seconds": {"ours": staged.compile_seconds, "baseline": base.compile_seconds},
-          "what": "the compiler's bytes per chip (arguments + temporaries + outputs - aliased)"})
+          **_compiled_bytes(staged, base)})
 
 
 def compiled_671b_pp16() -> None:
@@ -229,15 +235,9 @@ def compiled_671b_pp16() -> None:
     cfg, topo, mesh = load_config("deepseek_v3_671b"), "v5p:8x16x8", "stage=16,expert=64"
     one = plan(cfg, topo, mesh, batch=1024, seq=4096, pipeline=PipelineConfig(schedule="1f1b", microbatches=16))
     dual = plan(cfg, topo, mesh, batch=2048, seq=4096, pipeline=PipelineConfig(schedule="dualpipe", microbatches=32))
-    gib = {k: {n: v / 2**30 for n, v in p.bytes_per_chip.items()} for k, p in (("ours", dual), ("baseline", one))}
     emit({"bench": "pipeline.compiled_671b_pp16", "topology": topo, "mesh": mesh, "schedule": "dualpipe",
           "baseline_schedule": "1f1b", "microbatches": 32, "baseline_microbatches": 16, "sequences_per_microbatch": 64,
-          "seq": 4096, "ours_gib_per_chip": gib["ours"]["total"], "baseline_gib_per_chip": gib["baseline"]["total"],
-          "ratio": gib["ours"]["total"] / gib["baseline"]["total"], "ours_fits": dual.fits, "baseline_fits": one.fits,
-          "hbm_gib_per_chip": one.hbm_bytes_per_chip / 2**30, "ours_bytes_gib": gib["ours"],
-          "baseline_bytes_gib": gib["baseline"],
-          "compile_seconds": {"ours": dual.compile_seconds, "baseline": one.compile_seconds},
-          "what": "the compiler's bytes per chip (arguments + temporaries + outputs - aliased)"})
+          "seq": 4096, **_compiled_bytes(dual, one)})
 
 
 MEASUREMENTS = {"simulated_bubble": simulated_bubble, "executed_step": executed_step,

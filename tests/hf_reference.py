@@ -7,13 +7,19 @@ import dsv3_jax as dsv3
 from dsv3_jax.checkpoint import mapping
 
 
+def _classes(model_type: str):
+    """transformers' (config class, model class) for ``model_type``: V3, or V2 (softmax gating)."""
+    import transformers
+    v = {"deepseek_v2": "V2", "deepseek_v3": "V3"}[model_type]
+    return getattr(transformers, f"Deepseek{v}Config"), getattr(transformers, f"Deepseek{v}ForCausalLM")
+
+
 def hf_config(cfg: dsv3.ModelConfig):
     """transformers' config for ``cfg``, of the class its ``to_hf`` names: ``DeepseekV3Config``, or
     ``DeepseekV2Config`` for softmax gating (the V2 family)."""
-    from transformers import DeepseekV2Config, DeepseekV3Config
     hf = cfg.to_hf()
     kw = {k: v for k, v in hf.items() if k not in ("architectures", "model_type", "rope_scaling")}
-    c = (DeepseekV2Config if hf["model_type"] == "deepseek_v2" else DeepseekV3Config)(**kw)
+    c = _classes(hf["model_type"])[0](**kw)
     c._attn_implementation = "eager"
     return c
 
@@ -37,11 +43,9 @@ def randomize(model, seed: int, bias_scale: float = 0.05):
 def hf_model(cfg: dsv3.ModelConfig, seed: int = 0):
     """A random ``DeepseekV3ForCausalLM`` for ``cfg`` (``DeepseekV2ForCausalLM`` for softmax gating)."""
     import torch
-    from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
     torch.manual_seed(seed)
     c = hf_config(cfg)
-    cls = DeepseekV2ForCausalLM if c.model_type == "deepseek_v2" else DeepseekV3ForCausalLM
-    return randomize(cls(c).eval(), seed)
+    return randomize(_classes(c.model_type)[1](c).eval(), seed)
 
 
 def hf_state(model) -> dict[str, np.ndarray]:

@@ -32,10 +32,15 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> list:
+    """The parser's subcommand actions (argparse keeps them among its private ``_actions``)."""
+    return [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+
+
 def _name_leaves(parser: argparse.ArgumentParser) -> None:
     """Each runnable subparser records its name (``dsv3 convert hf-to-orbax``) for error lines; a missing
     subcommand is reported by its choices (``{hf-to-orbax,orbax-to-hf}``), not by its ``dest``."""
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    subs = _subparsers(parser)
     if not subs:
         parser.set_defaults(prog=parser.prog)
     for action in subs:
@@ -48,8 +53,9 @@ def parse_args(argv: Sequence[str], parser: Optional[ArgumentParser] = None) -> 
     """Parse ``argv``; ``key=value`` overrides are collected wherever they stand. Raises
     ``SystemExit`` (code 2, one line on stderr) for anything else argparse does not recognise."""
     parser = parser or build_parser()
-    _check_subcommand_first(parser, list(argv))
-    args, extra = parser.parse_known_args(list(argv))
+    argv = list(argv)
+    _check_subcommand_first(parser, argv)
+    args, extra = parser.parse_known_args(argv)
     takes_overrides = hasattr(args, "overrides")
     given = list(args.overrides) + extra if takes_overrides else extra
     stray = [a for a in given if not (takes_overrides and is_override(a))]
@@ -66,7 +72,7 @@ def _check_subcommand_first(parser: argparse.ArgumentParser, argv: list[str]) ->
     choice: 'C'". Say instead that the subcommand comes first, with the reordered command."""
     i = 0
     while True:
-        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        subs = _subparsers(parser)
         if not subs or i >= len(argv):
             return
         choices = subs[0].choices
